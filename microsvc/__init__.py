@@ -1,0 +1,53 @@
+"""microsvc: run Flask and any WSGI microservice in production on Gunicorn.
+
+from microsvc import Launcher
+Launcher("myapp:app", workers="auto", worker_class="gevent").run()
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from microsvc._version import __version__
+from microsvc.errors import (
+    AppImportError,
+    AppLoadError,
+    BindError,
+    MicrosvcError,
+    MissingExtraError,
+    ServerError,
+    UsageError,
+)
+from microsvc.options import Settings, WorkerClass
+from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
+
+if TYPE_CHECKING:
+    from microsvc.launcher import Launcher, UnpatchedAppWarning
+
+
+def __getattr__(name: str) -> Any:
+    # Launcher imports gunicorn; loading it on first use lets the CLI monkey-patch first.
+    if name in ("Launcher", "UnpatchedAppWarning"):
+        from microsvc import launcher
+
+        return getattr(launcher, name)
+    raise AttributeError(f"module 'microsvc' has no attribute {name!r}")
+
+
+__all__ = [
+    "AppImportError",
+    "AppLoadError",
+    "BindError",
+    "Launcher",
+    "MicrosvcError",
+    "MissingExtraError",
+    "ServerError",
+    "Settings",
+    "SystemFacts",
+    "UnpatchedAppWarning",
+    "UsageError",
+    "WorkerClass",
+    "WorkerPlan",
+    "__version__",
+    "plan_workers",
+]

@@ -1,0 +1,3 @@
+from microsvc.cli import main
+
+main(prog_name="microsvc")

@@ -1,0 +1,177 @@
+"""The `microsvc` command: `run` serves an app, `plan` shows what `run` would do."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from microsvc._version import __version__
+from microsvc.errors import MicrosvcError
+from microsvc.options import OPTIONS, OptionSpec
+
+if TYPE_CHECKING:
+    from microsvc.launcher import Launcher
+
+F = Callable[..., Any]
+
+
+class SpecType(click.ParamType):  # type: ignore[type-arg]
+    """A click type that parses with the option's own parser, so a bad value is a
+    usage error at the edge with the same message everywhere."""
+
+    def __init__(self, spec: OptionSpec) -> None:
+        self.spec = spec
+        self.name = spec.metavar or spec.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return self.spec.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _click_option(spec: OptionSpec) -> Callable[[F], F]:
+    help_text = f"{spec.help} [env: {spec.envvar}]"
+    if spec.is_flag:
+        name = spec.flag[2:]
+        return click.option(f"--{name}/--no-{name}", spec.name, default=None, help=help_text)
+    kind: click.ParamType = SpecType(spec)  # type: ignore[type-arg]
+    if spec.choices:
+        kind = click.Choice(spec.choices, case_sensitive=False)
+    if spec.multiple:
+        return click.option(
+            *spec.flags, spec.name, type=kind, multiple=True, metavar=spec.metavar, help=help_text
+        )
+    return click.option(
+        *spec.flags, spec.name, type=kind, default=None, metavar=spec.metavar, help=help_text
+    )
+
+
+def server_options(command: F) -> F:
+    """APP, every registry option, --config and --set: shared by `run` and `plan`."""
+    for spec in reversed(OPTIONS):
+        command = _click_option(spec)(command)
+    command = click.option(
+        "-c",
+        "--config",
+        type=click.Path(dir_okay=False),
+        envvar="MICROSVC_CONFIG",
+        help="A gunicorn-style Python config file (bind = ..., workers = ..., hooks). "
+        "[env: MICROSVC_CONFIG]",
+    )(command)
+    command = click.option(
+        "--set",
+        "gunicorn_settings",
+        multiple=True,
+        metavar="NAME=VALUE",
+        help="Any other gunicorn setting by its gunicorn name, checked by gunicorn, e.g. "
+        "--set worker_connections=500; repeatable. [env: MICROSVC_SET, space-separated]",
+    )(command)
+    return click.argument("app", required=False, envvar="MICROSVC_APP")(command)
+
+
+def build_launcher(
+    app: str | None, config: str | None, gunicorn_settings: tuple[str, ...], options: dict[str, Any]
+) -> Launcher:
+    from microsvc.launcher import Launcher
+    from microsvc.resolve import parse_assignments
+
+    explicit = {name: value for name, value in options.items() if value not in (None, ())}
+    return Launcher(
+        app,
+        config=config,
+        gunicorn_settings=parse_assignments(gunicorn_settings, "--set"),
+        explicit_source="command line",
+        **explicit,
+    )
+
+
+def fail(exc: MicrosvcError) -> None:
+    click.echo(f"Error: {exc}", err=True)
+    raise SystemExit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="microsvc")
+def main() -> None:
+    """Run Flask and any WSGI microservice in production on Gunicorn."""
+
+
+@main.command()
+@server_options
+def run(
+    app: str | None, config: str | None, gunicorn_settings: tuple[str, ...], **options: Any
+) -> None:
+    """Serve APP (pkg.module:app or pkg.module:create_app()); the demo service if omitted."""
+    try:
+        launcher = build_launcher(app, config, gunicorn_settings, options)
+        launcher.run()
+    except MicrosvcError as exc:
+        fail(exc)
+
+
+@main.command()
+@server_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(
+    app: str | None,
+    config: str | None,
+    gunicorn_settings: tuple[str, ...],
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Show the worker plan and effective settings `run` would use, and why."""
+    try:
+        launcher = build_launcher(app, config, gunicorn_settings, options)
+    except MicrosvcError as exc:
+        fail(exc)
+    report = plan_report(launcher)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, default=str))
+        return
+    click.echo(f"microsvc {__version__}, app {report['app']}")
+    for line in launcher.plan.explain():
+        click.echo(line)
+    click.echo("settings:")
+    for name, entry in report["settings"].items():
+        click.echo(f"  {name:<20} {_show(entry['value']):<24} {entry['source']}")
+    if report["gunicorn_settings"]:
+        click.echo("gunicorn settings passed through:")
+        for name, entry in report["gunicorn_settings"].items():
+            click.echo(f"  {name:<20} {_show(entry['value']):<24} {entry['source']}")
+    for warning in launcher.resolved.warnings:
+        click.echo(f"warning: {warning}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(item) for item in value)
+    return "-" if value is None else str(value)
+
+
+def plan_report(launcher: Launcher) -> dict[str, Any]:
+    plan_data = launcher.plan.as_dict()
+    settings = {
+        spec.name: {
+            "value": getattr(launcher.settings, spec.name),
+            "source": launcher.resolved.sources[spec.name],
+        }
+        for spec in OPTIONS
+    }
+    gunicorn = {
+        name: {"value": value, "source": launcher.resolved.gunicorn_sources[name]}
+        for name, value in launcher.resolved.gunicorn.items()
+    }
+    return {
+        "app": str(launcher.app_ref) if launcher.app_ref else repr(launcher.app_object),
+        "usable_cpus": plan_data["usable_cpus"],
+        "worker_class": plan_data["worker_class"],
+        "workers": plan_data["workers"],
+        "threads": plan_data["threads"],
+        "plan": plan_data,
+        "settings": settings,
+        "gunicorn_settings": gunicorn,
+    }

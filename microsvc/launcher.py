@@ -1,0 +1,250 @@
+"""`Launcher`: gunicorn embedded, configured from microsvc's settings and worker plan."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from microsvc import patching
+from microsvc._version import __version__
+from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
+from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
+from microsvc.options import Settings, WorkerClass
+from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
+from microsvc.resolve import Resolved, load_config, resolve_settings
+from microsvc.system import read_system_facts
+from microsvc.values import split_bind
+from microsvc.workers import WORKER_CLASSES
+
+DEMO_APP = "microsvc.demo:app"
+
+
+class UnpatchedAppWarning(RuntimeWarning):
+    """A gevent/eventlet app object was imported before microsvc could monkey-patch."""
+
+
+def control_socket_path(pid: int) -> str:
+    """A control socket of this instance's own, so instances never unlink each other's."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path.home() / ".microsvc"
+    return str(base / f"microsvc-{pid}.ctl")
+
+
+def resolve(
+    options: Mapping[str, Any],
+    config: str | None,
+    gunicorn_settings: Mapping[str, Any] | None,
+    environ: Mapping[str, str],
+    explicit_source: str,
+) -> Resolved:
+    return resolve_settings(
+        options,
+        environ,
+        load_config(config) if config else None,
+        explicit_source=explicit_source,
+        gunicorn=gunicorn_settings,
+    )
+
+
+def make_plan(resolved: Resolved, facts: SystemFacts | None = None) -> WorkerPlan:
+    settings = resolved.settings
+    return plan_workers(
+        facts or read_system_facts(),
+        settings.worker_class,
+        workers=settings.workers,
+        threads=settings.threads,
+        max_workers=settings.max_workers,
+        memory_per_worker=settings.memory_per_worker,
+        workers_from=resolved.sources["workers"],
+    )
+
+
+def gunicorn_config(
+    settings: Settings, plan: WorkerPlan, passthrough: Mapping[str, Any], pid: int
+) -> dict[str, Any]:
+    """The gunicorn settings for these microsvc settings and plan."""
+    config: dict[str, Any] = {
+        "bind": list(settings.bind),
+        "workers": plan.workers,
+        "worker_class": WORKER_CLASSES[settings.worker_class],
+        "threads": plan.threads,
+        "max_requests": settings.max_requests,
+        "max_requests_jitter": settings.max_requests_jitter,
+        "timeout": settings.timeout,
+        "graceful_timeout": settings.graceful_timeout,
+        "keepalive": settings.keep_alive,
+        "preload_app": settings.preload,
+        "reload": settings.reload,
+        "loglevel": str(settings.log_level),
+        "accesslog": settings.access_log,
+        "control_socket": control_socket_path(pid),
+        "proc_name": "microsvc",
+    }
+    if settings.worker_class == WorkerClass.GTHREAD:
+        config["worker_connections"] = plan.threads
+    config.update(passthrough)
+    return config
+
+
+class Launcher(BaseApplication):  # type: ignore[misc]
+    """Gunicorn, configured by microsvc.
+
+    `app` is a WSGI callable, an import string (`pkg.mod:app`, `pkg.mod:create_app()`),
+    or None for the demo service. Keyword options are those of `microsvc run`
+    (`workers="auto"`, `worker_class="gevent"`, `bind="127.0.0.1:5000"`, ...); any
+    other gunicorn setting goes in `gunicorn_settings`. `config` is a gunicorn-style
+    Python config file. The environment (`MICROSVC_*`, WEB_CONCURRENCY, HOST, PORT)
+    fills what the arguments leave out. Errors raise `microsvc.errors.MicrosvcError`.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp | str | None = None,
+        *,
+        config: str | None = None,
+        gunicorn_settings: Mapping[str, Any] | None = None,
+        environ: Mapping[str, str] | None = None,
+        facts: SystemFacts | None = None,
+        explicit_source: str = "Launcher argument",
+        **options: Any,
+    ) -> None:
+        self._options = dict(options)
+        self._config_path = config
+        self._gunicorn_settings = dict(gunicorn_settings or {})
+        self._environ = dict(os.environ if environ is None else environ)
+        self._explicit_source = explicit_source
+        self._facts = facts
+        self.resolved = resolve(options, config, gunicorn_settings, self._environ, explicit_source)
+        self.plan = make_plan(self.resolved, facts)
+        self.app_ref: AppRef | None = None
+        self.app_object: WSGIApp | None = None
+        if app is None or isinstance(app, str):
+            self.app_ref = parse_app_string(app or DEMO_APP)
+        elif callable(app):
+            self.app_object = app
+            self._warn_if_unpatched()
+        else:
+            raise UsageError(
+                f"app must be a WSGI callable or an import string, not {type(app).__name__}"
+            )
+        self._master_pid = os.getpid()
+        super().__init__(prog="microsvc")
+
+    @property
+    def settings(self) -> Settings:
+        return self.resolved.settings
+
+    def _warn_if_unpatched(self) -> None:
+        worker_class = self.settings.worker_class
+        if worker_class in patching.PATCHING_CLASSES and not patching.is_patched(worker_class):
+            warnings.warn(
+                f"the app object was imported before microsvc could monkey-patch for "
+                f"{worker_class}, so modules it imported may keep blocking sockets and ssl; "
+                f"pass an import string instead, e.g. Launcher('pkg.mod:app', "
+                f"worker_class='{worker_class}')",
+                UnpatchedAppWarning,
+                stacklevel=3,
+            )
+
+    # gunicorn's BaseApplication interface
+
+    def do_load_config(self) -> None:
+        # gunicorn's version turns every error into sys.exit(1); the library raises instead.
+        self.load_default_config()
+        self.load_config()
+
+    def load_config(self) -> None:
+        config = gunicorn_config(self.settings, self.plan, self.resolved.gunicorn, self._master_pid)
+        for name, value in config.items():
+            try:
+                self.cfg.set(name, value)
+            except (AttributeError, ValueError, TypeError) as exc:
+                raise UsageError(f"gunicorn setting {name!r}: {exc}") from None
+
+    def reload(self) -> None:
+        """On HUP: read the config file and environment again, plan again, reconfigure."""
+        try:
+            resolved = resolve(
+                self._options,
+                self._config_path,
+                self._gunicorn_settings,
+                dict(os.environ),
+                self._explicit_source,
+            )
+            plan = make_plan(resolved, self._facts)
+        except MicrosvcError as exc:
+            if self.logger is not None:
+                self.logger.error("Reload kept the running configuration: %s", exc)
+            return
+        self.resolved, self.plan = resolved, plan
+        super().reload()
+
+    def load(self) -> WSGIApp:
+        if self.app_object is not None:
+            return self.app_object
+        assert self.app_ref is not None
+        return load_app(self.app_ref)
+
+    # running
+
+    def check_binds(self) -> None:
+        """Fail with one line before gunicorn retries a busy address for five seconds."""
+        if self.cfg.reuse_port:
+            return
+        for bind in self.settings.bind:
+            address = split_bind(bind)
+            if address is None:
+                continue
+            host, port = address
+            try:
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except socket.gaierror as exc:
+                raise UsageError(f"cannot listen on {bind}: {exc.strerror}") from None
+            family, kind, proto, _, sockaddr = infos[0]
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind(sockaddr)
+                except OSError as exc:
+                    raise BindError(f"cannot listen on {bind}: {exc.strerror}") from None
+
+    def run(self) -> None:
+        """Serve until stopped (TERM, INT, QUIT). Returns when the server stops cleanly."""
+        from gunicorn.arbiter import Arbiter
+
+        worker_class = self.settings.worker_class
+        patching.require_extra(worker_class)
+        patching.patch(worker_class)
+        self.check_binds()
+        if self.app_ref is not None and not self.settings.preload:
+            check_in_subprocess(self.app_ref)
+        try:
+            arbiter = Arbiter(self)
+            for warning in self.resolved.warnings:
+                arbiter.log.warning("%s", warning)
+            arbiter.log.info("microsvc %s: %s", __version__, self.plan.summary())
+            if worker_class == WorkerClass.EVENTLET:
+                arbiter.log.warning(
+                    "eventlet is unmaintained and gunicorn dropped its worker; "
+                    "microsvc keeps one, but gevent (-k gevent) is the better "
+                    "choice"
+                )
+            arbiter.run()
+        except SystemExit as exc:
+            if os.getpid() != self._master_pid:
+                raise  # a worker process ending: let it end
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if code != 0:
+                raise ServerError(
+                    f"the server stopped with exit status {code} (see the log above)", code
+                ) from None
+        except RuntimeError as exc:
+            if os.getpid() != self._master_pid:
+                raise
+            raise ServerError(str(exc)) from None

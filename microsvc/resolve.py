@@ -1,0 +1,168 @@
+"""Turning what the user gave (arguments, environment, config file) into `Settings`.
+
+Precedence, highest first: explicit values (command line, or `Launcher` arguments),
+the environment (`MICROSVC_*`, then conventions such as WEB_CONCURRENCY, PORT),
+the config file, the defaults. Every effective value remembers where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from microsvc.configfile import ConfigFile, load_config_file
+from microsvc.errors import UsageError
+from microsvc.options import DEFAULTS, GUNICORN_NAMES, OPTIONS, OPTIONS_BY_NAME, Settings
+
+#: gunicorn settings that microsvc owns or sets itself and that cannot be passed through.
+RESERVED_GUNICORN = frozenset(GUNICORN_NAMES) | {"config", "wsgi_app", "daemon"}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Effective settings, pass-through gunicorn settings, and where each came from."""
+
+    settings: Settings
+    sources: dict[str, str]
+    gunicorn: dict[str, Any] = field(default_factory=dict)
+    gunicorn_sources: dict[str, str] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+def gunicorn_setting_names() -> set[str]:
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return {setting.name for setting in KNOWN_SETTINGS}
+
+
+def unknown_option_error(name: str) -> UsageError:
+    valid = ", ".join(sorted(OPTIONS_BY_NAME))
+    hint = ""
+    if name in gunicorn_setting_names():
+        hint = f" ({name!r} is a gunicorn setting: pass it in gunicorn_settings)"
+    return UsageError(f"unknown option {name!r}{hint}; valid options: {valid}")
+
+
+def _parse(name: str, value: object, where: str) -> Any:
+    spec = OPTIONS_BY_NAME[name]
+    try:
+        return spec.parse(value)
+    except ValueError as exc:
+        raise UsageError(f"invalid value for {where}: {exc}") from None
+
+
+def check_gunicorn_settings(settings: Mapping[str, object], where: str) -> dict[str, Any]:
+    """Check names and values of pass-through settings with gunicorn's own validators."""
+    from gunicorn.config import Config
+
+    known = gunicorn_setting_names()
+    probe = Config()
+    checked: dict[str, Any] = {}
+    for name, value in settings.items():
+        if name in GUNICORN_NAMES:
+            flag = OPTIONS_BY_NAME[GUNICORN_NAMES[name]].flag
+            raise UsageError(f"{where}: {name!r} is a microsvc option, use {flag}")
+        if name in RESERVED_GUNICORN:
+            raise UsageError(f"{where}: the gunicorn setting {name!r} is managed by microsvc")
+        if name not in known:
+            raise UsageError(f"{where}: {name!r} is not a gunicorn setting")
+        try:
+            probe.set(name, value)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(
+                f"{where}: invalid value for gunicorn setting {name!r}: {exc}"
+            ) from None
+        checked[name] = value
+    return checked
+
+
+def parse_assignments(items: tuple[str, ...] | list[str], where: str) -> dict[str, str]:
+    """`NAME=VALUE` strings (from --set or MICROSVC_SET) to a dict."""
+    result: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise UsageError(f"invalid value for {where}: {item!r} is not NAME=VALUE")
+        result[name.strip().replace("-", "_")] = value
+    return result
+
+
+def load_config(path: str) -> ConfigFile:
+    option_names = {**GUNICORN_NAMES, **{spec.name: spec.name for spec in OPTIONS}}
+    return load_config_file(path, option_names, gunicorn_setting_names() - RESERVED_GUNICORN)
+
+
+def resolve_settings(
+    explicit: Mapping[str, object],
+    environ: Mapping[str, str],
+    config: ConfigFile | None = None,
+    explicit_source: str = "command line",
+    gunicorn: Mapping[str, object] | None = None,
+) -> Resolved:
+    """Merge the layers into `Settings`; raise UsageError naming the bad value's origin."""
+    for name in explicit:
+        if name not in OPTIONS_BY_NAME:
+            raise unknown_option_error(name)
+    chosen: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for spec in OPTIONS:
+        name = spec.name
+        if name in explicit and explicit[name] is not None:
+            where = spec.flag if explicit_source == "command line" else f"{name}="
+            chosen[name] = _parse(name, explicit[name], where)
+            sources[name] = explicit_source
+        elif environ.get(spec.envvar, "") != "":
+            chosen[name] = _parse(name, environ[spec.envvar], spec.envvar)
+            sources[name] = f"environment ({spec.envvar})"
+        elif spec.env_fallback and (fallback := spec.env_fallback(environ)):
+            raw, variables = fallback
+            chosen[name] = _parse(name, raw, variables)
+            sources[name] = f"environment ({variables})"
+        elif config is not None and name in config.options:
+            chosen[name] = _parse(name, config.options[name], f"{name} in {config.path}")
+            sources[name] = f"config file ({config.path})"
+        else:
+            chosen[name] = DEFAULTS[name]
+            sources[name] = "default"
+    settings = Settings(**chosen)
+    _check_combinations(settings, sources)
+
+    passthrough: dict[str, Any] = {}
+    passthrough_sources: dict[str, str] = {}
+    warnings: list[str] = []
+    if config is not None:
+        passthrough.update(config.gunicorn)
+        passthrough_sources.update(dict.fromkeys(config.gunicorn, f"config file ({config.path})"))
+        warnings.extend(
+            f"config file {config.path}: ignoring unknown name {name!r}" for name in config.unknown
+        )
+    if environ.get("MICROSVC_SET"):
+        from_env = parse_assignments(environ["MICROSVC_SET"].split(), "MICROSVC_SET")
+        passthrough.update(from_env)
+        passthrough_sources.update(dict.fromkeys(from_env, "environment (MICROSVC_SET)"))
+    if gunicorn:
+        passthrough.update(gunicorn)
+        passthrough_sources.update(dict.fromkeys(gunicorn, explicit_source))
+    checked = check_gunicorn_settings(passthrough, "gunicorn settings")
+    return Resolved(settings, sources, checked, passthrough_sources, tuple(warnings))
+
+
+def _check_combinations(settings: Settings, sources: Mapping[str, str]) -> None:
+    threads = settings.threads
+    if isinstance(threads, int) and threads > 1 and settings.worker_class != "gthread":
+        raise UsageError(
+            f"--threads {threads} ({sources['threads']}) needs --worker-class gthread; "
+            f"{settings.worker_class} workers run no thread pool"
+        )
+    if settings.max_requests_jitter and not settings.max_requests:
+        raise UsageError("--max-requests-jitter needs --max-requests")
+    if settings.preload and settings.reload:
+        raise UsageError(
+            "--reload cannot pick up code imported in the master by --preload; use one of them"
+        )
+
+
+def replace(settings: Settings, **changes: Any) -> Settings:
+    return dataclasses.replace(settings, **changes)
