@@ -136,20 +136,18 @@ def plan(
     for line in launcher.plan.explain():
         click.echo(line)
     click.echo("settings:")
-    for name, entry in report["settings"].items():
-        click.echo(f"  {name:<20} {_show(entry['value']):<24} {entry['source']}")
+    for spec in OPTIONS:
+        value = getattr(launcher.settings, spec.name)
+        shown = "-" if value is None else spec.show(value)
+        if isinstance(value, tuple):
+            shown = " ".join(value)
+        click.echo(f"  {spec.name:<20} {shown:<24} {launcher.resolved.sources[spec.name]}")
     if report["gunicorn_settings"]:
         click.echo("gunicorn settings passed through:")
         for name, entry in report["gunicorn_settings"].items():
-            click.echo(f"  {name:<20} {_show(entry['value']):<24} {entry['source']}")
+            click.echo(f"  {name:<20} {entry['value']!s:<24} {entry['source']}")
     for warning in launcher.resolved.warnings:
         click.echo(f"warning: {warning}")
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return " ".join(str(item) for item in value)
-    return "-" if value is None else str(value)
 
 
 def plan_report(launcher: Launcher) -> dict[str, Any]:

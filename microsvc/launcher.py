@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import warnings
@@ -179,8 +180,9 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             )
             plan = make_plan(resolved, self._facts)
         except MicrosvcError as exc:
-            if self.logger is not None:
-                self.logger.error("Reload kept the running configuration: %s", exc)
+            logging.getLogger("gunicorn.error").error(
+                "Reload kept the running configuration: %s", exc
+            )
             return
         self.resolved, self.plan = resolved, plan
         super().reload()

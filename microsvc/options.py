@@ -110,6 +110,7 @@ class OptionSpec:
     multiple: bool = False
     choices: tuple[str, ...] = ()
     env_fallback: Callable[[Mapping[str, str]], tuple[str, str] | None] | None = None
+    show: Callable[[Any], str] = str
     name: str = ""
 
     @property
@@ -172,6 +173,7 @@ class Settings:
         128 * 1024**2,
         "--memory-per-worker",
         parse=values.parse_size,
+        show=values.format_size,
         metavar="SIZE",
         help="Memory budget of one worker (e.g. 128MiB, 1GB); with --workers auto, the "
         "container's memory limit divided by it caps the worker count.",
