@@ -54,10 +54,15 @@ def _check_expression(text: str, node: ast.expr) -> None:
     if not isinstance(target, ast.Name):
         raise AppImportError(f"{text!r}: after ':' put a name or a call such as create_app()")
     if isinstance(node, ast.Call):
+        names = [kw.arg for kw in node.keywords]
+        if None in names:
+            raise AppImportError(f"{text!r}: write factory keyword arguments as name=value")
+        if len(set(names)) != len(names):
+            raise AppImportError(f"{text!r}: a factory keyword argument is repeated")
         for arg in [*node.args, *(kw.value for kw in node.keywords)]:
             try:
                 ast.literal_eval(arg)
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 raise AppImportError(f"{text!r}: factory arguments must be literals") from None
 
 
@@ -81,7 +86,7 @@ def _evaluate(ref: AppRef, module: Any) -> Any:
     if call is None:
         return obj
     args = [ast.literal_eval(arg) for arg in call.args]
-    kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+    kwargs = {str(kw.arg): ast.literal_eval(kw.value) for kw in call.keywords}
     if not callable(obj):
         raise AppImportError(f"{ref.text!r}: {names[-1]!r} is not callable")
     try:

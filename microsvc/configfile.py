@@ -40,7 +40,7 @@ def load_config_file(
         raise UsageError(
             f"config file {path!r}: syntax error on line {exc.lineno}: {exc.msg}"
         ) from None
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise UsageError(f"config file {path!r} raised {type(exc).__name__}: {exc}") from None
     options: dict[str, Any] = {}
     settings: dict[str, Any] = {}

@@ -5,14 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gunicorn.app.base import BaseApplication
-
 from microsvc import patching
+from microsvc._gunicorn import Arbiter, BaseApplication, ConfigError
 from microsvc._version import __version__
 from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
@@ -126,7 +126,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         self.app_ref: AppRef | None = None
         self.app_object: WSGIApp | None = None
         if app is None or isinstance(app, str):
-            self.app_ref = parse_app_string(app or DEMO_APP)
+            self.app_ref = parse_app_string(DEMO_APP if app is None else app)
         elif callable(app):
             self.app_object = app
             self._warn_if_unpatched()
@@ -165,7 +165,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         for name, value in config.items():
             try:
                 self.cfg.set(name, value)
-            except (AttributeError, ValueError, TypeError) as exc:
+            except (AttributeError, ValueError, TypeError, ConfigError) as exc:
                 raise UsageError(f"gunicorn setting {name!r}: {exc}") from None
 
     def reload(self) -> None:
@@ -197,33 +197,27 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def check_binds(self) -> None:
         """Fail with one line before gunicorn retries a busy address for five seconds."""
-        if self.cfg.reuse_port:
-            return
         for bind in self.settings.bind:
-            address = split_bind(bind)
-            if address is None:
-                continue
-            host, port = address
-            try:
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except socket.gaierror as exc:
-                raise UsageError(f"cannot listen on {bind}: {exc.strerror}") from None
-            family, kind, proto, _, sockaddr = infos[0]
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    probe.bind(sockaddr)
-                except OSError as exc:
-                    raise BindError(f"cannot listen on {bind}: {exc.strerror}") from None
+            if bind.startswith("unix:"):
+                _check_unix_bind(bind)
+            elif bind.startswith("fd://"):
+                _check_fd_bind(bind)
+            elif not self.cfg.reuse_port:
+                _check_tcp_bind(bind)
+
+    def check_paths(self) -> None:
+        """Directories gunicorn writes to must exist before workers start."""
+        tmp_dir = self.cfg.worker_tmp_dir
+        if tmp_dir and not os.path.isdir(tmp_dir):
+            raise UsageError(f"worker_tmp_dir {tmp_dir!r} is not a directory")
 
     def run(self) -> None:
         """Serve until stopped (TERM, INT, QUIT). Returns when the server stops cleanly."""
-        from gunicorn.arbiter import Arbiter
-
         worker_class = self.settings.worker_class
         patching.require_extra(worker_class)
         patching.patch(worker_class)
         self.check_binds()
+        self.check_paths()
         if self.app_ref is not None and not self.settings.preload:
             check_in_subprocess(self.app_ref)
         try:
@@ -242,11 +236,47 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             if os.getpid() != self._master_pid:
                 raise  # a worker process ending: let it end
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            code = code if 0 <= code <= 255 else 1
             if code != 0:
                 raise ServerError(
                     f"the server stopped with exit status {code} (see the log above)", code
                 ) from None
-        except RuntimeError as exc:
+        except (RuntimeError, OSError) as exc:
             if os.getpid() != self._master_pid:
                 raise
-            raise ServerError(str(exc)) from None
+            raise ServerError(str(exc).removeprefix("Error: ")) from None
+
+
+def _check_tcp_bind(bind: str) -> None:
+    address = split_bind(bind)
+    assert address is not None
+    host, port = address
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot listen on {bind}: {exc.strerror}") from None
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as exc:
+            raise BindError(f"cannot listen on {bind}: {exc.strerror}") from None
+
+
+def _check_unix_bind(bind: str) -> None:
+    directory = os.path.dirname(os.path.abspath(bind[len("unix:") :]))
+    if not os.path.isdir(directory):
+        raise BindError(f"cannot listen on {bind}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise BindError(f"cannot listen on {bind}: directory {directory} is not writable")
+
+
+def _check_fd_bind(bind: str) -> None:
+    fd = int(bind[len("fd://") :])
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        raise BindError(f"cannot listen on {bind}: file descriptor {fd} is not open") from None
+    if not stat.S_ISSOCK(mode):
+        raise BindError(f"cannot listen on {bind}: file descriptor {fd} is not a socket")

@@ -55,7 +55,7 @@ def patch(worker_class: WorkerClass) -> None:
     else:
         with warnings.catch_warnings():
             # microsvc says once, in the log, that eventlet is unmaintained.
-            warnings.filterwarnings("ignore", message=".*Eventlet is deprecated")
+            warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
             import eventlet
 
         eventlet.monkey_patch()

@@ -52,6 +52,9 @@ class WorkerPlan:
     memory_cap: int | None
     caps: tuple[str, ...] = field(default_factory=tuple)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    memory: int | None = None
+    memory_source: str = ""
+    memory_per_worker: int | None = None
 
     def summary(self) -> str:
         """One line for the start-up log."""
@@ -83,8 +86,12 @@ class WorkerPlan:
             )
         else:
             lines.append(f"workers: {self.workers}  ({self.workers_from})")
-        if self.memory_cap is not None:
-            lines.append(f"  memory allows at most {self.memory_cap} workers")
+        if self.memory_cap is not None and self.memory and self.memory_per_worker:
+            lines.append(
+                f"  memory allows at most {self.memory_cap}: "
+                f"{format_size(self.memory)} ({self.memory_source}) / "
+                f"{format_size(self.memory_per_worker)} per worker"
+            )
         for cap in self.caps:
             lines.append(f"  capped: {cap}")
         lines.append(f"threads per worker: {self.threads}")
@@ -200,6 +207,9 @@ def plan_workers(
         memory_cap=memory_cap,
         caps=tuple(caps),
         notes=tuple(notes),
+        memory=memory,
+        memory_source=memory_source,
+        memory_per_worker=memory_per_worker,
     )
 
 

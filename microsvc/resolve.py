@@ -32,7 +32,7 @@ class Resolved:
 
 
 def gunicorn_setting_names() -> set[str]:
-    from gunicorn.config import KNOWN_SETTINGS
+    from microsvc._gunicorn import KNOWN_SETTINGS
 
     return {setting.name for setting in KNOWN_SETTINGS}
 
@@ -55,7 +55,7 @@ def _parse(name: str, value: object, where: str) -> Any:
 
 def check_gunicorn_settings(settings: Mapping[str, object], where: str) -> dict[str, Any]:
     """Check names and values of pass-through settings with gunicorn's own validators."""
-    from gunicorn.config import Config
+    from microsvc._gunicorn import Config, ConfigError
 
     known = gunicorn_setting_names()
     probe = Config()
@@ -70,7 +70,7 @@ def check_gunicorn_settings(settings: Mapping[str, object], where: str) -> dict[
             raise UsageError(f"{where}: {name!r} is not a gunicorn setting")
         try:
             probe.set(name, value)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, ConfigError) as exc:
             raise UsageError(
                 f"{where}: invalid value for gunicorn setting {name!r}: {exc}"
             ) from None
@@ -132,21 +132,24 @@ def resolve_settings(
     passthrough: dict[str, Any] = {}
     passthrough_sources: dict[str, str] = {}
     warnings: list[str] = []
+    layers: list[tuple[Mapping[str, object], str, str]] = []
     if config is not None:
-        passthrough.update(config.gunicorn)
-        passthrough_sources.update(dict.fromkeys(config.gunicorn, f"config file ({config.path})"))
+        layers.append((config.gunicorn, config.path, f"config file ({config.path})"))
         warnings.extend(
-            f"config file {config.path}: ignoring unknown name {name!r}" for name in config.unknown
+            f"config file {config.path}: ignoring {name!r}, "
+            + ("which microsvc manages" if name in RESERVED_GUNICORN else "an unknown name")
+            for name in config.unknown
         )
     if environ.get("MICROSVC_SET"):
         from_env = parse_assignments(environ["MICROSVC_SET"].split(), "MICROSVC_SET")
-        passthrough.update(from_env)
-        passthrough_sources.update(dict.fromkeys(from_env, "environment (MICROSVC_SET)"))
+        layers.append((from_env, "MICROSVC_SET", "environment (MICROSVC_SET)"))
     if gunicorn:
-        passthrough.update(gunicorn)
-        passthrough_sources.update(dict.fromkeys(gunicorn, explicit_source))
-    checked = check_gunicorn_settings(passthrough, "gunicorn settings")
-    return Resolved(settings, sources, checked, passthrough_sources, tuple(warnings))
+        where = "--set" if explicit_source == "command line" else "gunicorn_settings"
+        layers.append((gunicorn, where, explicit_source))
+    for layer, where, source in layers:
+        passthrough.update(check_gunicorn_settings(layer, where))
+        passthrough_sources.update(dict.fromkeys(layer, source))
+    return Resolved(settings, sources, passthrough, passthrough_sources, tuple(warnings))
 
 
 def _check_combinations(settings: Settings, sources: Mapping[str, str]) -> None:

@@ -7,13 +7,16 @@ at a fixture tree; the arithmetic on what is read lives in `microsvc.planning`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
 
 from microsvc.planning import SystemFacts
+
+T = TypeVar("T", int, float)
 
 #: cgroup v1 writes a number this large (or larger) for "no memory limit".
 _V1_NO_LIMIT = 1 << 60
@@ -120,28 +123,29 @@ def _memory_limit_at(directory: Path, version: int) -> int | None:
     return None if limit >= _V1_NO_LIMIT else limit
 
 
+def _tightest(
+    controller: str, root: Path, read: Callable[[Path, int], T | None], files: tuple[str, str]
+) -> tuple[T | None, str | None]:
+    """The smallest limit `read` finds on this process's cgroup or its parents, and the
+    file it came from (`files` names the v1 and the v2 file)."""
+    best: tuple[T | None, str | None] = (None, None)
+    for group in cgroup_dirs(controller, root):
+        for directory in group.up_to_mount():
+            limit = read(directory, group.version)
+            if limit is not None and (best[0] is None or limit < best[0]):
+                name = files[group.version - 1]
+                best = (limit, str(Path("/") / (directory / name).relative_to(root)))
+    return best
+
+
 def read_cpu_quota(root: Path = Path("/")) -> tuple[float | None, str | None]:
     """The tightest CPU quota on this process's cgroup or its parents, in CPUs."""
-    best: tuple[float | None, str | None] = (None, None)
-    for group in cgroup_dirs("cpu", root):
-        for directory in group.up_to_mount():
-            quota = _cpu_quota_at(directory, group.version)
-            if quota is not None and (best[0] is None or quota < best[0]):
-                name = "cpu.max" if group.version == 2 else "cpu.cfs_quota_us"
-                best = (quota, str(Path("/") / (directory / name).relative_to(root)))
-    return best
+    return _tightest("cpu", root, _cpu_quota_at, ("cpu.cfs_quota_us", "cpu.max"))
 
 
 def read_memory_limit(root: Path = Path("/")) -> tuple[int | None, str | None]:
     """The tightest memory limit on this process's cgroup or its parents, in bytes."""
-    best: tuple[int | None, str | None] = (None, None)
-    for group in cgroup_dirs("memory", root):
-        for directory in group.up_to_mount():
-            limit = _memory_limit_at(directory, group.version)
-            if limit is not None and (best[0] is None or limit < best[0]):
-                name = "memory.max" if group.version == 2 else "memory.limit_in_bytes"
-                best = (limit, str(Path("/") / (directory / name).relative_to(root)))
-    return best
+    return _tightest("memory", root, _memory_limit_at, ("memory.limit_in_bytes", "memory.max"))
 
 
 def read_affinity() -> int | None:

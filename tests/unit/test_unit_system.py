@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from microsvc.system import CgroupDir, cgroup_dirs, read_cpu_quota, read_memory_limit
-from microsvc.system import read_system_facts
+from microsvc.system import (
+    CgroupDir,
+    cgroup_dirs,
+    read_cpu_quota,
+    read_memory_limit,
+    read_system_facts,
+)
 
 V1_CPU = (
     "32 31 0:29 / /sys/fs/cgroup/cpu rw,nosuid,nodev,noexec,relatime shared:9 "
@@ -317,9 +322,7 @@ def test_container_cpu_quota(tmp_path: Path) -> None:
 
 
 def test_container_memory_limit(tmp_path: Path) -> None:
-    root = container_tree(
-        tmp_path, {"/sys/fs/cgroup/memory/memory.limit_in_bytes": "536870912"}
-    )
+    root = container_tree(tmp_path, {"/sys/fs/cgroup/memory/memory.limit_in_bytes": "536870912"})
     assert read_memory_limit(root) == (536870912, "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 
 
