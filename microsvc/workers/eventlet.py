@@ -35,11 +35,6 @@ class EventletWorker(AsyncWorker):  # type: ignore[misc]
     def timeout_ctx(self) -> Any:
         return eventlet.Timeout(self.cfg.keepalive or None, False)
 
-    def is_already_handled(self, respiter: Any) -> bool:
-        return getattr(
-            eventlet.wsgi, "ALREADY_HANDLED", self
-        ) is respiter or super().is_already_handled(respiter)
-
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         client.setblocking(True)
         super().handle(listener, client, addr)
