@@ -175,7 +175,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                 self._options,
                 self._config_path,
                 self._gunicorn_settings,
-                dict(os.environ),
+                self._environ,
                 self._explicit_source,
             )
             plan = make_plan(resolved, self._facts)
@@ -213,6 +213,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def run(self) -> None:
         """Serve until stopped (TERM, INT, QUIT). Returns when the server stops cleanly."""
+        self._master_pid = os.getpid()
         worker_class = self.settings.worker_class
         patching.require_extra(worker_class)
         patching.patch(worker_class)

@@ -1,0 +1,116 @@
+"""Launcher construction: validation, warnings and the gunicorn settings it produces.
+Nothing here runs the arbiter; tests/e2e does."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from microsvc import Launcher, UnpatchedAppWarning, UsageError
+from microsvc.planning import SystemFacts
+
+FACTS = SystemFacts(host_cpus=4, affinity_cpus=4)
+
+
+def wsgi_app(environ: object, start_response: object) -> list[bytes]:
+    return [b"ok"]
+
+
+def make(app: object = "microsvc.demo:app", **options: object) -> Launcher:
+    return Launcher(app, environ={}, facts=FACTS, **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "eventlet"])
+def test_app_object_for_a_patching_class_warns_once(worker_class: str) -> None:
+    with pytest.warns(UnpatchedAppWarning, match="import string") as record:
+        make(wsgi_app, worker_class=worker_class)
+    assert len(record) == 1
+
+
+@pytest.mark.parametrize("worker_class", ["sync", "gthread"])
+def test_app_object_for_a_plain_class_does_not_warn(worker_class: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make(wsgi_app, worker_class=worker_class)
+
+
+def test_import_string_for_gevent_does_not_warn() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make("microsvc.demo:app", worker_class="gevent")
+
+
+def test_unknown_option_lists_valid_ones() -> None:
+    with pytest.raises(UsageError, match=r"unknown option 'wokers'.*valid options:.*workers"):
+        make(wokers=3)
+
+
+def test_gunicorn_setting_given_as_option_points_to_gunicorn_settings() -> None:
+    with pytest.raises(UsageError, match="gunicorn_settings"):
+        make(worker_connections=10)
+
+
+def test_bad_value_raises_instead_of_exiting() -> None:
+    with pytest.raises(UsageError, match="workers"):
+        make(workers=0)
+
+
+def test_not_an_app_raises() -> None:
+    with pytest.raises(UsageError, match="WSGI callable or an import string"):
+        make(42)
+
+
+def test_cfg_follows_the_plan() -> None:
+    launcher = make(worker_class="sync")
+    assert launcher.plan.workers == 9  # 2*4+1
+    assert launcher.cfg.workers == 9
+    assert launcher.cfg.worker_class_str == "gunicorn.workers.sync.SyncWorker"
+    assert launcher.cfg.bind == ["127.0.0.1:5000"]
+
+
+def test_gthread_accepts_only_what_its_threads_can_serve() -> None:
+    launcher = make(worker_class="gthread", threads=6)
+    assert launcher.cfg.threads == 6
+    assert launcher.cfg.worker_connections == 6
+    assert launcher.cfg.worker_class_str == "microsvc.workers.gthread.BalancedThreadWorker"
+
+
+def test_gthread_worker_connections_can_be_passed_through() -> None:
+    launcher = make(worker_class="gthread", gunicorn_settings={"worker_connections": 100})
+    assert launcher.cfg.worker_connections == 100
+
+
+def test_eventlet_uses_microsvcs_worker() -> None:
+    assert make(worker_class="eventlet").cfg.worker_class_str == (
+        "microsvc.workers.eventlet.EventletWorker"
+    )
+
+
+def test_each_instance_gets_its_own_control_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/tmp")
+    path = make().cfg.control_socket
+    assert path.startswith("/tmp/microsvc-") and path.endswith(".ctl")
+    assert path != "/tmp/gunicorn.ctl"
+
+
+def test_options_map_to_gunicorn_names() -> None:
+    launcher = make(
+        keep_alive=7,
+        preload=True,
+        log_level="warning",
+        access_log="-",
+        max_requests=10,
+        max_requests_jitter=3,
+        timeout=11,
+        graceful_timeout=12,
+    )
+    cfg = launcher.cfg
+    assert (cfg.keepalive, cfg.preload_app, cfg.loglevel, cfg.accesslog) == (
+        7,
+        True,
+        "warning",
+        "-",
+    )
+    assert (cfg.max_requests, cfg.max_requests_jitter) == (10, 3)
+    assert (cfg.timeout, cfg.graceful_timeout) == (11, 12)
