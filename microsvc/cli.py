@@ -19,7 +19,7 @@ F = Callable[..., Any]
 
 
 class SpecType(click.ParamType):  # type: ignore[type-arg]
-    """A click type that parses with the option's own parser, so a bad value is a
+    """A click type that checks with the option's own parser, so a bad value is a
     usage error at the edge with the same message everywhere."""
 
     def __init__(self, spec: OptionSpec) -> None:
@@ -28,9 +28,12 @@ class SpecType(click.ParamType):  # type: ignore[type-arg]
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         try:
-            return self.spec.parse(value)
+            self.spec.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        # The settings resolver parses again; passing the text on keeps "given, and
+        # it means none" (e.g. --health-path off) apart from "not given".
+        return value
 
 
 def _click_option(spec: OptionSpec) -> Callable[[F], F]:

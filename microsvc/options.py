@@ -264,6 +264,91 @@ class Settings:
         gunicorn="accesslog",
         help="Write an access log to PATH ('-' for stdout). Off by default.",
     )
+    max_worker_memory: int | None = _option(
+        None,
+        "--max-worker-memory",
+        parse=_optional(values.parse_size),
+        show=values.format_size,
+        metavar="SIZE",
+        help="Restart a worker whose resident memory stays above SIZE (e.g. 512MB), after "
+        "it finishes the requests in flight. Off by default.",
+    )
+    max_worker_lifetime: float | None = _option(
+        None,
+        "--max-worker-lifetime",
+        parse=_optional(values.parse_duration),
+        show=values.format_duration,
+        metavar="DURATION",
+        help="Restart a worker after it has run this long (e.g. 6h, 30m), after it finishes "
+        "the requests in flight. Off by default.",
+    )
+    max_worker_lifetime_jitter: float = _option(
+        0.0,
+        "--max-worker-lifetime-jitter",
+        parse=values.parse_duration,
+        show=values.format_duration,
+        metavar="DURATION",
+        help="Add a random 0..DURATION to --max-worker-lifetime per worker, so workers do "
+        "not restart together.",
+    )
+    drain_period: float = _option(
+        0.0,
+        "--drain-period",
+        parse=values.parse_duration,
+        show=values.format_duration,
+        metavar="DURATION",
+        help="On TERM, first answer the readiness path with 503 and keep serving for this "
+        "long, so load balancers stop sending traffic; then shut down gracefully.",
+    )
+    health_path: str | None = _option(
+        "/healthz",
+        "--health-path",
+        parse=values.parse_url_path,
+        metavar="PATH",
+        help="Liveness path answered by microsvc in front of the app ('off' to disable).",
+    )
+    ready_path: str | None = _option(
+        "/readyz",
+        "--ready-path",
+        parse=values.parse_url_path,
+        metavar="PATH",
+        help="Readiness path answered by microsvc: 503 while starting and draining "
+        "('off' to disable).",
+    )
+    forwarded_allow_ips: tuple[str, ...] = _option(
+        ("127.0.0.1", "::1"),
+        "--forwarded-allow-ips",
+        parse=values.parse_ip_list,
+        show=",".join,
+        metavar="IPS",
+        gunicorn="forwarded_allow_ips",
+        help="Proxies whose X-Forwarded-For and X-Forwarded-Proto are trusted "
+        "(comma-separated addresses or networks, '*' for all). Others' are ignored.",
+    )
+    limit_request_line: int = _option(
+        4094,
+        "--limit-request-line",
+        parse=values.parse_non_negative_int,
+        metavar="BYTES",
+        gunicorn="limit_request_line",
+        help="Longest request line accepted; longer ones get 400.",
+    )
+    limit_request_fields: int = _option(
+        100,
+        "--limit-request-fields",
+        parse=values.parse_non_negative_int,
+        metavar="N",
+        gunicorn="limit_request_fields",
+        help="Most header fields accepted in one request; more get 400.",
+    )
+    limit_request_field_size: int = _option(
+        8190,
+        "--limit-request-field-size",
+        parse=values.parse_non_negative_int,
+        metavar="BYTES",
+        gunicorn="limit_request_field_size",
+        help="Largest header field accepted; larger ones get 400.",
+    )
 
     @property
     def planned_workers(self) -> bool:

@@ -137,3 +137,67 @@ def split_bind(bind: str) -> tuple[str, int] | None:
     else:
         host, _, port = bind.rpartition(":")
     return host or "0.0.0.0", int(port)
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds: `30`, `2.5`, `90s`, `15m`, `1h30m`, `250ms`. Zero means off."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().lower().replace(" ", "")
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_RE.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text:
+                raise ValueError(f"{value!r} is not a duration such as 30s, 15m or 1h") from None
+            seconds = sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+    else:
+        raise ValueError(f"{value!r} is not a duration such as 30s, 15m or 1h")
+    if seconds < 0 or seconds != seconds:
+        raise ValueError(f"{value!r} is not a duration of zero or more")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds % 3600 == 0:
+        return f"{seconds / 3600:g}h"
+    if seconds and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def parse_url_path(value: object) -> str | None:
+    """A path such as /healthz, or `off` (or an empty string) for none."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("", "off", "none"):
+            return None
+        if text.startswith("/") and not any(c.isspace() or c in "?#" for c in text):
+            return text
+    raise ValueError(f"{value!r} is not a path starting with '/' (or 'off')")
+
+
+def parse_ip_list(value: object) -> tuple[str, ...]:
+    """Addresses or networks, comma-separated or a list; `*` trusts every address."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{value!r} is not a comma-separated list of addresses")
+    result = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        if text != "*":
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"{text!r} is not an IP address or network") from None
+        result.append(text)
+    return tuple(result)

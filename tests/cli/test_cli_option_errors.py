@@ -4,6 +4,8 @@ also go through `run` to show it rejects them the same way before starting anyth
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from microsvc.options import OPTIONS
@@ -138,9 +140,23 @@ def test_run_rejects_before_serving(microsvc, bind, args, fragments):
     microsvc("run", "-b", bind, *args).assert_error(2, *fragments)
 
 
+#: Options where an empty value is meaningful: no path served, no proxy trusted.
+EMPTY_MEANS_NONE = {"health_path", "ready_path", "forwarded_allow_ips"}
+
+
 @pytest.mark.parametrize(
-    "spec", [spec for spec in OPTIONS if not spec.is_flag], ids=lambda spec: spec.flag
+    "spec",
+    [spec for spec in OPTIONS if not spec.is_flag and spec.name not in EMPTY_MEANS_NONE],
+    ids=lambda spec: spec.flag,
 )
 def test_every_valued_option_rejects_an_empty_value(microsvc, spec):
     """Each option of the registry that takes a value refuses an empty one."""
     microsvc("plan", spec.flag, "").assert_error(2, spec.flag)
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_MEANS_NONE))
+def test_empty_value_turns_the_option_off(microsvc, name):
+    flag = "--" + name.replace("_", "-")
+    result = microsvc("plan", "--json", flag, "")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["settings"][name]["value"] in (None, [])
