@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from microsvc import patching
-from microsvc._gunicorn import Arbiter, BaseApplication, ConfigError
+from microsvc._gunicorn import BaseApplication, ConfigError
 from microsvc._version import __version__
 from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
+from microsvc.arbiter import MicrosvcArbiter, ServerState
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
-from microsvc.options import Settings, WorkerClass
+from microsvc.options import OPTIONS, Settings, WorkerClass
 from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
 from microsvc.resolve import Resolved, load_config, resolve_settings
 from microsvc.system import read_system_facts
@@ -24,6 +25,10 @@ from microsvc.values import split_bind
 from microsvc.workers import WORKER_CLASSES
 
 DEMO_APP = "microsvc.demo:app"
+
+#: Workers touch a heartbeat file every second; on RAM, a slow disk cannot make them look
+#: hung to the master.
+HEARTBEAT_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
 class UnpatchedAppWarning(RuntimeWarning):
@@ -70,25 +75,21 @@ def gunicorn_config(
     settings: Settings, plan: WorkerPlan, passthrough: Mapping[str, Any], pid: int
 ) -> dict[str, Any]:
     """The gunicorn settings for these microsvc settings and plan."""
-    config: dict[str, Any] = {
-        "bind": list(settings.bind),
-        "workers": plan.workers,
-        "worker_class": WORKER_CLASSES[settings.worker_class],
-        "threads": plan.threads,
-        "max_requests": settings.max_requests,
-        "max_requests_jitter": settings.max_requests_jitter,
-        "timeout": settings.timeout,
-        "graceful_timeout": settings.graceful_timeout,
-        "keepalive": settings.keep_alive,
-        "preload_app": settings.preload,
-        "reload": settings.reload,
-        "loglevel": str(settings.log_level),
-        "accesslog": settings.access_log,
-        "control_socket": control_socket_path(pid),
-        "proc_name": "microsvc",
-    }
+    config: dict[str, Any] = {}
+    for spec in OPTIONS:
+        if spec.gunicorn:
+            config[spec.gunicorn] = spec.to_gunicorn(getattr(settings, spec.name))
+    config.update(
+        workers=plan.workers,
+        threads=plan.threads,
+        worker_class=WORKER_CLASSES[settings.worker_class],
+        control_socket=control_socket_path(pid),
+        proc_name="microsvc",
+    )
     if settings.worker_class == WorkerClass.GTHREAD:
         config["worker_connections"] = plan.threads
+    if HEARTBEAT_DIR and os.access(HEARTBEAT_DIR, os.W_OK):
+        config["worker_tmp_dir"] = HEARTBEAT_DIR
     config.update(passthrough)
     return config
 
@@ -135,6 +136,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                 f"app must be a WSGI callable or an import string, not {type(app).__name__}"
             )
         self._master_pid = os.getpid()
+        self._user_post_worker_init: Any = None
+        self.state = ServerState()
         super().__init__(prog="microsvc")
 
     @property
@@ -162,11 +165,19 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def load_config(self) -> None:
         config = gunicorn_config(self.settings, self.plan, self.resolved.gunicorn, self._master_pid)
+        self._user_post_worker_init = config.get("post_worker_init")
+        config["post_worker_init"] = self._post_worker_init
         for name, value in config.items():
             try:
                 self.cfg.set(name, value)
             except (AttributeError, ValueError, TypeError, ConfigError) as exc:
                 raise UsageError(f"gunicorn setting {name!r}: {exc}") from None
+
+    def _post_worker_init(self, worker: Any) -> None:
+        """In each worker once its app is loaded: count it toward readiness."""
+        self.state.worker_booted()
+        if self._user_post_worker_init is not None:
+            self._user_post_worker_init(worker)
 
     def reload(self) -> None:
         """On HUP: read the config file and environment again, plan again, reconfigure."""
@@ -222,7 +233,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         if self.app_ref is not None and not self.settings.preload:
             check_in_subprocess(self.app_ref)
         try:
-            arbiter = Arbiter(self)
+            arbiter = MicrosvcArbiter(self, self.state, self.settings.drain_period)
             for warning in self.resolved.warnings:
                 arbiter.log.warning("%s", warning)
             arbiter.log.info("microsvc %s: %s", __version__, self.plan.summary())

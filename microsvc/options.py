@@ -111,6 +111,7 @@ class OptionSpec:
     choices: tuple[str, ...] = ()
     env_fallback: Callable[[Mapping[str, str]], tuple[str, str] | None] | None = None
     show: Callable[[Any], str] = str
+    to_gunicorn: Callable[[Any], Any] = lambda value: value
     name: str = ""
 
     @property
@@ -187,6 +188,7 @@ class Settings:
         multiple=True,
         env_fallback=_bind_from_host_port,
         gunicorn="bind",
+        to_gunicorn=list,
         help="Address to listen on: HOST:PORT, [IPv6]:PORT, unix:PATH or fd://N; repeatable. "
         "HOST and PORT are honoured.",
     )
@@ -254,6 +256,7 @@ class Settings:
         choices=tuple(level.value for level in LogLevel),
         metavar="LEVEL",
         gunicorn="loglevel",
+        to_gunicorn=str,
         help="Error log level.",
     )
     access_log: str | None = _option(
@@ -322,6 +325,7 @@ class Settings:
         show=",".join,
         metavar="IPS",
         gunicorn="forwarded_allow_ips",
+        to_gunicorn=",".join,
         help="Proxies whose X-Forwarded-For and X-Forwarded-Proto are trusted "
         "(comma-separated addresses or networks, '*' for all). Others' are ignored.",
     )
