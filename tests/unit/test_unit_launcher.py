@@ -114,3 +114,38 @@ def test_options_map_to_gunicorn_names() -> None:
     )
     assert (cfg.max_requests, cfg.max_requests_jitter) == (10, 3)
     assert (cfg.timeout, cfg.graceful_timeout) == (11, 12)
+
+
+def test_request_limits_and_proxy_trust_reach_gunicorn() -> None:
+    cfg = make(
+        limit_request_line=100,
+        limit_request_fields=10,
+        limit_request_field_size=200,
+        forwarded_allow_ips="10.0.0.0/8,192.168.1.1",
+    ).cfg
+    assert (cfg.limit_request_line, cfg.limit_request_fields) == (100, 10)
+    assert cfg.limit_request_field_size == 200
+    assert cfg.forwarded_allow_ips == ["10.0.0.0/8", "192.168.1.1"]
+
+
+def test_default_trust_is_loopback_only() -> None:
+    assert make().cfg.forwarded_allow_ips == ["127.0.0.1", "::1"]
+
+
+def test_heartbeat_files_live_in_ram_when_possible() -> None:
+    from microsvc.launcher import HEARTBEAT_DIR
+
+    cfg = make().cfg
+    if HEARTBEAT_DIR is None:
+        pytest.skip("no /dev/shm on this machine")
+    assert cfg.worker_tmp_dir == "/dev/shm"
+    assert make(gunicorn_settings={"worker_tmp_dir": "/tmp"}).cfg.worker_tmp_dir == "/tmp"
+
+
+def test_user_post_worker_init_hook_still_runs() -> None:
+    calls: list[object] = []
+    launcher = make(gunicorn_settings={"post_worker_init": lambda worker: calls.append(worker)})
+    booted = launcher.state.booted
+    launcher.cfg.post_worker_init("worker")
+    assert calls == ["worker"]
+    assert launcher.state.booted == booted + 1
