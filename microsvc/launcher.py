@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from microsvc import patching
+from microsvc import middleware, patching
 from microsvc._gunicorn import BaseApplication, ConfigError
 from microsvc._version import __version__
 from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
@@ -199,10 +199,20 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         super().reload()
 
     def load(self) -> WSGIApp:
+        """The app, with health, readiness and proxy trust in front of it."""
         if self.app_object is not None:
-            return self.app_object
-        assert self.app_ref is not None
-        return load_app(self.app_ref)
+            app = self.app_object
+        else:
+            assert self.app_ref is not None
+            app = load_app(self.app_ref)
+        settings = self.settings
+        return middleware.wrap(
+            app,
+            health_path=settings.health_path,
+            ready_path=settings.ready_path,
+            is_ready=self.state.is_ready,
+            trusted_proxies=settings.forwarded_allow_ips,
+        )
 
     # running
 

@@ -159,6 +159,10 @@ def _check_combinations(settings: Settings, sources: Mapping[str, str]) -> None:
             f"--threads {threads} ({sources['threads']}) needs --worker-class gthread; "
             f"{settings.worker_class} workers run no thread pool"
         )
+    if settings.health_path is not None and settings.health_path == settings.ready_path:
+        raise UsageError(f"--health-path and --ready-path are both {settings.health_path}")
+    if settings.max_worker_lifetime_jitter and not settings.max_worker_lifetime:
+        raise UsageError("--max-worker-lifetime-jitter needs --max-worker-lifetime")
     if settings.max_requests_jitter and not settings.max_requests:
         raise UsageError("--max-requests-jitter needs --max-requests")
     if settings.preload and settings.reload:

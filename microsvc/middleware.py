@@ -1,0 +1,272 @@
+"""Health and readiness endpoints and proxy trust, in front of the user's WSGI app.
+
+`wrap` puts one small WSGI middleware around the app (standard library only):
+
+- Endpoints. A GET or HEAD whose PATH_INFO is exactly `health_path` answers
+  200 `{"status": "ok"}`; exactly `ready_path` answers 200 `{"status": "ready"}` while
+  `is_ready()` is true and 503 `{"status": "not ready"}` otherwise. Both are JSON with
+  `Cache-Control: no-store`; other methods get 405 with `Allow: GET, HEAD`. The app is not
+  called for them. Every other path, and a path that is None (endpoint off), goes to the
+  app untouched. Matching is on PATH_INFO alone, so the paths are relative to where the app
+  is mounted: with SCRIPT_NAME `/api` (gunicorn's `SCRIPT_NAME` environment variable, or a
+  dispatcher), the probe URL is `/api/healthz`. gunicorn refuses requests outside
+  SCRIPT_NAME anyway, and this keeps the endpoints working wherever the app is mounted.
+- Proxy trust, the one place the client address is decided (as Werkzeug's ProxyFix, from
+  one list). When the peer (REMOTE_ADDR) is a trusted proxy, REMOTE_ADDR becomes the client
+  named by X-Forwarded-For (walked from the right, past trusted proxies, to the first
+  untrusted address; the leftmost when all are trusted) and the peer's address is kept in
+  `environ["microsvc.proxy_addr"]`; the rightmost X-Forwarded-Proto (`http` or `https`)
+  becomes `wsgi.url_scheme` and the rightmost X-Forwarded-Host becomes HTTP_HOST. From any
+  other peer the headers change nothing. Invalid values are ignored, and an invalid entry in
+  X-Forwarded-For ends the walk: nothing written to the left of it is believed. REMOTE_PORT
+  is left alone (it still names the proxy's port). The environ is changed in place, so
+  gunicorn's access log shows the client address too.
+
+Trust follows gunicorn's `forwarded_allow_ips`, so that gunicorn's scheme (from its
+`secure_scheme_headers`) and this address come from the same decision: `*` trusts every
+peer, and a unix-socket peer (empty REMOTE_ADDR) is trusted unless `trust_socket_peers` is
+False. Unlike gunicorn, an IPv4-mapped IPv6 peer (`::ffff:10.0.0.1`, from a dual-stack
+listener) is matched against IPv4 networks, and the scheme is read case-insensitively.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
+
+__all__ = [
+    "PROXY_ADDR_KEY",
+    "Middleware",
+    "StartResponse",
+    "TrustedProxies",
+    "WSGIApplication",
+    "wrap",
+]
+
+#: Where a request's original REMOTE_ADDR (the proxy) is kept when it was replaced.
+PROXY_ADDR_KEY = "microsvc.proxy_addr"
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+Environ = dict[str, Any]
+
+
+class StartResponse(Protocol):
+    def __call__(
+        self, status: str, headers: list[tuple[str, str]], exc_info: Any = ..., /
+    ) -> Any: ...
+
+
+WSGIApplication = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+_CACHE_SIZE = 1024
+_SCHEMES = frozenset(("http", "https"))
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+def _json(status: str) -> bytes:
+    return json.dumps({"status": status}).encode()
+
+
+_OK, _READY, _NOT_READY = _json("ok"), _json("ready"), _json("not ready")
+_NOT_ALLOWED = json.dumps({"error": "method not allowed"}).encode()
+
+
+class TrustedProxies:
+    """The peers whose forwarding headers are believed, parsed once.
+
+    `proxies` holds addresses and networks (IPv4 or IPv6, e.g. `10.0.0.0/8`, `::1`) and
+    `*` for every peer; empty trusts no IP peer. `socket_peers`: whether a peer without an IP
+    address (a unix-socket connection, empty REMOTE_ADDR) is trusted, as gunicorn does.
+    Raises ValueError for an entry that is not an address or network.
+    """
+
+    def __init__(self, proxies: Sequence[str], *, socket_peers: bool = True) -> None:
+        if isinstance(proxies, str):
+            raise TypeError("trusted proxies must be a sequence of addresses, not a string")
+        texts = [text.strip() for text in proxies if text.strip()]
+        self.everyone = "*" in texts
+        self.networks: tuple[IPNetwork, ...] = tuple(
+            ipaddress.ip_network(text, strict=False) for text in texts if text != "*"
+        )
+        self.socket_peers = socket_peers
+        self.trusts_anyone = self.everyone or bool(self.networks) or socket_peers
+        # Peers and hops repeat (a few proxies, returning clients): parse each once.
+        self.peer_is_trusted = functools.lru_cache(maxsize=_CACHE_SIZE)(self._peer_is_trusted)
+        self._hop = functools.lru_cache(maxsize=_CACHE_SIZE)(self._parse_hop)
+
+    def contains(self, address: IPAddress) -> bool:
+        """Whether this address is one of the trusted proxies."""
+        if self.everyone:
+            return True
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+    def _peer_is_trusted(self, remote_addr: str) -> bool:
+        if not remote_addr:
+            return self.socket_peers
+        if self.everyone:
+            return True
+        try:
+            return self.contains(ipaddress.ip_address(remote_addr))
+        except ValueError:
+            return False
+
+    def _parse_hop(self, text: str) -> tuple[str, bool] | None:
+        address = _parse_forwarded_address(text)
+        return None if address is None else (str(address), self.contains(address))
+
+    def client_address(self, forwarded_for: str) -> str | None:
+        """The client X-Forwarded-For names, as sent by a trusted peer: the rightmost address
+        that is not a trusted proxy, else the leftmost. An invalid entry ends the list (what
+        is left of it was written by no one we trust). None when no address qualifies."""
+        client = None
+        for item in reversed(forwarded_for.split(",")):
+            text = item.strip()
+            if not text:
+                continue
+            hop = self._hop(text)
+            if hop is None:
+                break
+            client, trusted = hop
+            if not trusted:
+                break
+        return client
+
+
+def _parse_forwarded_address(text: str) -> IPAddress | None:
+    """`1.2.3.4`, `1.2.3.4:port`, `2001:db8::1`, `[2001:db8::1]` or `[2001:db8::1]:port`."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        port_ok = not rest or (rest.startswith(":") and _is_port(rest[1:]))
+        if not bracket or ":" not in host or not port_ok:  # brackets hold IPv6 only
+            return None
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+        if not _is_port(port):
+            return None
+    else:
+        host = text
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _is_port(text: str) -> bool:
+    return 0 < len(text) <= 5 and text.isascii() and text.isdigit()
+
+
+def _rightmost(value: str) -> str:
+    return value.rpartition(",")[2].strip()
+
+
+class Middleware:
+    """The WSGI app `wrap` returns; `app` is the wrapped one. See the module docstring."""
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        health_path: str | None,
+        ready_path: str | None,
+        is_ready: Callable[[], bool],
+        trusted: TrustedProxies,
+    ) -> None:
+        for path in (health_path, ready_path):
+            if path is not None and not (isinstance(path, str) and path.startswith("/")):
+                raise ValueError(f"{path!r} is not a path starting with '/'")
+        if health_path is not None and health_path == ready_path:
+            raise ValueError(f"the health and readiness paths are the same: {health_path!r}")
+        self.app = app
+        self.is_ready = is_ready
+        self.trusted = trusted
+        self._endpoints: dict[str, bool] = {}  # path -> is the readiness path
+        if health_path is not None:
+            self._endpoints[health_path] = False
+        if ready_path is not None:
+            self._endpoints[ready_path] = True
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        is_ready_path = self._endpoints.get(environ.get("PATH_INFO", ""))
+        if is_ready_path is not None:
+            return self._answer(is_ready_path, environ, start_response)
+        if self.trusted.trusts_anyone and (
+            "HTTP_X_FORWARDED_FOR" in environ
+            or "HTTP_X_FORWARDED_PROTO" in environ
+            or "HTTP_X_FORWARDED_HOST" in environ
+        ):
+            self._apply_forwarded(environ)
+        return self.app(environ, start_response)
+
+    def _answer(
+        self, is_ready_path: bool, environ: Environ, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        extra: list[tuple[str, str]] = []
+        if method not in ("GET", "HEAD"):
+            status, body = "405 Method Not Allowed", _NOT_ALLOWED
+            extra.append(("Allow", "GET, HEAD"))
+        elif not is_ready_path:
+            status, body = "200 OK", _OK
+        elif self.is_ready():
+            status, body = "200 OK", _READY
+        else:
+            status, body = "503 Service Unavailable", _NOT_READY
+        headers = [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            ("Cache-Control", "no-store"),
+            *extra,
+        ]
+        start_response(status, headers)
+        return [] if method == "HEAD" else [body]
+
+    def _apply_forwarded(self, environ: Environ) -> None:
+        peer = environ.get("REMOTE_ADDR")
+        if not isinstance(peer, str) or not self.trusted.peer_is_trusted(peer):
+            return
+        forwarded_for = environ.get("HTTP_X_FORWARDED_FOR")
+        if isinstance(forwarded_for, str):
+            client = self.trusted.client_address(forwarded_for)
+            if client is not None:
+                environ[PROXY_ADDR_KEY] = peer
+                environ["REMOTE_ADDR"] = client
+        proto = environ.get("HTTP_X_FORWARDED_PROTO")
+        if isinstance(proto, str):
+            scheme = _rightmost(proto).lower()
+            if scheme in _SCHEMES:
+                environ["wsgi.url_scheme"] = scheme
+        host = environ.get("HTTP_X_FORWARDED_HOST")
+        if isinstance(host, str):
+            value = _rightmost(host)
+            if _HOST_RE.fullmatch(value):
+                environ["HTTP_HOST"] = value
+
+
+def wrap(
+    app: WSGIApplication,
+    *,
+    health_path: str | None,
+    ready_path: str | None,
+    is_ready: Callable[[], bool],
+    trusted_proxies: Sequence[str],
+    trust_socket_peers: bool = True,
+) -> Middleware:
+    """`app` behind microsvc's health and readiness endpoints and proxy trust.
+
+    `health_path` and `ready_path` are answered in front of the app (None: off);
+    `is_ready` is asked on each readiness request. `trusted_proxies` are the addresses and
+    networks (or `*`) whose X-Forwarded-For/-Proto/-Host are believed; `trust_socket_peers`
+    whether unix-socket peers are too. Raises ValueError for a bad path or address. The
+    module docstring has the details.
+    """
+    trusted = TrustedProxies(trusted_proxies, socket_peers=trust_socket_peers)
+    return Middleware(
+        app, health_path=health_path, ready_path=ready_path, is_ready=is_ready, trusted=trusted
+    )

@@ -1,0 +1,579 @@
+"""The health/readiness and proxy-trust middleware, called directly with environ dicts."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import pytest
+
+from microsvc import middleware
+from microsvc.middleware import PROXY_ADDR_KEY, TrustedProxies, wrap
+
+
+class InnerApp:
+    """A WSGI app that records the environ it saw and has its own /health route."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        self.seen.append(dict(environ))
+        if environ["PATH_INFO"] == "/health":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return [b"app health"]
+        start_response("404 Not Found", [("Content-Type", "text/plain")])
+        return [b"app:" + environ["PATH_INFO"].encode()]
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.seen[-1]
+
+
+class Response:
+    def __init__(self, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    @property
+    def code(self) -> int:
+        return int(self.status.split()[0])
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def call(app: Callable[..., Iterable[bytes]], **environ: Any) -> Response:
+    recorded: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        recorded.append((status, headers))
+        return lambda data: None
+
+    body = b"".join(app(environ, start_response))
+    assert len(recorded) == 1
+    return Response(recorded[0][0], recorded[0][1], body)
+
+
+def env(
+    path: str = "/",
+    method: str = "GET",
+    remote: str | None = "203.0.113.9",
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "8000",
+        "HTTP_HOST": "internal:8000",
+        "REMOTE_PORT": "50000",
+        "wsgi.url_scheme": "http",
+    }
+    if remote is not None:
+        environ["REMOTE_ADDR"] = remote
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    environ.update(extra)
+    return environ
+
+
+class Ready:
+    def __init__(self, value: bool) -> None:
+        self.value = value
+        self.calls = 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.value
+
+
+def make(
+    inner: InnerApp | None = None,
+    *,
+    health_path: str | None = "/healthz",
+    ready_path: str | None = "/readyz",
+    is_ready: Callable[[], bool] | None = None,
+    trusted: Sequence[str] = (),
+    **kw: Any,
+) -> middleware.Middleware:
+    return wrap(
+        inner or InnerApp(),
+        health_path=health_path,
+        ready_path=ready_path,
+        is_ready=is_ready or Ready(True),
+        trusted_proxies=trusted,
+        **kw,
+    )
+
+
+# health and readiness
+
+
+def test_health_answers_ok_json_without_calling_the_app() -> None:
+    inner = InnerApp()
+    response = call(make(inner), **env("/healthz"))
+    assert response.code == 200
+    assert response.json() == {"status": "ok"}
+    assert response.header("Content-Type") == "application/json"
+    assert response.header("Cache-Control") == "no-store"
+    assert response.header("Content-Length") == str(len(response.body))
+    assert inner.seen == []
+
+
+def test_health_does_not_ask_readiness() -> None:
+    ready = Ready(False)
+    assert call(make(is_ready=ready), **env("/healthz")).code == 200
+    assert ready.calls == 0
+
+
+def test_ready_answers_200_when_ready() -> None:
+    inner = InnerApp()
+    response = call(make(inner, is_ready=Ready(True)), **env("/readyz"))
+    assert response.code == 200
+    assert response.json() == {"status": "ready"}
+    assert response.header("Cache-Control") == "no-store"
+    assert inner.seen == []
+
+
+def test_ready_answers_503_when_not_ready() -> None:
+    response = call(make(is_ready=Ready(False)), **env("/readyz"))
+    assert response.status == "503 Service Unavailable"
+    assert response.json() == {"status": "not ready"}
+    assert response.header("Content-Type") == "application/json"
+
+
+def test_readiness_is_asked_on_every_request() -> None:
+    ready = Ready(True)
+    app = make(is_ready=ready)
+    assert call(app, **env("/readyz")).code == 200
+    ready.value = False  # the Launcher starts draining
+    assert call(app, **env("/readyz")).code == 503
+    assert ready.calls == 2
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_head_has_the_headers_and_no_body(path: str) -> None:
+    response = call(make(), **env(path, method="HEAD"))
+    assert response.code == 200
+    assert response.body == b""
+    assert response.header("Content-Type") == "application/json"
+    assert int(response.header("Content-Length") or 0) > 0
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH"])
+def test_other_methods_get_405_with_allow(path: str, method: str) -> None:
+    inner = InnerApp()
+    response = call(make(inner), **env(path, method=method))
+    assert response.status == "405 Method Not Allowed"
+    assert response.header("Allow") == "GET, HEAD"
+    assert response.header("Content-Length") == str(len(response.body))
+    assert inner.seen == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/healthz/", "/healthzx", "/healthz/x", "/health", "/HEALTHZ", "/readyz/", "/", ""]
+)
+def test_only_the_exact_path_is_answered(path: str) -> None:
+    inner = InnerApp()
+    call(make(inner), **env(path))
+    assert inner.last["PATH_INFO"] == path
+
+
+def test_the_apps_own_routes_still_work() -> None:
+    inner = InnerApp()
+    response = call(make(inner), **env("/health", method="POST"))
+    assert (response.code, response.body) == (200, b"app health")
+    assert inner.last["REQUEST_METHOD"] == "POST"
+
+
+def test_query_string_does_not_change_the_match() -> None:
+    assert call(make(InnerApp()), **env("/healthz", QUERY_STRING="verbose=1")).code == 200
+
+
+def test_paths_are_relative_to_script_name() -> None:
+    inner = InnerApp()
+    app = make(inner)
+    assert call(app, **env("/healthz", SCRIPT_NAME="/api")).json() == {"status": "ok"}
+    call(app, **env("/api/healthz", SCRIPT_NAME=""))
+    assert inner.last["PATH_INFO"] == "/api/healthz"
+
+
+@pytest.mark.parametrize("off", ["health_path", "ready_path"])
+def test_a_path_that_is_off_goes_to_the_app(off: str) -> None:
+    inner = InnerApp()
+    path = {"health_path": "/healthz", "ready_path": "/readyz"}[off]
+    response = call(make(inner, **{off: None}), **env(path))
+    assert response.code == 404
+    assert response.body == b"app:" + path.encode()
+    other = "/readyz" if off == "health_path" else "/healthz"
+    assert call(make(inner, **{off: None}), **env(other)).code == 200
+
+
+def test_custom_paths() -> None:
+    inner = InnerApp()
+    app = make(inner, health_path="/_/live", ready_path="/_/ready")
+    assert call(app, **env("/_/live")).json() == {"status": "ok"}
+    assert call(app, **env("/_/ready")).json() == {"status": "ready"}
+    call(app, **env("/healthz"))
+    assert inner.last["PATH_INFO"] == "/healthz"
+
+
+def test_other_paths_reach_the_app_unchanged() -> None:
+    inner = InnerApp()
+    environ = env("/orders/7", method="POST", headers={"X-Forwarded-For": "198.51.100.1"})
+    before = dict(environ)
+    response = call(make(inner), **environ)
+    assert response.body == b"app:/orders/7"
+    assert inner.last == before
+
+
+@pytest.mark.parametrize(
+    ("health", "ready"), [("/same", "/same"), ("healthz", "/readyz"), ("/healthz", "readyz")]
+)
+def test_bad_paths_are_rejected(health: str, ready: str) -> None:
+    with pytest.raises(ValueError):
+        make(health_path=health, ready_path=ready)
+
+
+def test_app_exceptions_propagate() -> None:
+    def broken(environ: object, start_response: object) -> list[bytes]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        call(wrap(broken, health_path=None, ready_path=None, is_ready=bool, trusted_proxies=()))
+
+
+# proxy trust
+
+
+def forwarded(
+    trusted: Sequence[str],
+    remote: str | None,
+    headers: dict[str, str],
+    **kw: Any,
+) -> dict[str, Any]:
+    """The environ the inner app sees for one request."""
+    inner = InnerApp()
+    call(make(inner, trusted=trusted, **kw), **env("/x", remote=remote, headers=headers))
+    return inner.last
+
+
+def test_trusted_peer_single_forwarded_for() -> None:
+    seen = forwarded(["127.0.0.1"], "127.0.0.1", {"X-Forwarded-For": "198.51.100.7"})
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"
+    assert seen[PROXY_ADDR_KEY] == "127.0.0.1"
+
+
+def test_trusted_peer_chain_skips_trusted_hops_from_the_right() -> None:
+    seen = forwarded(
+        ["10.0.0.1", "10.0.0.2", "10.0.0.3"],
+        "10.0.0.1",
+        {"X-Forwarded-For": "6.6.6.6, 198.51.100.7, 10.0.0.3, 10.0.0.2"},
+    )
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"  # not the forgeable 6.6.6.6
+    assert seen[PROXY_ADDR_KEY] == "10.0.0.1"
+
+
+def test_chain_of_only_trusted_hops_gives_the_leftmost() -> None:
+    seen = forwarded(["10.0.0.0/8"], "10.0.0.1", {"X-Forwarded-For": "10.1.1.1, 10.2.2.2"})
+    assert seen["REMOTE_ADDR"] == "10.1.1.1"
+
+
+def test_untrusted_hop_in_the_middle_stops_the_walk() -> None:
+    seen = forwarded(
+        ["10.0.0.0/8"], "10.0.0.1", {"X-Forwarded-For": "10.9.9.9, 198.51.100.7, 10.2.2.2"}
+    )
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"
+
+
+def test_repeated_headers_joined_by_the_server_are_one_list() -> None:
+    # gunicorn joins repeated X-Forwarded-For headers with ",", without a space
+    seen = forwarded(["10.0.0.0/8"], "10.0.0.1", {"X-Forwarded-For": "198.51.100.7,10.2.2.2"})
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"X-Forwarded-For": "198.51.100.7"},
+        {"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https"},
+        {"X-Forwarded-Host": "evil.example"},
+    ],
+)
+def test_untrusted_peer_forging_headers_changes_nothing(headers: dict[str, str]) -> None:
+    seen = forwarded(["127.0.0.1", "10.0.0.0/8"], "203.0.113.9", headers)
+    assert seen["REMOTE_ADDR"] == "203.0.113.9"
+    assert seen["wsgi.url_scheme"] == "http"
+    assert seen["HTTP_HOST"] == "internal:8000"
+    assert PROXY_ADDR_KEY not in seen
+
+
+def test_network_trust() -> None:
+    trusted = ["10.0.0.0/8"]
+    header = {"X-Forwarded-For": "198.51.100.7"}
+    assert forwarded(trusted, "10.200.3.4", header)["REMOTE_ADDR"] == "198.51.100.7"
+    assert forwarded(trusted, "11.0.0.1", header)["REMOTE_ADDR"] == "11.0.0.1"
+
+
+def test_ipv6_peer_and_client() -> None:
+    trusted = ["::1", "fd00::/8"]
+    header = {"X-Forwarded-For": "2001:db8::7, fd00::2"}
+    seen = forwarded(trusted, "::1", header)
+    assert seen["REMOTE_ADDR"] == "2001:db8::7"
+    assert seen[PROXY_ADDR_KEY] == "::1"
+    assert forwarded(trusted, "2001:db8::99", header)["REMOTE_ADDR"] == "2001:db8::99"
+
+
+def test_ipv6_addresses_are_normalized() -> None:
+    seen = forwarded(["::1"], "::1", {"X-Forwarded-For": "2001:DB8:0:0:0:0:0:7"})
+    assert seen["REMOTE_ADDR"] == "2001:db8::7"
+
+
+@pytest.mark.parametrize(
+    ("entry", "client"),
+    [
+        ("198.51.100.7:4711", "198.51.100.7"),
+        ("[2001:db8::7]", "2001:db8::7"),
+        ("[2001:db8::7]:443", "2001:db8::7"),
+    ],
+)
+def test_addresses_with_ports_or_brackets(entry: str, client: str) -> None:
+    seen = forwarded(["127.0.0.1"], "127.0.0.1", {"X-Forwarded-For": entry})
+    assert seen["REMOTE_ADDR"] == client
+
+
+def test_ipv4_mapped_peer_matches_ipv4_networks() -> None:
+    seen = forwarded(["10.0.0.0/8"], "::ffff:10.0.0.1", {"X-Forwarded-For": "198.51.100.7"})
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"
+
+
+def test_star_trusts_every_peer_and_hop() -> None:
+    header = {"X-Forwarded-For": "198.51.100.7, 203.0.113.5", "X-Forwarded-Proto": "https"}
+    seen = forwarded(["*"], "203.0.113.9", header)
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"
+    assert seen["wsgi.url_scheme"] == "https"
+
+
+def test_empty_trust_list_trusts_no_ip_peer() -> None:
+    headers = {"X-Forwarded-For": "198.51.100.7", "X-Forwarded-Proto": "https"}
+    seen = forwarded([], "127.0.0.1", headers)
+    assert seen["REMOTE_ADDR"] == "127.0.0.1"
+    assert seen["wsgi.url_scheme"] == "http"
+
+
+def test_unix_socket_peer_is_trusted_like_gunicorn() -> None:
+    seen = forwarded(["127.0.0.1"], "", {"X-Forwarded-For": "198.51.100.7"})
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"
+    assert seen[PROXY_ADDR_KEY] == ""
+
+
+def test_unix_socket_peer_can_be_untrusted() -> None:
+    header = {"X-Forwarded-For": "198.51.100.7"}
+    seen = forwarded(["127.0.0.1"], "", header, trust_socket_peers=False)
+    assert seen["REMOTE_ADDR"] == ""
+
+
+def test_missing_remote_addr_is_not_trusted() -> None:
+    seen = forwarded(["*"], None, {"X-Forwarded-For": "198.51.100.7"})
+    assert "REMOTE_ADDR" not in seen
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "not-an-ip",
+        "unknown",
+        "198.51.100.300",
+        "1.2.3.4:port",
+        "1.2.3.4:99999999",
+        "[2001:db8::7",
+        "[2001:db8::7]x",
+        "[1.2.3.4]:80",
+        "2001:db8::zz",
+        "",
+        " , ,",
+        "\x00",
+        "\uff11.\uff12.\uff13.\uff14",  # fullwidth digits
+        "1.2.3.4:\u0661\u0662",  # Arabic-Indic digits
+    ],
+)
+def test_malformed_forwarded_for_is_ignored(header: str) -> None:
+    seen = forwarded(["127.0.0.1"], "127.0.0.1", {"X-Forwarded-For": header})
+    assert seen["REMOTE_ADDR"] == "127.0.0.1"
+    assert PROXY_ADDR_KEY not in seen
+
+
+def test_malformed_entry_ends_the_walk() -> None:
+    # Left of the bad entry nothing is believed; the nearest good hop right of it wins.
+    seen = forwarded(
+        ["10.0.0.0/8"], "10.0.0.1", {"X-Forwarded-For": "198.51.100.7, garbage, 10.2.2.2"}
+    )
+    assert seen["REMOTE_ADDR"] == "10.2.2.2"
+
+
+def test_empty_entries_are_skipped() -> None:
+    seen = forwarded(["127.0.0.1"], "127.0.0.1", {"X-Forwarded-For": "198.51.100.7, ,"})
+    assert seen["REMOTE_ADDR"] == "198.51.100.7"
+
+
+def test_non_string_header_values_are_ignored() -> None:
+    inner = InnerApp()
+    environ = env("/x", remote="127.0.0.1", HTTP_X_FORWARDED_FOR=None, HTTP_X_FORWARDED_PROTO=1)
+    call(make(inner, trusted=["127.0.0.1"]), **environ)
+    assert (inner.last["REMOTE_ADDR"], inner.last["wsgi.url_scheme"]) == ("127.0.0.1", "http")
+
+
+@pytest.mark.parametrize(
+    ("proto", "scheme"),
+    [
+        ("https", "https"),
+        ("HTTPS", "https"),
+        (" https ", "https"),
+        ("http", "http"),
+        ("http, https", "https"),  # rightmost: nearest to the trusted proxy
+        ("https, http", "http"),
+        ("wss", "http"),
+        ("https, ftp", "http"),
+        ("", "http"),
+    ],
+)
+def test_forwarded_proto(proto: str, scheme: str) -> None:
+    seen = forwarded(["127.0.0.1"], "127.0.0.1", {"X-Forwarded-Proto": proto})
+    assert seen["wsgi.url_scheme"] == scheme
+
+
+def test_forwarded_proto_http_can_downgrade_the_servers_guess() -> None:
+    inner = InnerApp()
+    environ = env("/x", remote="127.0.0.1", headers={"X-Forwarded-Proto": "http"})
+    environ["wsgi.url_scheme"] = "https"
+    call(make(inner, trusted=["127.0.0.1"]), **environ)
+    assert inner.last["wsgi.url_scheme"] == "http"
+
+
+def test_invalid_proto_keeps_the_servers_scheme() -> None:
+    inner = InnerApp()
+    environ = env("/x", remote="127.0.0.1", headers={"X-Forwarded-Proto": "bogus"})
+    environ["wsgi.url_scheme"] = "https"
+    call(make(inner, trusted=["127.0.0.1"]), **environ)
+    assert inner.last["wsgi.url_scheme"] == "https"
+
+
+@pytest.mark.parametrize(
+    ("value", "host"),
+    [
+        ("api.example.com", "api.example.com"),
+        ("api.example.com:8443", "api.example.com:8443"),
+        ("inner.example, api.example.com", "api.example.com"),
+        ("[2001:db8::1]:443", "[2001:db8::1]:443"),
+        ("evil.example/path", "internal:8000"),
+        ("a b", "internal:8000"),
+        ("user@evil.example", "internal:8000"),
+        ("", "internal:8000"),
+        ("api.example.com, ", "internal:8000"),
+    ],
+)
+def test_forwarded_host(value: str, host: str) -> None:
+    seen = forwarded(["127.0.0.1"], "127.0.0.1", {"X-Forwarded-Host": value})
+    assert seen["HTTP_HOST"] == host
+
+
+def test_proto_and_host_without_forwarded_for_keep_the_address() -> None:
+    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com"}
+    seen = forwarded(["127.0.0.1"], "127.0.0.1", headers)
+    assert (seen["wsgi.url_scheme"], seen["HTTP_HOST"]) == ("https", "api.example.com")
+    assert seen["REMOTE_ADDR"] == "127.0.0.1"
+    assert PROXY_ADDR_KEY not in seen
+
+
+def test_the_callers_environ_is_changed_in_place() -> None:
+    # gunicorn's access log reads REMOTE_ADDR from the same dict after the app ran
+    environ = env("/x", remote="127.0.0.1", headers={"X-Forwarded-For": "198.51.100.7"})
+    make(trusted=["127.0.0.1"])(environ, lambda status, headers, exc_info=None: None)
+    assert environ["REMOTE_ADDR"] == "198.51.100.7"
+
+
+def test_health_paths_are_answered_for_untrusted_peers_with_headers() -> None:
+    app = make(trusted=["127.0.0.1"])
+    environ = env("/healthz", remote="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"})
+    assert call(app, **environ).code == 200
+
+
+# construction and cost
+
+
+def test_trusted_list_as_a_string_is_refused() -> None:
+    with pytest.raises(TypeError, match="not a string"):
+        make(trusted="10.0.0.1")  # would otherwise be read character by character
+
+
+def test_invalid_trusted_entry_is_refused() -> None:
+    with pytest.raises(ValueError):
+        make(trusted=["10.0.0.1", "proxy.internal"])
+
+
+def test_blank_trusted_entries_are_skipped() -> None:
+    assert TrustedProxies([" ", "10.0.0.1 "]).networks == (ipaddress.ip_network("10.0.0.1"),)
+
+
+def test_untrusted_peer_without_forwarded_headers_parses_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inner = InnerApp()
+    app = make(inner, trusted=["10.0.0.0/8"])
+
+    def forbidden(text: str) -> None:
+        raise AssertionError(f"parsed {text!r} on the hot path")
+
+    monkeypatch.setattr(middleware.ipaddress, "ip_address", forbidden)
+    call(app, **env("/x", remote="203.0.113.9"))
+    assert inner.last["REMOTE_ADDR"] == "203.0.113.9"
+
+
+def test_peer_and_hop_decisions_are_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    inner = InnerApp()
+    app = make(inner, trusted=["10.0.0.0/8"])
+    environ = env("/x", remote="10.0.0.1", headers={"X-Forwarded-For": "198.51.100.7"})
+    call(app, **environ)
+    calls: list[str] = []
+    real = ipaddress.ip_address
+
+    def counting(text: str) -> Any:
+        calls.append(text)
+        return real(text)
+
+    monkeypatch.setattr(middleware.ipaddress, "ip_address", counting)
+    call(app, **environ)
+    call(app, **env("/x", remote="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"}))
+    call(app, **env("/x", remote="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"}))
+    assert calls == ["203.0.113.9"]
+    assert inner.last["REMOTE_ADDR"] == "203.0.113.9"
+
+
+# agreement with gunicorn
+
+
+@pytest.mark.parametrize("allow", ["127.0.0.1,::1", "10.0.0.0/8,fd00::/8", "*", "192.168.1.10", ""])
+@pytest.mark.parametrize(
+    "peer",
+    ["127.0.0.1", "::1", "10.1.2.3", "fd00::5", "192.168.1.10", "203.0.113.9", "2001:db8::1"],
+)
+def test_peer_trust_agrees_with_gunicorn(allow: str, peer: str) -> None:
+    from gunicorn.config import Config
+    from gunicorn.http.message import _ip_in_allow_list
+
+    cfg = Config()
+    cfg.set("forwarded_allow_ips", allow)
+    expected = _ip_in_allow_list(peer, cfg.forwarded_allow_ips, cfg.forwarded_allow_networks())
+    ours = TrustedProxies([part for part in allow.split(",") if part])
+    assert ours.peer_is_trusted(peer) is expected
+    seen = forwarded(allow.split(","), peer, {"X-Forwarded-Proto": "https"})
+    assert seen["wsgi.url_scheme"] == ("https" if expected else "http")
