@@ -149,3 +149,31 @@ def test_user_post_worker_init_hook_still_runs() -> None:
     launcher.cfg.post_worker_init("worker")
     assert calls == ["worker"]
     assert launcher.state.booted == booted + 1
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"health_path": "/x", "ready_path": "/x"}, "both /x"),
+        ({"max_worker_lifetime_jitter": "5m"}, "needs --max-worker-lifetime"),
+    ],
+)
+def test_contradicting_options_are_refused(options: dict[str, object], fragment: str) -> None:
+    with pytest.raises(UsageError, match=fragment):
+        make(**options)
+
+
+def test_the_app_sits_behind_health_and_readiness() -> None:
+    launcher = make(wsgi_app)
+    app = launcher.load()
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: object, exc_info: object = None) -> None:
+        statuses.append(status)
+
+    body = b"".join(app({"REQUEST_METHOD": "GET", "PATH_INFO": "/readyz"}, start_response))
+    assert statuses[-1].startswith("503") and b"not ready" in body  # not started yet
+    launcher.state.ready = True
+    app({"REQUEST_METHOD": "GET", "PATH_INFO": "/readyz"}, start_response)
+    assert statuses[-1].startswith("200")
+    assert app({"REQUEST_METHOD": "GET", "PATH_INFO": "/other"}, start_response) == [b"ok"]
