@@ -3,7 +3,8 @@
 Built on gunicorn's `AsyncWorker`, which parses HTTP and runs the app; this module adds
 the eventlet parts: a fresh hub after fork, green listening sockets, a green pool of
 `worker_connections` greenthreads, and a graceful stop that lets in-flight requests
-finish within `graceful_timeout`. eventlet itself is unmaintained: prefer gevent.
+finish within `graceful_timeout`. It recycles by memory and lifetime like the other
+worker classes (see `recycling`). eventlet itself is unmaintained: prefer gevent.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from eventlet.greenio import GreenSocket
 from eventlet.greenpool import GreenPool
 from gunicorn.workers.base_async import AsyncWorker
 
+from microsvc.workers.recycling import Recycling
+
 _ACCEPT_RETRY = (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK, errno.EINTR)
 
 
-class EventletWorker(AsyncWorker):  # type: ignore[misc]
+class EventletWorker(Recycling, AsyncWorker):  # type: ignore[misc]
     def init_process(self) -> None:
         eventlet.monkey_patch()
         # The hub's epoll object was created in the master; a forked child must not share it.

@@ -65,7 +65,7 @@ def test_cfg_follows_the_plan() -> None:
     launcher = make(worker_class="sync")
     assert launcher.plan.workers == 9  # 2*4+1
     assert launcher.cfg.workers == 9
-    assert launcher.cfg.worker_class_str == "gunicorn.workers.sync.SyncWorker"
+    assert launcher.cfg.worker_class_str == "microsvc.workers.sync.SyncWorker"
     assert launcher.cfg.bind == ["127.0.0.1:5000"]
 
 
