@@ -1,0 +1,122 @@
+"""SIGTERM to the master while slow requests are in flight: every one of them completes.
+
+Each client opens its own connection and asks for /io?ms=2000 (the demo sleeps 2 s).
+Once the workers hold every connection (counted from the workers' own sockets, so none
+is still waiting in the listen backlog, where a closing listener would reset it), TERM
+goes to the master alone, as a container runtime sends it. gunicorn's graceful
+shutdown lets the workers finish, so every client gets 200 and the master exits 0.
+"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+SLOW_MS = 2000
+CLIENT_TIMEOUT = 30.0
+
+#: worker class -> (arguments, in-flight requests). A sync worker serves one request at a
+#: time, so sync gets one worker per request (10, to spare the 2-core machines).
+CASES = {
+    "sync": (["-k", "sync", "--workers", "10"], 10),
+    "gthread": (["-k", "gthread", "--workers", "2", "--threads", "10"], 20),
+    "gevent": (["-k", "gevent", "--workers", "2"], 20),
+}
+
+
+@dataclass
+class SlowClients:
+    statuses: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    finished_at: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def summary(self) -> str:
+        counts = {status: self.statuses.count(status) for status in sorted(set(self.statuses))}
+        return f"statuses {counts}, {len(self.errors)} errors {self.errors[:3]}"
+
+
+def slow_get(port: int, path: str, clients: SlowClients) -> None:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CLIENT_TIMEOUT)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        with clients.lock:
+            clients.statuses.append(response.status)
+            clients.finished_at.append(time.monotonic())
+    except Exception as exc:
+        with clients.lock:
+            clients.errors.append(repr(exc))
+            clients.finished_at.append(time.monotonic())
+    finally:
+        connection.close()
+
+
+def accepted_connections(server) -> int:
+    """Connections to the server's port that its workers have accepted."""
+    total = 0
+    for worker in server.workers():
+        try:
+            connections = worker.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        total += sum(
+            1
+            for c in connections
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == server.port
+        )
+    return total
+
+
+@pytest.mark.parametrize("worker_class", list(CASES))
+def test_sigterm_with_slow_requests_in_flight_completes_them_all(serve, figures, worker_class):
+    args, in_flight = CASES[worker_class]
+    server = serve(args)
+    workers = int(args[args.index("--workers") + 1])
+    assert server.wait_workers(workers, stable_for=0.5, deadline=20) == workers, server.describe()
+
+    clients = SlowClients()
+    threads = [
+        threading.Thread(
+            target=slow_get, args=(server.port, f"/io?ms={SLOW_MS}", clients), daemon=True
+        )
+        for _ in range(in_flight)
+    ]
+    for thread in threads:
+        thread.start()
+    end = time.monotonic() + 10
+    accepted = 0
+    while time.monotonic() < end:
+        accepted = accepted_connections(server)
+        if accepted >= in_flight:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the workers read the requests they accepted
+    assert accepted >= in_flight, f"only {accepted} of {in_flight} accepted: {server.describe()}"
+
+    term_at = time.monotonic()
+    code = server.stop(signal.SIGTERM, group=False)
+    stopped_after = time.monotonic() - term_at
+    for thread in threads:
+        thread.join(CLIENT_TIMEOUT + 5)
+    early = sum(1 for t in clients.finished_at if t < term_at)
+    figures(
+        f"{in_flight} requests in flight at TERM, {clients.statuses.count(200)} got 200, "
+        f"{in_flight - clients.statuses.count(200)} failed; master exit {code} after "
+        f"{stopped_after:.1f} s [{worker_class} {' '.join(args[2:])}]"
+    )
+
+    assert early == 0, f"{early} requests ended before TERM: {clients.summary()}"
+    assert not clients.errors, f"{clients.summary()}\n{server.describe()}"
+    assert clients.statuses == [200] * in_flight, f"{clients.summary()}\n{server.describe()}"
+    assert code == 0, server.describe()
+    assert not server.orphans, f"workers {server.orphans} outlived the master"
