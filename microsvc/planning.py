@@ -88,7 +88,7 @@ class WorkerPlan:
             lines.append(f"workers: {self.workers}  ({self.workers_from})")
         if self.memory_cap is not None and self.memory and self.memory_per_worker:
             lines.append(
-                f"  memory allows at most {self.memory_cap}: "
+                f"  memory allows at most {self.memory_cap} workers: "
                 f"{format_size(self.memory)} ({self.memory_source}) / "
                 f"{format_size(self.memory_per_worker)} per worker"
             )

@@ -321,7 +321,7 @@ def test_explain_shows_formula_memory_cap_and_threads(capped_plan) -> None:  # t
     assert "worker class: gthread" in text
     assert "workers: 2  (formula for gthread: 2*cpus+1 with cpus=3 gives 7)" in text
     memory_line = next(line for line in capped_plan.explain() if "memory allows" in line)
-    assert memory_line.startswith("  memory allows at most 2")
+    assert memory_line.startswith("  memory allows at most 2 workers: 256MiB")
     assert "capped: memory:" in text
     assert "threads per worker: 4" in text
 
