@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from microsvc._version import __version__
-from microsvc.errors import MicrosvcError
+from microsvc.errors import MicrosvcError, UsageError
 from microsvc.options import OPTIONS, OptionSpec
+from microsvc.values import parse_bind, split_bind
 
 if TYPE_CHECKING:
     from microsvc.launcher import Launcher
@@ -176,3 +177,127 @@ def plan_report(launcher: Launcher) -> dict[str, Any]:
         "settings": settings,
         "gunicorn_settings": gunicorn,
     }
+
+
+def _tcp_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """HOST:PORT only (nginx and Kubernetes speak TCP to microsvc here)."""
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        try:
+            parsed = parse_bind(item)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+        if split_bind(parsed) is None:
+            raise click.BadParameter(f"{item!r} is not HOST:PORT")
+    return value
+
+
+@main.command()
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    default=("127.0.0.1:5000",),
+    show_default=True,
+    metavar="HOST:PORT",
+    callback=_tcp_address,
+    help="A microsvc instance to balance over; repeatable.",
+)
+@click.option(
+    "--listen",
+    default="0.0.0.0:80",
+    show_default=True,
+    metavar="HOST:PORT",
+    callback=_tcp_address,
+    help="Where nginx listens.",
+)
+@click.option("--server-name", default="_", show_default=True, help="nginx server_name.")
+@click.option(
+    "--full",
+    is_flag=True,
+    help="Print a whole nginx.conf, not only the http-context blocks for conf.d/.",
+)
+def nginx(upstreams: tuple[str, ...], listen: str, server_name: str, full: bool) -> None:
+    """Print nginx configuration for one or more microsvc instances."""
+    from microsvc.nginx import render
+
+    try:
+        click.echo(render(upstreams, listen=listen, server_name=server_name, full=full), nl=False)
+    except MicrosvcError as exc:
+        fail(exc)
+
+
+@main.command()
+@server_options
+@click.option("--name", default="microsvc", show_default=True, help="Name of every object.")
+@click.option("--image", required=True, help="Container image that has microsvc and the app.")
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Pods (the HorizontalPodAutoscaler's minimum).",
+)
+@click.option(
+    "--cpu",
+    default="1",
+    show_default=True,
+    help="CPU request and limit per pod (e.g. 500m, 2); --workers auto plans from it.",
+)
+@click.option(
+    "--memory",
+    default="512Mi",
+    show_default=True,
+    help="Memory request and limit per pod (e.g. 512Mi, 1Gi).",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=8000,
+    show_default=True,
+    help="Container port microsvc listens on.",
+)
+def manifest(
+    app: str | None,
+    config: str | None,
+    gunicorn_settings: tuple[str, ...],
+    name: str,
+    image: str,
+    replicas: int,
+    cpu: str,
+    memory: str,
+    port: int,
+    **options: Any,
+) -> None:
+    """Print Kubernetes manifests (Deployment, Service, HorizontalPodAutoscaler,
+    PodDisruptionBudget) that run APP with these options."""
+    from microsvc.appload import parse_app_string
+    from microsvc.launcher import resolve
+    from microsvc.manifest import render
+    from microsvc.resolve import parse_assignments
+
+    explicit = {key: value for key, value in options.items() if value not in (None, ())}
+    try:
+        if gunicorn_settings:
+            raise UsageError(
+                "--set is not carried into manifests; put the setting in a config "
+                "file baked into the image"
+            )
+        if app is not None:
+            parse_app_string(app)
+        resolved = resolve(
+            explicit, config, parse_assignments(gunicorn_settings, "--set"), {}, "command line"
+        )
+        text = render(
+            name=name,
+            image=image,
+            replicas=replicas,
+            cpu=cpu,
+            memory=memory,
+            port=port,
+            settings=resolved.settings,
+            app=app,
+        )
+    except MicrosvcError as exc:
+        fail(exc)
+    click.echo(text, nl=False)

@@ -1,0 +1,378 @@
+"""Kubernetes manifests for `microsvc manifest`: a Deployment, a Service, a
+HorizontalPodAutoscaler and a PodDisruptionBudget that run one app with given settings.
+
+The container runs `microsvc run APP --bind 0.0.0.0:PORT --workers auto` plus every
+option whose value differs from its default, derived from the option registry, so the
+pod serves with exactly the settings `microsvc plan` shows for the same command line.
+CPU and memory requests equal their limits: the CPU quota and the memory limit are
+what `--workers auto` plans from.
+
+The YAML is written by a small emitter (no runtime dependency): every string is a
+JSON-quoted scalar, which YAML reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from microsvc.errors import UsageError
+from microsvc.options import DEFAULTS, OPTIONS, OPTIONS_BY_NAME, OptionSpec, Settings
+
+#: Options the manifest sets itself rather than copying from the settings.
+OWN_OPTIONS = ("bind", "workers")
+
+#: The numeric user and group the container runs as (the project's image uses 10001).
+RUN_AS = 10001
+
+#: Seconds Kubernetes waits past drain period + graceful timeout before SIGKILL.
+GRACE_MARGIN = 5
+
+#: A DNS-1035 label: valid as the name of every object made here, Services included.
+_NAME_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+#: CPU: whole or fractional cores (2, 1.5, 0.5) or millicores (500m).
+_CPU_RE = re.compile(r"(\d+(\.\d*)?|\.\d+)m?")
+#: Memory: bytes, or a binary (Ki..Ei) or decimal (k..E) suffix.
+_MEMORY_RE = re.compile(r"(\d+(\.\d*)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?")
+
+
+def render(
+    *,
+    name: str,
+    image: str,
+    replicas: int,
+    cpu: str,
+    memory: str,
+    port: int,
+    settings: Settings,
+    app: str | None,
+) -> str:
+    """The manifests as one multi-document YAML text; UsageError for bad input."""
+    check_name(name)
+    check_image(image)
+    check_cpu(cpu)
+    check_memory(memory)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise UsageError(f"--replicas: {replicas!r} is not an integer >= 1")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"--port: {port!r} is not a port from 1 to 65535")
+    documents = [
+        deployment(name, image, replicas, cpu, memory, port, settings, app),
+        service(name),
+        autoscaler(name, replicas),
+        disruption_budget(name),
+    ]
+    return "".join("---\n" + to_yaml(document) for document in documents)
+
+
+# Checks
+
+
+def check_name(name: str) -> None:
+    if len(name) > 63 or not _NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"--name: {name!r} is not a DNS label (lowercase letters, digits and '-', "
+            "starting with a letter, at most 63 characters)"
+        )
+
+
+def check_image(image: str) -> None:
+    if not image or any(c.isspace() for c in image):
+        raise UsageError(f"--image: {image!r} is not a container image reference")
+
+
+def check_cpu(cpu: str) -> None:
+    if not _CPU_RE.fullmatch(cpu) or _number(cpu.rstrip("m")) <= 0:
+        raise UsageError(f"--cpu: {cpu!r} is not a CPU quantity above zero such as 500m, 1 or 1.5")
+
+
+def check_memory(memory: str) -> None:
+    match = _MEMORY_RE.fullmatch(memory)
+    if not match or _number(match.group(1)) <= 0:
+        raise UsageError(
+            f"--memory: {memory!r} is not a memory quantity above zero such as 512Mi or 1Gi"
+        )
+
+
+def _number(text: str) -> float:
+    return float(text) if text not in ("", ".") else 0.0
+
+
+# The container's command line
+
+
+def run_args(settings: Settings, port: int, app: str | None) -> list[str]:
+    """Arguments of `microsvc run` for these settings (APP first when given)."""
+    args = [app] if app else []
+    workers = _show(OPTIONS_BY_NAME["workers"], settings.workers)
+    args += ["--bind", f"0.0.0.0:{port}", "--workers", workers]
+    for spec in OPTIONS:
+        if spec.name in OWN_OPTIONS:
+            continue
+        value = getattr(settings, spec.name)
+        if value == DEFAULTS[spec.name]:
+            continue
+        args += option_args(spec, value)
+    return args
+
+
+def option_args(spec: OptionSpec, value: Any) -> list[str]:
+    """The command-line words that give option `spec` the value `value`."""
+    if spec.is_flag:
+        return [spec.flag if value else "--no-" + spec.flag[2:]]
+    if spec.multiple:
+        return [word for item in value for word in (spec.flag, _show(spec, item))]
+    return [spec.flag, _show(spec, value)]
+
+
+def _show(spec: OptionSpec, value: Any) -> str:
+    """The option's own formatting when it reads back to the same value, else str()."""
+    if value is None:
+        return "off"
+    text = spec.show(value)
+    try:
+        same = spec.parse(text) == value
+    except ValueError:
+        same = False
+    return text if same else str(value)
+
+
+# The objects
+
+
+def labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": name,
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/component": "server",
+        "app.kubernetes.io/managed-by": "microsvc",
+    }
+
+
+def selector(name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": name, "app.kubernetes.io/instance": name}
+
+
+def metadata(name: str) -> dict[str, Any]:
+    return {"name": name, "labels": labels(name)}
+
+
+def grace_period(settings: Settings) -> int:
+    """Seconds from TERM to KILL: longer than microsvc's drain plus graceful shutdown."""
+    return math.ceil(settings.drain_period + settings.graceful_timeout) + GRACE_MARGIN
+
+
+def probes(settings: Settings) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    if settings.health_path:
+        check = {"httpGet": {"path": settings.health_path, "port": "http"}}
+        # Generous while the app imports; then a few missed checks restart the container.
+        result["startupProbe"] = {**check, "periodSeconds": 2, "failureThreshold": 30}
+        result["livenessProbe"] = {
+            **check,
+            "periodSeconds": 10,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        }
+    if settings.ready_path:
+        result["readinessProbe"] = {
+            "httpGet": {"path": settings.ready_path, "port": "http"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+            "failureThreshold": 2,
+        }
+    return result
+
+
+def container(
+    name: str, image: str, cpu: str, memory: str, port: int, settings: Settings, app: str | None
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "command": ["microsvc", "run"],
+        "args": run_args(settings, port, app),
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "env": [
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+            # The root filesystem is read-only: the control socket goes to /tmp.
+            {"name": "XDG_RUNTIME_DIR", "value": "/tmp"},
+        ],
+        "resources": {
+            "requests": {"cpu": cpu, "memory": memory},
+            "limits": {"cpu": cpu, "memory": memory},
+        },
+        **probes(settings),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
+def deployment(
+    name: str,
+    image: str,
+    replicas: int,
+    cpu: str,
+    memory: str,
+    port: int,
+    settings: Settings,
+    app: str | None,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(name),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector(name)},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {"labels": labels(name)},
+                "spec": {
+                    # No SERVICE_* variables: a Service called microsvc would otherwise
+                    # put MICROSVC_* variables into the environment microsvc reads.
+                    "enableServiceLinks": False,
+                    "automountServiceAccountToken": False,
+                    # microsvc drains itself on TERM (no preStop hook needed).
+                    "terminationGracePeriodSeconds": grace_period(settings),
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS,
+                        "runAsGroup": RUN_AS,
+                        "fsGroup": RUN_AS,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container(name, image, cpu, memory, port, settings, app)],
+                    # gunicorn needs a writable temporary directory; the heartbeat files
+                    # live in /dev/shm, which Kubernetes provides.
+                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                },
+            },
+        },
+    }
+
+
+def service(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(name),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(name),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def autoscaler(name: str, replicas: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
+            "minReplicas": replicas,
+            "maxReplicas": max(replicas * 4, replicas + 1),
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 70},
+                    },
+                }
+            ],
+        },
+    }
+
+
+def disruption_budget(name: str) -> dict[str, Any]:
+    # maxUnavailable rather than minAvailable: it follows the autoscaler, and one
+    # replica alone never blocks a node drain.
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(name),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(name)}},
+    }
+
+
+# YAML
+
+_PLAIN_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
+#: Words YAML 1.1 reads as booleans or null when unquoted.
+_RESERVED_WORDS = frozenset(["y", "n", "yes", "no", "true", "false", "on", "off", "null"])
+
+
+def to_yaml(value: Mapping[str, Any]) -> str:
+    """Block-style YAML for the dicts, lists, strings, ints and bools made here."""
+    return "".join(line + "\n" for line in _lines(value, 0))
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    raise TypeError(f"cannot write {value!r} as YAML")
+
+
+def _key(key: str) -> str:
+    plain = _PLAIN_KEY_RE.fullmatch(key) and key.lower() not in _RESERVED_WORDS
+    return key if plain else json.dumps(key)
+
+
+def _is_block(value: Any) -> bool:
+    return isinstance(value, (Mapping, list, tuple)) and bool(value)
+
+
+def _lines(value: Any, indent: int) -> list[str]:
+    pad = " " * indent
+    if isinstance(value, Mapping):
+        lines = []
+        for key, item in value.items():
+            if _is_block(item):
+                lines.append(f"{pad}{_key(key)}:")
+                lines += _lines(item, indent + 2)
+            else:
+                lines.append(f"{pad}{_key(key)}: {_inline(item)}")
+        return lines
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        lines = []
+        for item in value:
+            if isinstance(item, Mapping) and item:
+                inner = _lines(item, indent + 2)
+                lines.append(f"{pad}- {inner[0][indent + 2 :]}")
+                lines += inner[1:]
+            elif _is_block(item):
+                raise TypeError("nested lists are not written")
+            else:
+                lines.append(f"{pad}- {_inline(item)}")
+        return lines
+    return [pad + _scalar(value)]
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "{}"
+    if isinstance(value, (list, tuple)):
+        return "[]"
+    return _scalar(value)
