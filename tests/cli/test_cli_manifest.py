@@ -64,6 +64,9 @@ BAD_INPUT = [
         ["--image", IMAGE, "--health-path", "healthz"], ["--health-path", "'healthz'"], id="path"
     ),
     pytest.param(["not an app", "--image", IMAGE], ["'not an app'"], id="app"),
+    pytest.param(
+        ["--image", IMAGE, "--set", "worker_connections=10"], ["--set", "config file"], id="set"
+    ),
 ]
 
 
