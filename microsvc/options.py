@@ -354,10 +354,6 @@ class Settings:
         help="Largest header field accepted; larger ones get 400.",
     )
 
-    @property
-    def planned_workers(self) -> bool:
-        return self.workers == "auto"
-
 
 OPTIONS: tuple[OptionSpec, ...] = tuple(
     OptionSpec(**{**f.metadata["option"].__dict__, "name": f.name}) for f in fields(Settings)

@@ -7,7 +7,6 @@ the config file, the defaults. Every effective value remembers where it came fro
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,7 +168,3 @@ def _check_combinations(settings: Settings, sources: Mapping[str, str]) -> None:
         raise UsageError(
             "--reload cannot pick up code imported in the master by --preload; use one of them"
         )
-
-
-def replace(settings: Settings, **changes: Any) -> Settings:
-    return dataclasses.replace(settings, **changes)

@@ -77,11 +77,6 @@ def test_gunicorn_names_are_real_gunicorn_settings() -> None:
     assert GUNICORN_NAMES["preload_app"] == "preload"
 
 
-def test_planned_workers() -> None:
-    assert Settings().planned_workers is True
-    assert Settings(workers=3).planned_workers is False
-
-
 @pytest.mark.parametrize("name", microsvc.__all__)
 def test_public_names_resolve(name: str) -> None:
     assert getattr(microsvc, name) is not None
