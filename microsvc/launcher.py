@@ -17,7 +17,7 @@ from microsvc._version import __version__
 from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
 from microsvc.arbiter import MicrosvcArbiter, ServerState
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
-from microsvc.options import OPTIONS, Settings, WorkerClass
+from microsvc.options import OPTIONS, LogFormat, Settings, WorkerClass
 from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
 from microsvc.resolve import Resolved, load_config, resolve_settings
 from microsvc.system import read_system_facts
@@ -25,6 +25,9 @@ from microsvc.values import split_bind
 from microsvc.workers import WORKER_CLASSES
 
 DEMO_APP = "microsvc.demo:app"
+
+#: gunicorn's logger_class for --log-format json.
+JSON_LOGGER = "microsvc.jsonlog.JsonLogger"
 
 #: Workers touch a heartbeat file every second; on RAM, a slow disk cannot make them look
 #: hung to the master.
@@ -88,6 +91,8 @@ def gunicorn_config(
     )
     if settings.worker_class == WorkerClass.GTHREAD:
         config["worker_connections"] = plan.threads
+    if settings.log_format == LogFormat.JSON:
+        config["logger_class"] = JSON_LOGGER
     if HEARTBEAT_DIR and os.access(HEARTBEAT_DIR, os.W_OK):
         config["worker_tmp_dir"] = HEARTBEAT_DIR
     config.update(passthrough)

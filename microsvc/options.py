@@ -42,6 +42,14 @@ class LogLevel(str, enum.Enum):
         return self.value
 
 
+class LogFormat(str, enum.Enum):
+    TEXT = "text"
+    JSON = "json"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def _choice(enum_type: type[enum.Enum]) -> Callable[[object], Any]:
     def parse(value: object) -> Any:
         text = value.value if isinstance(value, enum.Enum) else value
@@ -71,6 +79,13 @@ def _binds(value: object) -> tuple[str, ...]:
         raise ValueError(f"{value!r} is not an address or a list of addresses")
     flat = [part for item in items for part in (item if isinstance(item, tuple) else [item])]
     return tuple(values.parse_bind(item) for item in flat)
+
+
+def _tcp_bind(value: object) -> str:
+    text = values.parse_bind(value)
+    if values.split_bind(text) is None:
+        raise ValueError(f"{value!r} is not a TCP address (HOST:PORT or [IPv6]:PORT)")
+    return text
 
 
 def _path(value: object) -> str | None:
@@ -266,6 +281,32 @@ class Settings:
         metavar="PATH",
         gunicorn="accesslog",
         help="Write an access log to PATH ('-' for stdout). Off by default.",
+    )
+    log_format: LogFormat = _option(
+        LogFormat.TEXT,
+        "--log-format",
+        parse=_choice(LogFormat),
+        choices=tuple(f.value for f in LogFormat),
+        metavar="FORMAT",
+        help="text: gunicorn's log lines; json: one JSON object per line for the access and "
+        "error logs (timestamp, level, method, path, status, duration, client, request id, "
+        "worker pid).",
+    )
+    metrics: bool = _option(
+        False,
+        "--metrics",
+        parse=values.parse_bool,
+        is_flag=True,
+        help="Serve Prometheus metrics of the whole server (every worker, across restarts) "
+        "at /metrics on --metrics-bind.",
+    )
+    metrics_bind: str = _option(
+        "127.0.0.1:9191",
+        "--metrics-bind",
+        parse=_tcp_bind,
+        metavar="HOST:PORT",
+        help="Address of the metrics endpoint, apart from the app's; loopback by default so "
+        "it is never exposed by accident.",
     )
     max_worker_memory: int | None = _option(
         None,

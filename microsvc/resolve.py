@@ -148,6 +148,11 @@ def resolve_settings(
     for layer, where, source in layers:
         passthrough.update(check_gunicorn_settings(layer, where))
         passthrough_sources.update(dict.fromkeys(layer, source))
+    if settings.log_format != "text" and "logger_class" in passthrough:
+        raise UsageError(
+            f"--log-format {settings.log_format} replaces gunicorn's logger_class "
+            f"({passthrough_sources['logger_class']}); use one of them"
+        )
     return Resolved(settings, sources, passthrough, passthrough_sources, tuple(warnings))
 
 
@@ -164,6 +169,16 @@ def _check_combinations(settings: Settings, sources: Mapping[str, str]) -> None:
         raise UsageError("--max-worker-lifetime-jitter needs --max-worker-lifetime")
     if settings.max_requests_jitter and not settings.max_requests:
         raise UsageError("--max-requests-jitter needs --max-requests")
+    if sources["metrics_bind"] != "default" and not settings.metrics:
+        raise UsageError(
+            f"--metrics-bind ({sources['metrics_bind']}) needs --metrics; "
+            "metrics are off without it"
+        )
+    if settings.metrics and settings.metrics_bind in settings.bind:
+        raise UsageError(
+            f"--metrics-bind {settings.metrics_bind} is also an app address (--bind); "
+            "give the metrics endpoint an address of its own"
+        )
     if settings.preload and settings.reload:
         raise UsageError(
             "--reload cannot pick up code imported in the master by --preload; use one of them"
