@@ -9,7 +9,7 @@ import stat
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microsvc import middleware, patching
 from microsvc._gunicorn import BaseApplication, ConfigError
@@ -23,6 +23,9 @@ from microsvc.resolve import Resolved, load_config, resolve_settings
 from microsvc.system import read_system_facts
 from microsvc.values import split_bind
 from microsvc.workers import WORKER_CLASSES
+
+if TYPE_CHECKING:
+    from microsvc.metrics import MetricsService
 
 DEMO_APP = "microsvc.demo:app"
 
@@ -143,6 +146,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         self._master_pid = os.getpid()
         self._user_post_worker_init: Any = None
         self.state = ServerState()
+        self.metrics: MetricsService | None = None
         super().__init__(prog="microsvc")
 
     @property
@@ -180,9 +184,16 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def _post_worker_init(self, worker: Any) -> None:
         """In each worker once its app is loaded: count it toward readiness."""
+        if self.metrics is not None:
+            self.metrics.in_worker()
         self.state.worker_booted()
         if self._user_post_worker_init is not None:
             self._user_post_worker_init(worker)
+
+    def worker_recycling(self, kind: str) -> None:
+        """In a worker that recycles itself (max-requests, memory, lifetime)."""
+        if self.metrics is not None:
+            self.metrics.worker_stopping(kind)
 
     def reload(self) -> None:
         """On HUP: read the config file and environment again, plan again, reconfigure."""
@@ -200,6 +211,13 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                 "Reload kept the running configuration: %s", exc
             )
             return
+        before = self.settings
+        after = resolved.settings
+        if (after.metrics, after.metrics_bind) != (before.metrics, before.metrics_bind):
+            logging.getLogger("gunicorn.error").warning(
+                "Reload: --metrics and --metrics-bind take effect at the next start; "
+                "metrics stay as they were"
+            )
         self.resolved, self.plan = resolved, plan
         super().reload()
 
@@ -211,13 +229,16 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             assert self.app_ref is not None
             app = load_app(self.app_ref)
         settings = self.settings
-        return middleware.wrap(
+        wrapped: WSGIApp = middleware.wrap(
             app,
             health_path=settings.health_path,
             ready_path=settings.ready_path,
             is_ready=self.state.is_ready,
             trusted_proxies=settings.forwarded_allow_ips,
         )
+        if self.metrics is not None:
+            wrapped = self.metrics.instrument(wrapped, app)
+        return wrapped
 
     # running
 
@@ -247,8 +268,25 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         self.check_paths()
         if self.app_ref is not None and not self.settings.preload:
             check_in_subprocess(self.app_ref)
+        if self.settings.metrics:
+            from microsvc.metrics import MetricsService
+
+            self.metrics = MetricsService(
+                self.settings.metrics_bind, version=__version__, worker_class=worker_class
+            )
         try:
-            arbiter = MicrosvcArbiter(self, self.state, self.settings.drain_period)
+            self._serve()
+        finally:
+            if self.metrics is not None and os.getpid() == self._master_pid:
+                self.metrics.close()
+                self.metrics = None
+
+    def _serve(self) -> None:
+        worker_class = self.settings.worker_class
+        try:
+            arbiter = MicrosvcArbiter(
+                self, self.state, self.settings.drain_period, metrics=self.metrics
+            )
             for warning in self.resolved.warnings:
                 arbiter.log.warning("%s", warning)
             arbiter.log.info("microsvc %s: %s", __version__, self.plan.summary())
@@ -258,6 +296,9 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                     "microsvc keeps one, but gevent (-k gevent) is the better "
                     "choice"
                 )
+            if self.metrics is not None:
+                self.metrics.start()
+                arbiter.log.info("Metrics at %s", self.metrics.url)
             arbiter.run()
         except SystemExit as exc:
             if os.getpid() != self._master_pid:

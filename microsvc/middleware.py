@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 __all__ = [
     "PROXY_ADDR_KEY",
+    "ROUTE_KEY",
     "Middleware",
     "StartResponse",
     "TrustedProxies",
@@ -49,6 +50,8 @@ __all__ = [
 
 #: Where a request's original REMOTE_ADDR (the proxy) is kept when it was replaced.
 PROXY_ADDR_KEY = "microsvc.proxy_addr"
+#: Where the route of a request is named for the metrics (the endpoints name theirs).
+ROUTE_KEY = "microsvc.route"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -193,8 +196,10 @@ class Middleware:
             self._endpoints[ready_path] = True
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        is_ready_path = self._endpoints.get(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        is_ready_path = self._endpoints.get(path)
         if is_ready_path is not None:
+            environ[ROUTE_KEY] = path
             return self._answer(is_ready_path, environ, start_response)
         if self.trusted.trusts_anyone and (
             "HTTP_X_FORWARDED_FOR" in environ

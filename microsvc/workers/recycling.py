@@ -213,7 +213,7 @@ class Recycling:
         now = self._now()
         lifetime = policy.lifetime
         if lifetime is not None and now - self._recycle_started >= lifetime:
-            self.recycle(lifetime_reason(policy))
+            self.recycle(lifetime_reason(policy), "lifetime")
             return
         if policy.max_memory is None or now < self._next_memory_read:
             return
@@ -238,7 +238,7 @@ class Recycling:
             return
         self._memory_strikes += 1
         if self._memory_strikes >= MEMORY_STRIKES:
-            self.recycle(memory_reason(rss, policy.max_memory))
+            self.recycle(memory_reason(rss, policy.max_memory), "memory")
 
     def after_request(self, was_alive: bool) -> None:
         """After each request: name gunicorn's --max-requests recycle, then check."""
@@ -250,17 +250,26 @@ class Recycling:
             self.recycle(
                 max_requests_reason(
                     self.nr, max_requests, jitter_setting, self.max_requests - max_requests
-                )
+                ),
+                "max-requests",
             )
             return
         self.check_recycling()
 
-    def recycle(self, reason: str) -> None:
-        """Stop this worker gracefully, logging `reason` (once per worker)."""
+    def recycle(self, reason: str, kind: str) -> None:
+        """Stop this worker gracefully, logging `reason` (once per worker). `kind`
+        (max-requests, memory, lifetime) goes to the app's `worker_recycling(kind)`
+        when it has one (microsvc's Launcher counts it in the metrics)."""
         if not self._recycle_once.acquire(blocking=False):
             return
         self._recycle_reason = reason
         self.log.info(LOG_FORMAT, self.pid, reason)
+        tell = getattr(self.app, "worker_recycling", None)
+        if callable(tell):
+            try:
+                tell(kind)
+            except Exception as exc:  # the recycle goes on whatever the metrics say
+                self.log.warning("Worker (pid: %s) cannot record its recycle: %s", self.pid, exc)
         self.alive = False
         self._wake()
 

@@ -242,3 +242,39 @@ def test_set_rejected_by_gunicorn_config_error(microsvc, setting):
 def test_set_worker_tmp_dir_missing(microsvc, bind, tmp_path):
     missing = tmp_path / "missing"
     microsvc("run", "-b", bind, "--set", f"worker_tmp_dir={missing}").assert_error(2, str(missing))
+
+
+def test_metrics_address_in_use(microsvc, busy_port, bind):
+    address = f"127.0.0.1:{busy_port}"
+    microsvc("run", "-b", bind, "--metrics", "--metrics-bind", address).assert_error(
+        1, "cannot serve metrics on", address, "in use"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--metrics-bind", "127.0.0.1:9999"], ["--metrics-bind", "needs --metrics"]),
+        (["--metrics", "--metrics-bind", "unix:/tmp/m.sock"], ["not a TCP address"]),
+        (["--metrics", "--metrics-bind", "127.0.0.1"], ["has no port"]),
+        (["--log-format", "xml"], ["--log-format", "not one of"]),
+        (
+            ["--log-format", "json", "--set", "logger_class=gunicorn.glogging.Logger"],
+            ["--log-format json replaces gunicorn's logger_class"],
+        ),
+    ],
+)
+def test_metrics_and_log_format_usage_errors(microsvc, bind, args, fragments):
+    microsvc("run", "-b", bind, *args).assert_error(2, *fragments)
+
+
+def test_metrics_bind_same_as_app_address(microsvc, bind):
+    microsvc("run", "-b", bind, "--metrics", "--metrics-bind", bind).assert_error(
+        2, "is also an app address"
+    )
+
+
+def test_metrics_bind_from_the_environment_without_metrics(microsvc, bind):
+    microsvc("run", "-b", bind, env={"MICROSVC_METRICS_BIND": "127.0.0.1:9999"}).assert_error(
+        2, "MICROSVC_METRICS_BIND", "needs --metrics"
+    )

@@ -1,0 +1,83 @@
+"""Prometheus metrics for the whole server (`--metrics`).
+
+`MetricsService` is what the master runs: a private metrics store (see `store`), its
+own worker counters (see `instruments`), and the exporter process that serves
+/metrics on `--metrics-bind` (see `exporter`). Workers record their requests through
+`InstrumentedApp` (see `wsgi`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from microsvc.metrics.exporter import METRICS_PATH, Exporter
+from microsvc.metrics.instruments import EXIT_REASONS, ServerMetrics, enable_multiprocess
+from microsvc.metrics.store import MetricsStore
+from microsvc.metrics.wsgi import InstrumentedApp, WSGIApp
+from microsvc.middleware import ROUTE_KEY
+
+__all__ = ["EXIT_REASONS", "METRICS_PATH", "ROUTE_KEY", "MetricsService"]
+
+
+class MetricsService:
+    """Metrics of one server, owned by its master. Raises BindError when `address` is
+    taken. Create it before the app is imported and workers are forked."""
+
+    def __init__(self, address: str, *, version: str, worker_class: str) -> None:
+        self.address = address
+        self.store = MetricsStore.create()
+        try:
+            enable_multiprocess(str(self.store.path))
+            self.exporter = Exporter(self.store, address)
+        except BaseException:
+            self.store.remove()
+            raise
+        self.server = ServerMetrics(version, worker_class)
+        self._master_pid = os.getpid()
+
+    @property
+    def url(self) -> str:
+        host, port = self.exporter.socket.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{port}{METRICS_PATH}"
+
+    def start(self) -> None:
+        self.exporter.start()
+
+    def instrument(self, app: WSGIApp, user_app: WSGIApp | None = None) -> InstrumentedApp:
+        """`app` with request metrics; routes are read from `user_app` (the app `app`
+        wraps) when it is a Flask app."""
+        return InstrumentedApp(app, routes_from=user_app)
+
+    # in the master
+
+    def worker_started(self) -> None:
+        self.server.worker_started()
+
+    def worker_exited(self, pid: int, stopped_for: str | None) -> str:
+        """Count a reaped worker's exit and fold its files away; returns the reason:
+        the one the worker noted, else why the master stopped it, else crash."""
+        reason = self.store.take_exit_note(pid) or stopped_for or "crash"
+        self.server.worker_exited(reason)
+        self.store.compact(keep=frozenset((self._master_pid,)))
+        return reason
+
+    def check(self, log: Any) -> None:
+        """On each turn of the master loop: keep the exporter running."""
+        self.exporter.check(log)
+
+    def close(self) -> None:
+        """When the master stops."""
+        self.exporter.stop()
+        self.store.remove()
+
+    # in a worker
+
+    def in_worker(self) -> None:
+        """After fork: the worker has no use for the metrics listener."""
+        self.exporter.close_in_child()
+
+    def worker_stopping(self, reason: str) -> None:
+        """A worker stops on its own (recycling): tell the master why."""
+        self.store.note_exit(os.getpid(), reason)

@@ -1,0 +1,222 @@
+"""The metrics endpoint: a small process of its own that serves /metrics.
+
+The master binds the metrics address itself (so a busy port fails the start with one
+line) and hands the listening socket to `python -m microsvc.metrics.exporter`, a fresh
+interpreter that holds no app, no monkey-patching and no worker state. It serves
+`GET /metrics` (and HEAD) in the Prometheus text format, or OpenMetrics when the scraper
+asks for it, gzip when accepted; it sums the files of the metrics store under the
+store's shared lock. It exits when the master is gone, and then removes the store.
+
+`Exporter` is the master's side: it starts the process, restarts it if it dies, and
+stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+from microsvc.errors import BindError
+from microsvc.metrics.store import MetricsStore
+from microsvc.values import split_bind
+
+#: The path metrics are served at.
+METRICS_PATH = "/metrics"
+#: Shortest time between two starts of the exporter process.
+RESTART_INTERVAL = 1.0
+
+
+def bind_socket(address: str) -> socket.socket:
+    """A listening TCP socket on `address` (HOST:PORT or [IPv6]:PORT)."""
+    parts = split_bind(address)
+    if parts is None:
+        raise BindError(f"cannot serve metrics on {address}: not a TCP address")
+    host, port = parts
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
+            0
+        ]
+    except socket.gaierror as exc:
+        raise BindError(f"cannot serve metrics on {address}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise BindError(f"cannot serve metrics on {address}: {exc.strerror}") from None
+    return sock
+
+
+class Exporter:
+    """The exporter process, seen from the master."""
+
+    def __init__(self, store: MetricsStore, address: str) -> None:
+        self.store = store
+        self.address = address
+        self.socket = bind_socket(address)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        fd = self.socket.fileno()
+        command = [
+            sys.executable,
+            "-m",
+            "microsvc.metrics.exporter",
+            f"--fd={fd}",
+            f"--store={self.store.path}",
+            f"--parent={os.getpid()}",
+        ]
+        self._started_at = time.monotonic()
+        self.process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+
+    def check(self, log: Any) -> None:
+        """Restart the process if it has died (at most once per RESTART_INTERVAL)."""
+        process = self.process
+        if process is None or process.poll() is None:
+            return
+        if time.monotonic() - self._started_at < RESTART_INTERVAL:
+            return
+        log.error(
+            "Metrics exporter (pid: %s) exited with status %s; starting it again",
+            process.pid,
+            process.returncode,
+        )
+        self.start()
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        self.socket.close()
+
+    def close_in_child(self) -> None:
+        """In a forked worker: drop the inherited listening socket."""
+        self.socket.close()
+
+
+# the exporter process
+
+
+class _Collector:
+    """The store's files, summed under its shared lock."""
+
+    def __init__(self, store: MetricsStore) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.store = store
+        self._files = MultiProcessCollector(None, path=str(store.path))
+
+    def collect(self) -> Any:
+        with self.store.reading():
+            return list(self._files.collect())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: Any = None
+    server_version = "microsvc-metrics"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        self._answer(send_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(send_body=False)
+
+    def _answer(self, *, send_body: bool) -> None:
+        from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+        if urlsplit(self.path).path != METRICS_PATH:
+            self._send(404, "text/plain; charset=utf-8", b"Not found: metrics are at /metrics\n")
+            return
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        body = encoder(self.registry)
+        headers = []
+        if gzip_accepted(self.headers.get("Accept-Encoding", "")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        self._send(200, content_type, body if send_body else b"", len(body), headers)
+
+    def _send(
+        self,
+        code: int,
+        content_type: str,
+        body: bytes,
+        length: int | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.send_header("Cache-Control", "no-store")
+        for name, value in headers or []:
+            self.send_header(name, value)
+        self.end_headers()
+        if body and self.command != "HEAD":
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+def serve(fd: int, store: MetricsStore, parent: int) -> None:
+    """Serve /metrics on the listening socket `fd` until `parent` is gone or TERM."""
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(_Collector(store))
+    handler = type("Handler", (_Handler,), {"registry": registry})
+    listener = socket.socket(fileno=fd)
+    server = ThreadingHTTPServer(listener.getsockname()[:2], handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = listener
+    server.daemon_threads = True
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    thread = threading.Thread(target=server.serve_forever, args=(0.5,), daemon=True)
+    thread.start()
+    orphaned = False
+    while not stop.wait(1.0):
+        if os.getppid() != parent:
+            orphaned = True
+            break
+    server.shutdown()
+    if orphaned:
+        # The master died without cleaning up: nobody else will remove the store.
+        store.remove()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m microsvc.metrics.exporter")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    try:
+        serve(args.fd, MetricsStore(args.store), args.parent)
+    except OSError as exc:
+        print(f"Error: metrics exporter: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The metrics microsvc records, by the process that records them.
+
+Workers record requests (`RequestMetrics`); the master records its workers
+(`ServerMetrics`). Both write prometheus_client multiprocess files: create them only
+after `enable_multiprocess()`. They are registered in no registry of this process;
+the exporter reads what every process wrote.
+"""
+
+from __future__ import annotations
+
+import os
+
+import prometheus_client
+from prometheus_client import CollectorRegistry
+from prometheus_client import values as prometheus_values
+
+#: Latency buckets in seconds, from a cached answer to a slow dependency.
+DURATION_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+#: Why a worker stopped. The worker names the first three itself; the master knows
+#: when it stopped one; anything else is a crash (killed, or exited unasked).
+EXIT_REASONS = (
+    "max-requests",
+    "memory",
+    "lifetime",
+    "reload",
+    "shutdown",
+    "scale-down",
+    "timeout",
+    "crash",
+)
+
+#: Methods kept as label values; any other is counted as "other".
+METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"))
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Make prometheus_client write its values to `directory`, in this process and in
+    the processes it forks or starts, also when it was imported before (an app that
+    defines its own metrics)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    if not getattr(prometheus_values.ValueClass, "_multiprocess", False):
+        prometheus_values.ValueClass = prometheus_values.MultiProcessValue()
+
+
+class RequestMetrics:
+    """What a worker records about the requests it serves (`registry`: where to
+    register them too, for reading them in this process)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        labels = ("method", "route", "status")
+        self.requests = prometheus_client.Counter(
+            "microsvc_http_requests",
+            "HTTP requests answered, by method, route and status.",
+            labels,
+            registry=registry,
+        )
+        self.duration = prometheus_client.Histogram(
+            "microsvc_http_request_duration_seconds",
+            "Time from receiving an HTTP request to sending the end of its response.",
+            labels,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = prometheus_client.Gauge(
+            "microsvc_http_requests_in_flight",
+            "HTTP requests being served right now, in all workers.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+
+
+class ServerMetrics:
+    """What the master records about its workers."""
+
+    def __init__(self, version: str, worker_class: str) -> None:
+        self.starts = prometheus_client.Counter(
+            "microsvc_worker_starts", "Worker processes started.", registry=None
+        )
+        self.exits = prometheus_client.Counter(
+            "microsvc_worker_exits",
+            "Worker processes that stopped, by reason: max-requests, memory, lifetime "
+            "(recycled), reload, shutdown, scale-down, timeout (stopped by the master), "
+            "crash (anything else).",
+            ("reason",),
+            registry=None,
+        )
+        self.workers = prometheus_client.Gauge(
+            "microsvc_workers",
+            "Worker processes running now.",
+            registry=None,
+            multiprocess_mode="livesum",
+        )
+        self.info = prometheus_client.Gauge(
+            "microsvc_info",
+            "The microsvc version and worker class of this server (always 1).",
+            ("version", "worker_class"),
+            registry=None,
+            multiprocess_mode="livemax",
+        )
+        for reason in EXIT_REASONS:
+            self.exits.labels(reason)
+        self.info.labels(version, worker_class).set(1)
+
+    def worker_started(self) -> None:
+        self.starts.inc()
+        self.workers.inc()
+
+    def worker_exited(self, reason: str) -> None:
+        self.exits.labels(reason if reason in EXIT_REASONS else "crash").inc()
+        self.workers.dec()

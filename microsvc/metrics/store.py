@@ -1,0 +1,175 @@
+"""The metrics store: one server's directory of prometheus_client multiprocess files.
+
+Every process that records metrics (the master and each worker) writes its own
+memory-mapped files, `counter_<pid>.db`, `histogram_<pid>.db`, `gauge_<mode>_<pid>.db`,
+into a directory private to the server (prometheus_client's multiprocess mode, selected
+by PROMETHEUS_MULTIPROC_DIR). A scrape sums the files.
+
+Workers come and go (recycling, reloads, crashes), so files of dead processes would pile
+up. `compact()` folds them away without changing any total: the counters, histograms
+and summaries of processes that are no longer running are added into one
+`<type>_archive.db` file per type and their files are deleted; their `live*` gauges
+(such as requests in flight) are deleted, as prometheus_client's `mark_process_dead`
+does. Other gauge modes are left as they are. Compaction holds an exclusive lock on the
+directory and a scrape holds a shared one (`reading()`), so a scrape never sees a value
+both in the archive and in its original file.
+
+A worker that stops on its own (recycling) leaves a note with the reason
+(`note_exit`), which the master takes when it reaps the worker (`take_exit_note`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client.mmap_dict import MmapedDict
+
+#: The process-id part of the archive files' names.
+ARCHIVE = "archive"
+#: Types whose values add up across processes.
+ADDITIVE_TYPES = ("counter", "histogram", "summary")
+
+_LOCK_NAME = ".lock"
+_NOTE_SUFFIX = ".exit"
+
+
+def _default_base() -> str:
+    """RAM when possible: the files are written on every request."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return tempfile.gettempdir()
+
+
+def _process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _parse_name(name: str) -> tuple[str, str, str] | None:
+    """(type, gauge mode or '', pid part) of `counter_12.db`, `gauge_livesum_12.db`."""
+    if not name.endswith(".db"):
+        return None
+    parts = name[: -len(".db")].split("_")
+    if len(parts) == 2:
+        return parts[0], "", parts[1]
+    if len(parts) == 3 and parts[0] == "gauge":
+        return parts[0], parts[1], parts[2]
+    return None
+
+
+class MetricsStore:
+    """The directory at `path` (which must exist)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._lock_path = self.path / _LOCK_NAME
+        self._archives: dict[str, MmapedDict] = {}
+
+    @classmethod
+    def create(cls, base: str | None = None) -> MetricsStore:
+        """A new, empty directory under `base` (default /dev/shm, else the temp dir)."""
+        return cls(tempfile.mkdtemp(prefix="microsvc-metrics-", dir=base or _default_base()))
+
+    def remove(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def close(self) -> None:
+        for archive in self._archives.values():
+            archive.close()
+        self._archives.clear()
+
+    @contextlib.contextmanager
+    def _locked(self, operation: int) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, operation)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def reading(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while collecting, so compaction does not run halfway through."""
+        return self._locked(fcntl.LOCK_SH)
+
+    # exit reasons
+
+    def note_exit(self, pid: int, reason: str) -> None:
+        """Called in a worker that is about to stop on its own, with the reason."""
+        final = self.path / f"{pid}{_NOTE_SUFFIX}"
+        partial = self.path / f"{pid}{_NOTE_SUFFIX}.tmp"
+        partial.write_text(reason)
+        os.replace(partial, final)
+
+    def take_exit_note(self, pid: int) -> str | None:
+        """The reason a worker noted before it stopped, once (None when it left none)."""
+        note = self.path / f"{pid}{_NOTE_SUFFIX}"
+        try:
+            reason = note.read_text().strip()
+        except FileNotFoundError:
+            return None
+        note.unlink(missing_ok=True)
+        return reason or None
+
+    # compaction
+
+    def process_files(self) -> dict[int, list[Path]]:
+        """The files compaction folds away, by process id: counters, histograms,
+        summaries and live gauges."""
+        found: dict[int, list[Path]] = {}
+        for path in self.path.glob("*.db"):
+            parsed = _parse_name(path.name)
+            if parsed is None or not parsed[2].isdigit():
+                continue
+            kind, mode, pid = parsed
+            if kind in ADDITIVE_TYPES or (kind == "gauge" and mode.startswith("live")):
+                found.setdefault(int(pid), []).append(path)
+        return found
+
+    def compact(self, *, keep: frozenset[int] = frozenset()) -> list[int]:
+        """Fold the files of every process that is not running (and not in `keep`) into
+        the archive; returns their process ids."""
+        dead = {
+            pid: paths
+            for pid, paths in self.process_files().items()
+            if pid not in keep and not _process_running(pid)
+        }
+        if not dead:
+            return []
+        with self._locked(fcntl.LOCK_EX):
+            for paths in dead.values():
+                for path in paths:
+                    self._fold(path)
+        return sorted(dead)
+
+    def _fold(self, path: Path) -> None:
+        parsed = _parse_name(path.name)
+        assert parsed is not None
+        kind, _, _ = parsed
+        if kind in ADDITIVE_TYPES:
+            archive = self._archive(kind)
+            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
+                if value:
+                    current, timestamp = archive.read_value(key)
+                    archive.write_value(key, current + value, timestamp)
+                else:
+                    archive.read_value(key)  # keep the series, at zero
+        path.unlink(missing_ok=True)
+
+    def _archive(self, kind: str) -> MmapedDict:
+        archive = self._archives.get(kind)
+        if archive is None:
+            archive = self._archives[kind] = MmapedDict(str(self.path / f"{kind}_{ARCHIVE}.db"))
+        return archive

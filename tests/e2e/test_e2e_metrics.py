@@ -1,0 +1,262 @@
+"""`--metrics`: Prometheus metrics for the whole server, correct across workers and
+restarts of workers (recycling, crashes, reloads), served on their own address.
+
+Every test counts the requests it sends and compares them with the scraped totals.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from microsvc._version import __version__
+
+pytestmark = pytest.mark.e2e
+
+Key = tuple[str, str, str]
+
+
+class Scrape:
+    """One scrape of /metrics, parsed."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                self.samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    def by_request(self, name: str = "microsvc_http_requests_total") -> dict[Key, float]:
+        found: dict[Key, float] = {}
+        for (sample, labels), value in self.samples.items():
+            if sample == name and value:
+                label = dict(labels)
+                found[(label["method"], label["route"], label["status"])] = value
+        return found
+
+    def total(self, name: str = "microsvc_http_requests_total") -> float:
+        return sum(self.by_request(name).values())
+
+    def exits(self) -> dict[str, float]:
+        return {
+            dict(labels)["reason"]: value
+            for (sample, labels), value in self.samples.items()
+            if sample == "microsvc_worker_exits_total"
+        }
+
+
+class Client:
+    """Sends requests to the app and remembers what it sent, by (method, route, status)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.sent: Counter[Key] = Counter()
+        self.pids: set[int] = set()
+        self._lock = threading.Lock()
+
+    def send(self, method: str, path: str, route: str, status: int) -> None:
+        response = requests.request(method, self.url + path, timeout=30)
+        assert response.status_code == status, f"{method} {path}: {response.status_code}"
+        if path.startswith("/io"):
+            with self._lock:
+                self.pids.add(response.json()["pid"])
+        with self._lock:
+            self.sent[(method, route, str(status))] += 1
+
+    def mix(self, rounds: int) -> None:
+        for _ in range(rounds):
+            self.send("GET", "/data", "/data", 200)
+            self.send("GET", "/io?ms=1", "/io", 200)
+            self.send("GET", "/nope", "(unmatched)", 404)
+            self.send("POST", "/data", "(unmatched)", 405)
+            self.send("HEAD", "/data", "/data", 200)
+            self.send("GET", "/healthz", "/healthz", 200)
+
+    def concurrent_io(self, count: int, ms: int) -> None:
+        with ThreadPoolExecutor(count) as pool:
+            for future in [
+                pool.submit(self.send, "GET", f"/io?ms={ms}", "/io", 200) for _ in range(count)
+            ]:
+                future.result()
+
+
+def scrape(address: str) -> Scrape:
+    response = requests.get(f"http://{address}/metrics", timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/plain")
+    return Scrape(response.text)
+
+
+def wait_for(check, what: str, server, deadline: float = 30.0):  # type: ignore[no-untyped-def]
+    end = time.monotonic() + deadline
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > end:
+            pytest.fail(f"{what} did not happen within {deadline:.0f} s: {server.describe()}")
+        time.sleep(0.2)
+
+
+def exporter_of(server) -> psutil.Process:  # type: ignore[no-untyped-def]
+    for child in psutil.Process(server.pid).children():
+        if "microsvc.metrics.exporter" in " ".join(child.cmdline()):
+            return child
+    pytest.fail(f"no metrics exporter process: {server.describe()}")
+
+
+def store_of(server) -> Path:  # type: ignore[no-untyped-def]
+    for part in exporter_of(server).cmdline():
+        if part.startswith("--store="):
+            return Path(part.removeprefix("--store="))
+    pytest.fail("the exporter names no store")
+
+
+def start(serve, free_port, *args: str):  # type: ignore[no-untyped-def]
+    address = f"127.0.0.1:{free_port()}"
+    # Wait on the log, not on HTTP: every request to the app counts.
+    server = serve(["--metrics", "--metrics-bind", address, *args], wait=False)
+    server.wait_log(r"Ready: \d+ workers booted", deadline=45)
+    return server, address
+
+
+def assert_totals(client: Client, scraped: Scrape) -> None:
+    sent = {key: float(count) for key, count in client.sent.items()}
+    assert scraped.by_request() == sent
+    assert scraped.by_request("microsvc_http_request_duration_seconds_count") == sent
+    assert scraped.value("microsvc_http_requests_in_flight") == 0
+
+
+def test_totals_equal_requests_sent_through_three_workers_and_recycles(serve, free_port):
+    server, address = start(
+        serve, free_port, "--workers", "3", "--max-requests", "40", "--max-requests-jitter", "5"
+    )
+    client = Client(server.url)
+    client.concurrent_io(9, ms=300)  # nine at once: every one of the three workers serves
+    assert len(client.pids) == 3, client.pids
+    client.mix(5)
+    assert_totals(client, scrape(address))
+
+    client.mix(25)  # 150 more requests: each worker recycles after 40..45
+
+    def settled() -> Scrape | None:
+        scraped = scrape(address)
+        recycles = server.log_text().count("Recycling worker")
+        exits = scraped.exits()["max-requests"]
+        return scraped if exits == recycles and scraped.value("microsvc_workers") == 3 else None
+
+    scraped = wait_for(settled, "every recycled worker to be counted and replaced", server)
+    assert_totals(client, scraped)
+    assert scraped.exits()["max-requests"] >= 2
+    assert scraped.value("microsvc_worker_starts_total") == 3 + sum(scraped.exits().values())
+
+    # The files of exited workers were folded away: only live processes and the archive.
+    store = store_of(server)
+    live = {server.pid} | {worker.pid for worker in server.workers()}
+    pids = {path.stem.rsplit("_", 1)[1] for path in store.glob("*.db")}
+    assert pids <= {str(pid) for pid in live} | {"archive"}
+
+    assert server.stop() == 0
+    assert not store.exists(), "the store outlived the server"
+
+
+def test_crash_reload_and_lifetime_are_counted_with_their_reasons(serve, free_port):
+    server, address = start(serve, free_port, "--workers", "2", "--max-worker-lifetime", "3s")
+    client = Client(server.url)
+    client.mix(3)
+    victim = server.workers()[0].pid
+    if "metrics.exporter" in " ".join(psutil.Process(victim).cmdline()):
+        victim = server.workers()[1].pid
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: scrape(address).exits()["crash"] == 1, "the crash count", server)
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: scrape(address).exits()["reload"] >= 2, "the reload count", server)
+    wait_for(lambda: scrape(address).exits()["lifetime"] >= 1, "a lifetime recycle", server)
+    client.mix(3)
+    scraped = scrape(address)
+    assert_totals(client, scraped)
+    assert scraped.exits()["crash"] == 1
+    assert scraped.value("microsvc_worker_starts_total") == 2 + sum(scraped.exits().values())
+
+
+@pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
+def test_requests_in_flight_across_workers(serve, free_port, worker_class):
+    server, address = start(serve, free_port, "-k", worker_class, "--workers", "2")
+    client = Client(server.url)
+    slow = threading.Thread(target=client.concurrent_io, args=(6, 3000))
+    slow.start()
+    try:
+        wait_for(
+            lambda: scrape(address).value("microsvc_http_requests_in_flight") == 6,
+            "six requests in flight",
+            server,
+            deadline=2.5,
+        )
+    finally:
+        slow.join()
+    client.mix(4)
+    scraped = scrape(address)
+    assert_totals(client, scraped)
+    assert scraped.value("microsvc_info", version=__version__, worker_class=worker_class) == 1
+
+
+def test_metrics_are_not_on_the_app_address_and_speak_openmetrics(serve, free_port):
+    server, address = start(serve, free_port)
+    assert requests.get(server.url + "/metrics", timeout=10).status_code == 404
+    assert requests.get(f"http://{address}/", timeout=10).status_code == 404
+    head = requests.head(f"http://{address}/metrics", timeout=10)
+    assert head.status_code == 200 and not head.content
+    open_metrics = requests.get(
+        f"http://{address}/metrics",
+        headers={"Accept": "application/openmetrics-text; version=1.0.0"},
+        timeout=10,
+    )
+    assert open_metrics.headers["Content-Type"].startswith("application/openmetrics-text")
+    assert open_metrics.text.rstrip().endswith("# EOF")
+    gzipped = requests.get(
+        f"http://{address}/metrics", headers={"Accept-Encoding": "gzip"}, timeout=10
+    )
+    assert gzipped.headers.get("Content-Encoding") == "gzip"
+    assert "microsvc_workers" in gzipped.text
+
+
+def test_a_dead_exporter_is_restarted_and_loses_nothing(serve, free_port):
+    server, address = start(serve, free_port, "--workers", "2")
+    client = Client(server.url)
+    client.mix(3)
+    first = exporter_of(server)
+    first.kill()
+    server.wait_log(r"Metrics exporter \(pid: \d+\) exited")
+    wait_for(lambda: exporter_of(server).pid != first.pid, "a new exporter", server)
+    scraped = wait_for(lambda: _try_scrape(address), "metrics again", server)
+    assert_totals(client, scraped)
+
+
+def _try_scrape(address: str) -> Scrape | None:
+    try:
+        return scrape(address)
+    except requests.ConnectionError:
+        return None
+
+
+def test_the_exporter_cleans_up_after_a_killed_master(serve, free_port):
+    server, _ = start(serve, free_port, "--workers", "1")
+    exporter = exporter_of(server)
+    store = store_of(server)
+    server.proc.kill()
+    server.proc.wait(10)
+    exporter.wait(15)
+    assert not store.exists()
