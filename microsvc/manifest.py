@@ -13,6 +13,8 @@ JSON-quoted scalar, which YAML reads back unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import json
 import math
 import re
@@ -21,6 +23,7 @@ from typing import Any
 
 from microsvc.errors import UsageError
 from microsvc.options import DEFAULTS, OPTIONS, OPTIONS_BY_NAME, OptionSpec, Settings
+from microsvc.values import split_bind
 
 #: Options the manifest sets itself rather than copying from the settings.
 OWN_OPTIONS = ("bind", "workers")
@@ -59,6 +62,7 @@ def render(
         raise UsageError(f"--replicas: {replicas!r} is not an integer >= 1")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise UsageError(f"--port: {port!r} is not a port from 1 to 65535")
+    settings = pod_settings(settings)
     documents = [
         deployment(name, image, replicas, cpu, memory, port, settings, app),
         service(name),
@@ -95,6 +99,32 @@ def check_memory(memory: str) -> None:
         raise UsageError(
             f"--memory: {memory!r} is not a memory quantity above zero such as 512Mi or 1Gi"
         )
+
+
+def pod_settings(settings: Settings) -> Settings:
+    """The settings as the pod runs them: a loopback --metrics-bind (the default) cannot
+    be scraped from outside the pod, so the pod serves metrics on all its addresses, on
+    the same port."""
+    if not settings.metrics:
+        return settings
+    address = split_bind(settings.metrics_bind)
+    assert address is not None
+    host, port = address
+    if host == "localhost" or _is_loopback(host):
+        return dataclasses.replace(settings, metrics_bind=f"0.0.0.0:{port}")
+    return settings
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def metrics_port(settings: Settings) -> int | None:
+    address = split_bind(settings.metrics_bind) if settings.metrics else None
+    return None if address is None else address[1]
 
 
 def _number(text: str) -> float:
@@ -190,12 +220,16 @@ def probes(settings: Settings) -> dict[str, Any]:
 def container(
     name: str, image: str, cpu: str, memory: str, port: int, settings: Settings, app: str | None
 ) -> dict[str, Any]:
+    ports = [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    scrape_port = metrics_port(settings)
+    if scrape_port is not None:
+        ports.append({"name": "metrics", "containerPort": scrape_port, "protocol": "TCP"})
     return {
         "name": name,
         "image": image,
         "command": ["microsvc", "run"],
         "args": run_args(settings, port, app),
-        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "ports": ports,
         "env": [
             {"name": "PYTHONUNBUFFERED", "value": "1"},
             {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
@@ -220,6 +254,20 @@ def container(
     }
 
 
+def template_metadata(name: str, settings: Settings) -> dict[str, Any]:
+    """The pod's labels, and with --metrics the annotations common Prometheus
+    configurations discover scrape targets by."""
+    result: dict[str, Any] = {"labels": labels(name)}
+    scrape_port = metrics_port(settings)
+    if scrape_port is not None:
+        result["annotations"] = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(scrape_port),
+            "prometheus.io/path": "/metrics",
+        }
+    return result
+
+
 def deployment(
     name: str,
     image: str,
@@ -242,7 +290,7 @@ def deployment(
                 "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
             },
             "template": {
-                "metadata": {"labels": labels(name)},
+                "metadata": template_metadata(name, settings),
                 "spec": {
                     # No SERVICE_* variables: a Service called microsvc would otherwise
                     # put MICROSVC_* variables into the environment microsvc reads.

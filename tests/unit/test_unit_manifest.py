@@ -36,6 +36,11 @@ COMBINATIONS = [
     pytest.param({"health_path": "off", "ready_path": "off"}, 2, id="health-paths-off"),
     pytest.param({}, 1, id="replicas-1"),
     pytest.param(
+        {"metrics": True, "metrics_bind": "10.1.2.3:9300", "log_format": "json"},
+        2,
+        id="metrics-json-logs",
+    ),
+    pytest.param(
         {
             "worker_class": "gthread",
             "threads": "8",
@@ -142,7 +147,7 @@ def test_the_output_is_yaml_documents_separated_by_dashes() -> None:
 def test_probes_follow_the_settings(options: dict[str, Any], replicas: int) -> None:
     settings, documents = make(options, replicas=replicas, port=9000)
     container = pod_container(documents)
-    assert container["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
+    assert container["ports"][0] == {"name": "http", "containerPort": 9000, "protocol": "TCP"}
     if settings.health_path is None:
         assert "livenessProbe" not in container
         assert "startupProbe" not in container
@@ -276,6 +281,34 @@ def test_the_bind_given_is_replaced_by_the_pod_port() -> None:
     args = pod_container(documents)["args"]
     assert args.count("--bind") == 1
     assert args[args.index("--bind") + 1] == "0.0.0.0:8000"
+
+
+def test_metrics_on_loopback_are_served_to_the_pod_network_and_announced() -> None:
+    _, documents = make({"metrics": True})
+    container = pod_container(documents)
+    args = container["args"]
+    assert args[args.index("--metrics-bind") + 1] == "0.0.0.0:9191"
+    assert "--metrics" in args
+    assert {"name": "metrics", "containerPort": 9191, "protocol": "TCP"} in container["ports"]
+    template = by_kind(documents)["Deployment"]["spec"]["template"]["metadata"]
+    assert template["annotations"] == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": "9191",
+        "prometheus.io/path": "/metrics",
+    }
+    # The Service exposes the app only: metrics are scraped from the pods.
+    assert [port["name"] for port in by_kind(documents)["Service"]["spec"]["ports"]] == ["http"]
+
+
+def test_a_chosen_metrics_address_is_kept_and_no_metrics_means_no_port() -> None:
+    _, documents = make({"metrics": True, "metrics_bind": "10.1.2.3:9300"})
+    container = pod_container(documents)
+    assert container["args"][container["args"].index("--metrics-bind") + 1] == "10.1.2.3:9300"
+    assert container["ports"][-1]["containerPort"] == 9300
+    _, documents = make({})
+    assert [port["name"] for port in pod_container(documents)["ports"]] == ["http"]
+    template = by_kind(documents)["Deployment"]["spec"]["template"]["metadata"]
+    assert "annotations" not in template
 
 
 @pytest.mark.parametrize(("options", "replicas"), COMBINATIONS)

@@ -482,3 +482,44 @@ def test_worker_classes_load_with_recycling_first_and_gevent_only_on_demand() ->
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# --- telling the app why ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("worker_settings", "kind"),
+    [
+        ({"max_worker_memory": 100 * MiB}, "memory"),
+        ({"max_worker_lifetime": 5.0}, "lifetime"),
+    ],
+)
+def test_each_recycle_tells_the_app_its_kind_once(worker_settings: Any, kind: str) -> None:
+    told: list[str] = []
+    worker = started(FakeWorker(settings(**worker_settings), rss=150 * MiB))
+    worker.app.worker_recycling = told.append
+    for _ in range(10):
+        worker.tick()
+    assert told == [kind]
+    assert not worker.alive
+
+
+def test_max_requests_recycle_tells_the_app() -> None:
+    told: list[str] = []
+    worker = started(FakeWorker(settings(max_requests=2), max_requests=2))
+    worker.app.worker_recycling = told.append
+    worker.handle_request()
+    worker.handle_request()
+    assert told == ["max-requests"]
+
+
+def test_an_app_that_fails_to_hear_does_not_stop_the_recycle() -> None:
+    def deaf(kind: str) -> None:
+        raise OSError("store gone")
+
+    worker = started(FakeWorker(settings(max_worker_lifetime=1.0)))
+    worker.app.worker_recycling = deaf
+    worker.tick(2)
+    assert not worker.alive
+    assert worker.log.recycles()
+    assert any("cannot record its recycle" in line for level, line in worker.log.lines)
