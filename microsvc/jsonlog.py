@@ -66,7 +66,7 @@ ACCESS_FIELDS = (
 )
 
 #: The record attribute that carries an access entry's fields.
-ACCESS_ATTR = "access"
+ACCESS_ATTR = "microsvc_access"
 
 #: Attributes every LogRecord has; the others came from `extra=` and are written out.
 _RECORD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {
