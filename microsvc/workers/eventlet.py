@@ -2,7 +2,8 @@
 
 Built on gunicorn's `AsyncWorker`, which parses HTTP and runs the app; this module adds
 the eventlet parts: a fresh hub after fork, green listening sockets, a green pool of
-`worker_connections` greenthreads, and a graceful stop that lets in-flight requests
+`worker_connections` greenthreads, a yield after each response so that busy keep-alive
+connections cannot starve the others, and a graceful stop that lets in-flight requests
 finish within `graceful_timeout`. It recycles by memory and lifetime like the other
 worker classes (see `recycling`). eventlet itself is unmaintained: prefer gevent.
 """
@@ -41,6 +42,12 @@ class EventletWorker(Recycling, AsyncWorker):  # type: ignore[misc]
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         client.setblocking(True)
         super().handle(listener, client, addr)
+
+    def handle_request(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().handle_request(*args, **kwargs)
+        finally:
+            eventlet.sleep(0)  # fair between keep-alive connections (see workers.gevent)
 
     def handle_quit(self, sig: int, frame: Any) -> None:
         eventlet.spawn(super().handle_quit, sig, frame)
