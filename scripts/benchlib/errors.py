@@ -1,0 +1,19 @@
+"""Errors that end the benchmark with one `Error: ...` line, and errors of one run."""
+
+from __future__ import annotations
+
+
+class BenchError(Exception):
+    """Ends the benchmark: printed as one `Error: ...` line, exit status `exit_code`."""
+
+    exit_code = 1
+
+
+class UsageError(BenchError):
+    """A bad command line: exit status 2."""
+
+    exit_code = 2
+
+
+class RunError(Exception):
+    """One run failed (server did not start, wrk failed): recorded, and the bench goes on."""
