@@ -29,6 +29,12 @@ if TYPE_CHECKING:
 
 DEMO_APP = "microsvc.demo:app"
 
+#: gunicorn's HTTP parser. Its default, `auto`, switches to the C parser (gunicorn_h1c)
+#: whenever that package is importable; the only release installable today accepts
+#: request lines with repeated spaces that the Python parser refuses, so microsvc uses
+#: the Python parser unless `--set http_parser=...` asks otherwise.
+HTTP_PARSER = "python"
+
 #: gunicorn's logger_class for --log-format json.
 JSON_LOGGER = "microsvc.jsonlog.JsonLogger"
 
@@ -91,6 +97,7 @@ def gunicorn_config(
         worker_class=WORKER_CLASSES[settings.worker_class],
         control_socket=control_socket_path(pid),
         proc_name="microsvc",
+        http_parser=HTTP_PARSER,
     )
     if settings.worker_class == WorkerClass.GTHREAD:
         config["worker_connections"] = plan.threads

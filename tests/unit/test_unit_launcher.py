@@ -81,6 +81,12 @@ def test_gthread_worker_connections_can_be_passed_through() -> None:
     assert launcher.cfg.worker_connections == 100
 
 
+def test_the_python_http_parser_unless_asked_otherwise() -> None:
+    # gunicorn's `auto` would pick up any installed gunicorn_h1c without a word.
+    assert make().cfg.http_parser == "python"
+    assert make(gunicorn_settings={"http_parser": "fast"}).cfg.http_parser == "fast"
+
+
 def test_eventlet_uses_microsvcs_worker() -> None:
     assert make(worker_class="eventlet").cfg.worker_class_str == (
         "microsvc.workers.eventlet.EventletWorker"
