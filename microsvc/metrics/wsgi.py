@@ -35,51 +35,44 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 class _Request:
-    """One request being served: what it started with and how it ends."""
+    """One request being served, in one object: the start_response handed to the app
+    (it notes the status) and the response iterable handed back to the server (the
+    request is recorded when the server closes it)."""
 
-    __slots__ = ("closed", "environ", "meter", "started", "status")
+    __slots__ = ("body", "closed", "environ", "meter", "start_response", "started", "status")
 
-    def __init__(self, meter: InstrumentedApp, environ: Environ) -> None:
+    def __init__(
+        self, meter: InstrumentedApp, environ: Environ, start_response: StartResponse
+    ) -> None:
         self.meter = meter
         self.environ = environ
+        self.start_response = start_response
         self.started = time.perf_counter()
         self.status = "500"
         self.closed = False
+        self.body: Iterable[bytes] = ()
 
-    def start_response(self, start_response: StartResponse) -> StartResponse:
-        def recording_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-            self.status = status[:3]
-            if exc_info is None:
-                return start_response(status, headers)
-            return start_response(status, headers, exc_info)
+    def __call__(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        self.status = status[:3]
+        if exc_info is None:
+            return self.start_response(status, headers)
+        return self.start_response(status, headers, exc_info)
 
-        return recording_start_response
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.finish()
 
     def finish(self) -> None:
         if not self.closed:
             self.closed = True
             self.meter.record(self.environ, self.status, time.perf_counter() - self.started)
-
-
-class _Body:
-    """The app's response iterable; the request is recorded when the server closes it."""
-
-    __slots__ = ("_iterable", "_request")
-
-    def __init__(self, iterable: Iterable[bytes], request: _Request) -> None:
-        self._iterable = iterable
-        self._request = request
-
-    def __iter__(self) -> Iterator[bytes]:
-        return iter(self._iterable)
-
-    def close(self) -> None:
-        try:
-            close = getattr(self._iterable, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._request.finish()
 
 
 class InstrumentedApp:
@@ -100,10 +93,10 @@ class InstrumentedApp:
         _watch_flask_routes(routes_from or app, self)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        request = _Request(self, environ)
+        request = _Request(self, environ, start_response)
         self.metrics.in_flight.inc()
         try:
-            body = self.app(environ, request.start_response(start_response))
+            body = self.app(environ, request)
         except BaseException:
             request.finish()
             raise
@@ -111,7 +104,8 @@ class InstrumentedApp:
         if isinstance(wrapper, type) and isinstance(body, wrapper):
             request.finish()
             return body
-        return _Body(body, request)
+        request.body = body
+        return request
 
     def record(self, environ: Environ, status: str, seconds: float) -> None:
         method = environ.get("REQUEST_METHOD", "")
