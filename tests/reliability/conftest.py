@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,56 +27,21 @@ from typing import Any
 
 import pytest
 
+# The Lua script and its parser are scripts/bench's, so both count alike.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from benchlib.errors import RunError
+from benchlib.wrk import LUA_SCRIPT, parse_output
+
 #: Where CI and the development machines have it (Debian package `wrk`).
 WRK = shutil.which("wrk") or ("/usr/bin/wrk" if Path("/usr/bin/wrk").is_file() else None)
 
 #: Extra seconds wrk may take beyond its duration before it is killed.
 WRK_GRACE = 20.0
 
-COUNT_SCRIPT = """\
--- Counts responses and non-2xx statuses over all of wrk's threads.
-local threads = {}
-
-function setup(thread)
-  table.insert(threads, thread)
-end
-
-function init(args)
-  responses = 0
-  non2xx = 0
-end
-
-function response(status, headers, body)
-  responses = responses + 1
-  if status < 200 or status > 299 then
-    non2xx = non2xx + 1
-  end
-end
-
-function done(summary, latency, requests)
-  local total, bad = 0, 0
-  for _, thread in ipairs(threads) do
-    total = total + thread:get("responses")
-    bad = bad + thread:get("non2xx")
-  end
-  local e = summary.errors
-  io.write(string.format(
-    "RELIABILITY responses=%d non2xx=%d requests=%d connect=%d read=%d write=%d "
-    .. "timeout=%d status=%d\\n",
-    total, bad, summary.requests, e.connect, e.read, e.write, e.timeout, e.status))
-end
-"""
-
-_SUMMARY_RE = re.compile(
-    r"^RELIABILITY responses=(\d+) non2xx=(\d+) requests=(\d+) connect=(\d+) read=(\d+) "
-    r"write=(\d+) timeout=(\d+) status=(\d+)$",
-    re.MULTILINE,
-)
 _SOCKET_RE = re.compile(
     r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", re.MULTILINE
 )
 _NON2XX3XX_RE = re.compile(r"Non-2xx or 3xx responses: (\d+)", re.MULTILINE)
-_REQUESTS_RE = re.compile(r"(\d+) requests in ([\d.]+)(m?s|m)\b", re.MULTILINE)
 
 
 @dataclass
@@ -120,21 +86,32 @@ class LoadResult:
 
 def parse_wrk_output(text: str, url: str, connections: int, seconds: float) -> LoadResult:
     """The figures of one run, from the Lua summary line cross-checked with wrk's text."""
-    lua = _SUMMARY_RE.search(text)
-    if lua is None:
-        raise AssertionError(f"wrk printed no RELIABILITY line:\n{text}")
-    responses, non2xx, requests, connect, read, write, timeout, status = map(int, lua.groups())
+    try:
+        lua = parse_output(text)
+    except RunError as exc:
+        raise AssertionError(f"{exc}\n{text}") from None
     socket = _SOCKET_RE.search(text)
     text_errors = tuple(map(int, socket.groups())) if socket else (0, 0, 0, 0)
-    if text_errors != (connect, read, write, timeout):
+    if text_errors != (lua.connect, lua.read, lua.write, lua.timeout):
         raise AssertionError(f"wrk's text and summary disagree on socket errors:\n{text}")
     over_399 = _NON2XX3XX_RE.search(text)
-    if (int(over_399.group(1)) if over_399 else 0) != status or status > non2xx:
-        raise AssertionError(f"wrk's status errors {status} do not fit non2xx {non2xx}:\n{text}")
-    if responses != requests:
-        raise AssertionError(f"Lua counted {responses} responses, wrk {requests}:\n{text}")
+    if (int(over_399.group(1)) if over_399 else 0) != lua.status or lua.status > lua.non2xx:
+        raise AssertionError(
+            f"wrk's status errors {lua.status} do not fit non2xx {lua.non2xx}:\n{text}"
+        )
+    if lua.responses != lua.requests:
+        raise AssertionError(f"Lua counted {lua.responses} responses, wrk {lua.requests}:\n{text}")
     return LoadResult(
-        url, connections, seconds, responses, non2xx, connect, read, write, timeout, text
+        url,
+        connections,
+        seconds,
+        lua.responses,
+        lua.non2xx,
+        lua.connect,
+        lua.read,
+        lua.write,
+        lua.timeout,
+        text,
     )
 
 
@@ -219,7 +196,7 @@ class Wrk:
 @pytest.fixture(scope="session")
 def wrk_script(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("wrk") / "count.lua"
-    path.write_text(COUNT_SCRIPT)
+    path.write_text(LUA_SCRIPT)
     return path
 
 
