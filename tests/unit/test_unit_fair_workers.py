@@ -1,4 +1,5 @@
-"""gevent and eventlet workers yield to other connections after each response."""
+"""gevent and eventlet workers yield to other connections after each response, and the
+gevent worker accepts connections in batches."""
 
 from __future__ import annotations
 
@@ -60,3 +61,16 @@ def test_eventlet_worker_lets_other_greenthreads_run_after_each_response(
     server.wait()
     other.wait()
     assert ran == ["request", "other connection", "request"]
+
+
+def test_gevent_worker_accepts_a_batch_per_turn_even_with_several_workers() -> None:
+    from gevent.server import StreamServer
+
+    from microsvc.workers.gevent import ACCEPT_BATCH, BatchAcceptServer
+
+    server = BatchAcceptServer(("127.0.0.1", 0), handle=lambda *args: None)
+    assert server.max_accept == StreamServer.max_accept  # gevent's default, one worker
+    server.max_accept = 1  # what gunicorn sets when it runs several workers
+    assert server.max_accept == ACCEPT_BATCH > 1
+    server.max_accept = 500
+    assert server.max_accept == 500
