@@ -15,8 +15,10 @@ from microsvc._gunicorn import Arbiter
 if TYPE_CHECKING:
     from microsvc.metrics import MetricsService
 
-#: Signals by which the master stops a worker.
-_STOPPING_SIGNALS = frozenset((signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL))
+#: Signals by which the master stops a worker (SIGABRT: a worker that timed out).
+_STOPPING_SIGNALS = frozenset(
+    (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL, signal.SIGABRT)
+)
 
 
 class ServerState:
@@ -96,7 +98,7 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
             self._stopping_for = outer
 
     def kill_worker(self, pid: int, sig: int) -> None:
-        if sig in _STOPPING_SIGNALS or sig == signal.SIGABRT:
+        if sig in _STOPPING_SIGNALS:
             self._stopped_for.setdefault(pid, self._stopping_for)
         known = pid in self.WORKERS
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import stat
 import warnings
 from collections.abc import Mapping
@@ -16,12 +15,12 @@ from microsvc._gunicorn import BaseApplication, ConfigError
 from microsvc._version import __version__
 from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
 from microsvc.arbiter import MicrosvcArbiter, ServerState
+from microsvc.binding import bind_tcp
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
 from microsvc.options import OPTIONS, LogFormat, Settings, WorkerClass
 from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
 from microsvc.resolve import Resolved, load_config, resolve_settings
 from microsvc.system import read_system_facts
-from microsvc.values import split_bind
 from microsvc.workers import WORKER_CLASSES
 
 if TYPE_CHECKING:
@@ -323,20 +322,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
 
 def _check_tcp_bind(bind: str) -> None:
-    address = split_bind(bind)
-    assert address is not None
-    host, port = address
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise UsageError(f"cannot listen on {bind}: {exc.strerror}") from None
-    family, kind, proto, _, sockaddr = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(sockaddr)
-        except OSError as exc:
-            raise BindError(f"cannot listen on {bind}: {exc.strerror}") from None
+    bind_tcp(bind, "listen on").close()
 
 
 def _check_unix_bind(bind: str) -> None:

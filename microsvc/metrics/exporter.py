@@ -26,9 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-from microsvc.errors import BindError
+from microsvc.binding import bind_tcp
 from microsvc.metrics.store import MetricsStore
-from microsvc.values import split_bind
 
 #: The path metrics are served at.
 METRICS_PATH = "/metrics"
@@ -38,24 +37,8 @@ RESTART_INTERVAL = 1.0
 
 def bind_socket(address: str) -> socket.socket:
     """A listening TCP socket on `address` (HOST:PORT or [IPv6]:PORT)."""
-    parts = split_bind(address)
-    if parts is None:
-        raise BindError(f"cannot serve metrics on {address}: not a TCP address")
-    host, port = parts
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[
-            0
-        ]
-    except socket.gaierror as exc:
-        raise BindError(f"cannot serve metrics on {address}: {exc.strerror}") from None
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(sockaddr)
-        sock.listen(64)
-    except OSError as exc:
-        sock.close()
-        raise BindError(f"cannot serve metrics on {address}: {exc.strerror}") from None
+    sock = bind_tcp(address, "serve metrics on")
+    sock.listen(64)
     return sock
 
 
