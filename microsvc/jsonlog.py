@@ -17,6 +17,15 @@ Access log entries: `timestamp`, `level`, `logger`, `pid`, `message` (`GET /path
 `request_id`, `protocol`, `user_agent`, `referer`; every key is always present, null when
 the request did not have it. gunicorn's `access_log_format` is not used.
 
+A line is at most `MAX_LINE_LENGTH` bytes (newline not counted; syslog tag included), so
+that Docker and other collectors never split it. A longer entry has its longest values cut
+until it fits: a string keeps its start (`exc_info` and `stack_info` keep their end, where
+the innermost frames and the exception are), a value of another type becomes the cut JSON
+text of it, and the entry gets a `truncated` key listing the names of the cut fields, in
+the entry's order. If the keys alone cannot fit (thousands of `extra` attributes), only the
+five base fields are kept, cut as needed, with `truncated` and `dropped` (how many fields
+were left out).
+
 `JsonFormatter` is the formatter behind it; a logging configuration of your own (for
 your app's loggers, or gunicorn's `logconfig_dict`) can use it too:
 `{"()": "microsvc.jsonlog.JsonFormatter"}`.
@@ -38,6 +47,7 @@ from gunicorn.glogging import Logger
 __all__ = [
     "ACCESS_FIELDS",
     "MAX_HEADER_LENGTH",
+    "MAX_LINE_LENGTH",
     "MAX_REQUEST_ID_LENGTH",
     "JsonFormatter",
     "JsonLogger",
@@ -48,6 +58,23 @@ __all__ = [
 MAX_REQUEST_ID_LENGTH = 200
 #: `User-Agent` and `Referer` are cut to this many characters.
 MAX_HEADER_LENGTH = 1024
+#: The longest line a JsonFormatter writes, in bytes (lines are ASCII), its newline not
+#: counted: under the 16 KiB at which Docker splits a log line.
+MAX_LINE_LENGTH = 16_000
+#: The key that lists the fields a line had to cut to stay within its length.
+_TRUNCATED_KEY = "truncated"
+#: With the fields a line had to leave out altogether: how many.
+_DROPPED_KEY = "dropped"
+#: The fields that always stay on a line.
+_BASE_KEYS = ("timestamp", "level", "logger", "pid", "message")
+#: Fields whose end is worth more than their start.
+_KEEP_END = frozenset(("exc_info", "stack_info"))
+#: Fields that are never cut (they are short).
+_FIXED_KEYS = ("timestamp", "level")
+#: Numbers up to this many characters are never cut.
+_SHORT_NUMBER = 32
+#: The shortest `max_length`: room for the base fields of any entry, cut.
+_MIN_LINE_LENGTH = 1024
 
 #: The keys `access_fields` returns, in order (the access entry adds `timestamp`,
 #: `level`, `logger`, `pid` and `message` in front).
@@ -88,12 +115,18 @@ _ENVIRON_KEYS = {
 class JsonFormatter(logging.Formatter):
     """Formats a log record as one line of JSON (see the module docstring).
 
-    `prefix` goes in front of the JSON object (gunicorn's syslog tag).
+    `prefix` goes in front of the JSON object (gunicorn's syslog tag). `max_length`: the
+    longest line, prefix included, newline not; None for no limit.
     """
 
-    def __init__(self, prefix: str = "") -> None:
+    def __init__(self, prefix: str = "", max_length: int | None = MAX_LINE_LENGTH) -> None:
         super().__init__()
+        if max_length is not None and max_length < len(prefix) + _MIN_LINE_LENGTH:
+            raise ValueError(
+                f"max_length must be at least {_MIN_LINE_LENGTH} plus the prefix, not {max_length}"
+            )
         self.prefix = prefix
+        self.max_length = max_length
         # (whole second, its "YYYY-MM-DDTHH:MM:SS"): replaced whole, so threads can share it
         self._second: tuple[int, str] = (-1, "")
 
@@ -118,7 +151,7 @@ class JsonFormatter(logging.Formatter):
         access = getattr(record, ACCESS_ATTR, None)
         if isinstance(access, dict):
             data.update(access)
-            return self.prefix + _dumps(data)
+            return self._line(data, _dumps(data))
         if record.exc_info:
             if not record.exc_text:
                 record.exc_text = self.formatException(record.exc_info)
@@ -133,21 +166,106 @@ class JsonFormatter(logging.Formatter):
             if key not in _RECORD_ATTRS and key not in data and not key.startswith("_")
         }
         if not extras:
-            return self.prefix + _dumps(data)
+            return self._line(data, _dumps(data))
         data.update(extras)
         try:
-            return self.prefix + _dumps(data)
+            return self._line(data, _dumps(data))
         except (TypeError, ValueError):  # e.g. a dict with tuple keys, a cycle
             for key, value in extras.items():
                 try:
                     _dumps(value)
                 except (TypeError, ValueError):
-                    data[key] = repr(value)
-            return self.prefix + _dumps(data)
+                    data[key] = _repr(value)
+            return self._line(data, _dumps(data))
+
+    def _line(self, data: dict[str, Any], text: str) -> str:
+        """The prefix and `text` (`data` as JSON), with `data` cut to fit if it is too long."""
+        if self.max_length is not None and len(self.prefix) + len(text) > self.max_length:
+            text = _fit(data, self.max_length - len(self.prefix))
+        return self.prefix + text
 
 
-def _dumps(data: Mapping[str, Any]) -> str:
+def _dumps(data: Any) -> str:
     return json.dumps(data, ensure_ascii=True, default=str)
+
+
+def _repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a broken __repr__, an int too long for str
+        return f"<{type(value).__name__} object>"
+
+
+def _fit(data: dict[str, Any], limit: int) -> str:
+    """`data` as JSON in at most `limit` characters: its longest values cut (see the module
+    docstring). Every value is serializable."""
+    fields = {key: value for key, value in data.items() if key != _TRUNCATED_KEY}
+    text = _cut_to_fit(fields, limit, {})
+    if text is None:  # the keys alone are too long: the base fields, and how many others
+        base = {key: fields[key] for key in _BASE_KEYS if key in fields}
+        tail = {_DROPPED_KEY: len(fields) - len(base)}
+        text = _cut_to_fit(base, limit, tail)
+        if text is None:  # not with max_length's minimum; whatever happens, stay short
+            text = _dumps({key: data.get(key) for key in _FIXED_KEYS} | tail)
+    return text
+
+
+def _cut_to_fit(data: dict[str, Any], limit: int, tail: dict[str, Any]) -> str | None:
+    """`data` with its longest values cut to the same length, `truncated` naming them, then
+    `tail`, as JSON in at most `limit` characters; None if even empty values do not fit."""
+    sizes = {key: len(_dumps(value)) for key, value in data.items()}
+    cuttable = [key for key, value in data.items() if _can_cut(key, value, sizes[key])]
+    # What is not a cuttable value: braces, keys, separators, the other values; then room
+    # to name every cut field.
+    skeleton = {key: 0 if key in cuttable else value for key, value in data.items()}
+    overhead = len(_dumps(skeleton | tail)) - len(cuttable)
+    room = len(f', "{_TRUNCATED_KEY}": ') + len(_dumps(cuttable))
+    cap = _level(sorted(sizes[key] for key in cuttable), limit - overhead - room)
+    if cap is None:
+        return None
+    fitted = dict(data)
+    cut = [key for key in cuttable if sizes[key] > cap]
+    for key in cut:
+        fitted[key] = _cut(data[key], cap, keep_end=key in _KEEP_END)
+    text = _dumps(fitted | {_TRUNCATED_KEY: cut} | tail)
+    return text if len(text) <= limit else None
+
+
+def _can_cut(key: str, value: object, size: int) -> bool:
+    """Whether a value may be cut: not the timestamp and level, not a short number."""
+    if key in _FIXED_KEYS or value is None or isinstance(value, bool):
+        return False
+    return not (isinstance(value, (int, float)) and size <= _SHORT_NUMBER)
+
+
+def _level(sizes: list[int], budget: int) -> int | None:
+    """The largest size `cap` for which the `sizes` (ascending), each cut to at most `cap`,
+    add up to no more than `budget`; None when not even empty values fit."""
+    left = len(sizes)
+    if budget < 2 * left:  # "" is two characters
+        return None
+    for size in sizes:
+        if size * left > budget:
+            return budget // left
+        budget -= size
+        left -= 1
+    return budget + (sizes[-1] if sizes else 0)
+
+
+def _cut(value: object, cap: int, *, keep_end: bool) -> str:
+    """The longest start (or end) of `value` (a string, else its JSON text) whose JSON
+    string takes at most `cap` characters."""
+    text = value if isinstance(value, str) else _dumps(value)
+    # Every character takes at least one: no more than cap - 2 can fit between the quotes.
+    low, high = 0, min(len(text), max(cap - 2, 0))
+    while low < high:
+        middle = (low + high + 1) // 2
+        part = text[len(text) - middle :] if keep_end else text[:middle]
+        if len(_dumps(part)) <= cap:
+            low = middle
+        else:
+            high = middle - 1
+    return text[len(text) - low :] if keep_end else text[:low]
 
 
 def _message(record: logging.LogRecord) -> str:

@@ -11,22 +11,30 @@
   is mounted: with SCRIPT_NAME `/api` (gunicorn's `SCRIPT_NAME` environment variable, or a
   dispatcher), the probe URL is `/api/healthz`. gunicorn refuses requests outside
   SCRIPT_NAME anyway, and this keeps the endpoints working wherever the app is mounted.
-- Proxy trust, the one place the client address is decided (as Werkzeug's ProxyFix, from
-  one list). When the peer (REMOTE_ADDR) is a trusted proxy, REMOTE_ADDR becomes the client
-  named by X-Forwarded-For (walked from the right, past trusted proxies, to the first
-  untrusted address; the leftmost when all are trusted) and the peer's address is kept in
-  `environ["microsvc.proxy_addr"]`; the rightmost X-Forwarded-Proto (`http` or `https`)
-  becomes `wsgi.url_scheme` and the rightmost X-Forwarded-Host becomes HTTP_HOST. From any
-  other peer the headers change nothing. Invalid values are ignored, and an invalid entry in
-  X-Forwarded-For ends the walk: nothing written to the left of it is believed. REMOTE_PORT
-  is left alone (it still names the proxy's port). The environ is changed in place, so
-  gunicorn's access log shows the client address too.
+- Proxy trust, the one place the client address is decided. Trusting the peer
+  (REMOTE_ADDR) decides whether X-Forwarded-For is read at all; the list itself is walked
+  from the right, the end a proxy appends to. Each entry names the peer of the hop that
+  wrote it: while that is a listed proxy, the walk goes on to the next entry on the left;
+  the first entry that is not a listed proxy is the client (the leftmost when all are).
+  `*` trusts every peer but lists no proxy, so the rightmost entry, the address the peer
+  itself saw, is the client. An entry that is not an address (`unknown`, a host name, an
+  obfuscated identifier, garbage) ends the walk: nothing written to the left of it is
+  believed, and when it is the rightmost, REMOTE_ADDR stays the peer. Repeated header lines
+  reach the app as one value joined with "," in the order they came (gunicorn does this),
+  so they are one list and a client line is always left of what the proxy appended. When a
+  client is found, REMOTE_ADDR becomes it and the peer's address is kept in
+  `environ["microsvc.proxy_addr"]`; REMOTE_PORT is left alone (it still names the peer's
+  port). The environ is changed in place, so gunicorn's access log shows the client too.
+  From the same trusted peers the rightmost X-Forwarded-Host, when it is a valid host,
+  becomes HTTP_HOST. `wsgi.url_scheme` is left as the server set it: gunicorn decides it
+  from its `secure_scheme_headers` (X-Forwarded-Proto `https`, ...) for the same peers.
+  Forwarded (RFC 7239), X-Forwarded-Port and X-Forwarded-Prefix are not read.
 
-Trust follows gunicorn's `forwarded_allow_ips`, so that gunicorn's scheme (from its
-`secure_scheme_headers`) and this address come from the same decision: `*` trusts every
-peer, and a unix-socket peer (empty REMOTE_ADDR) is trusted unless `trust_socket_peers` is
-False. Unlike gunicorn, an IPv4-mapped IPv6 peer (`::ffff:10.0.0.1`, from a dual-stack
-listener) is matched against IPv4 networks, and the scheme is read case-insensitively.
+Trust follows gunicorn's `forwarded_allow_ips`, so that gunicorn's scheme and this address
+come from the same decision: `*` trusts every peer, and a unix-socket peer (empty
+REMOTE_ADDR) is trusted unless `trust_socket_peers` is False. Unlike gunicorn, an
+IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, from a dual-stack listener) is matched against
+IPv4 networks.
 """
 
 from __future__ import annotations
@@ -67,7 +75,6 @@ class StartResponse(Protocol):
 WSGIApplication = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 _CACHE_SIZE = 1024
-_SCHEMES = frozenset(("http", "https"))
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
@@ -83,9 +90,11 @@ class TrustedProxies:
     """The peers whose forwarding headers are believed, parsed once.
 
     `proxies` holds addresses and networks (IPv4 or IPv6, e.g. `10.0.0.0/8`, `::1`) and
-    `*` for every peer; empty trusts no IP peer. `socket_peers`: whether a peer without an IP
-    address (a unix-socket connection, empty REMOTE_ADDR) is trusted, as gunicorn does.
-    Raises ValueError for an entry that is not an address or network.
+    `*` for every peer; empty trusts no IP peer. `*` trusts every peer to say whom it saw,
+    but makes no address a listed proxy: only the networks are walked past in
+    X-Forwarded-For. `socket_peers`: whether a peer without an IP address (a unix-socket
+    connection, empty REMOTE_ADDR) is trusted, as gunicorn does. Raises ValueError for an
+    entry that is not an address or network.
     """
 
     def __init__(self, proxies: Sequence[str], *, socket_peers: bool = True) -> None:
@@ -103,9 +112,7 @@ class TrustedProxies:
         self._hop = functools.lru_cache(maxsize=_CACHE_SIZE)(self._parse_hop)
 
     def contains(self, address: IPAddress) -> bool:
-        """Whether this address is one of the trusted proxies."""
-        if self.everyone:
-            return True
+        """Whether this address is in one of the listed networks (`*` lists none)."""
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
@@ -125,19 +132,22 @@ class TrustedProxies:
         return None if address is None else (str(address), self.contains(address))
 
     def client_address(self, forwarded_for: str) -> str | None:
-        """The client X-Forwarded-For names, as sent by a trusted peer: the rightmost address
-        that is not a trusted proxy, else the leftmost. An invalid entry ends the list (what
-        is left of it was written by no one we trust). None when no address qualifies."""
+        """The client an X-Forwarded-For value names, as sent by a trusted peer.
+
+        Walked from the right: the first address that is not a listed proxy, else the
+        leftmost. An invalid entry ends the walk (what is left of it was written by no one
+        we trust) and gives the address right of it; None when there is none.
+        """
         client = None
         for item in reversed(forwarded_for.split(",")):
             text = item.strip()
-            if not text:
+            if not text:  # an empty list element (RFC 9110, 5.6.1)
                 continue
             hop = self._hop(text)
             if hop is None:
                 break
-            client, trusted = hop
-            if not trusted:
+            client, listed = hop
+            if not listed:
                 break
         return client
 
@@ -156,9 +166,11 @@ def _parse_forwarded_address(text: str) -> IPAddress | None:
     else:
         host = text
     try:
-        return ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
+    # a scope (`fe80::1%eth0`) means nothing on this host and could carry any text
+    return None if getattr(address, "scope_id", None) else address
 
 
 def _is_port(text: str) -> bool:
@@ -202,9 +214,7 @@ class Middleware:
             environ[ROUTE_KEY] = path
             return self._answer(is_ready_path, environ, start_response)
         if self.trusted.trusts_anyone and (
-            "HTTP_X_FORWARDED_FOR" in environ
-            or "HTTP_X_FORWARDED_PROTO" in environ
-            or "HTTP_X_FORWARDED_HOST" in environ
+            "HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_HOST" in environ
         ):
             self._apply_forwarded(environ)
         return self.app(environ, start_response)
@@ -242,11 +252,6 @@ class Middleware:
             if client is not None:
                 environ[PROXY_ADDR_KEY] = peer
                 environ["REMOTE_ADDR"] = client
-        proto = environ.get("HTTP_X_FORWARDED_PROTO")
-        if isinstance(proto, str):
-            scheme = _rightmost(proto).lower()
-            if scheme in _SCHEMES:
-                environ["wsgi.url_scheme"] = scheme
         host = environ.get("HTTP_X_FORWARDED_HOST")
         if isinstance(host, str):
             value = _rightmost(host)
@@ -267,9 +272,9 @@ def wrap(
 
     `health_path` and `ready_path` are answered in front of the app (None: off);
     `is_ready` is asked on each readiness request. `trusted_proxies` are the addresses and
-    networks (or `*`) whose X-Forwarded-For/-Proto/-Host are believed; `trust_socket_peers`
-    whether unix-socket peers are too. Raises ValueError for a bad path or address. The
-    module docstring has the details.
+    networks (or `*`) whose X-Forwarded-For and X-Forwarded-Host are believed;
+    `trust_socket_peers` whether unix-socket peers are too. Raises ValueError for a bad path
+    or address. The module docstring has the details.
     """
     trusted = TrustedProxies(trusted_proxies, socket_peers=trust_socket_peers)
     return Middleware(

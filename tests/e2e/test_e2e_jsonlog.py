@@ -250,3 +250,50 @@ def test_text_stays_the_default(serve):
     (line,) = [line for line in log.splitlines() if AGENT in line]
     assert re.match(r'127\.0\.0\.1 - - \[[^]]+\] "GET /data HTTP/1\.1" 200 \d+ ', line), line
     assert re.search(r"\[INFO\] Booting worker with pid: \d+", log), log
+
+
+def test_hostile_requests_give_access_lines_under_16_kib(serve, tmp_path):
+    # A 4 KiB request line of %ff (a byte that is not UTF-8: 5 characters of JSON each, in
+    # the path and again in the message) and long obs-text headers (bytes 0x80-0xff; as
+    # UTF-8 of U+1F600, 12 characters of JSON for 4 bytes) are valid HTTP for gunicorn.
+    access = tmp_path / "access.log"
+    server = serve([*JSON_OPTIONS, "--access-log", str(access)])
+    target = "/" + "%ff" * 1300
+    target += "?" + "%ff" * ((4094 - len(f"GET {target}? HTTP/1.1")) // 3)
+    head = f"GET {target} HTTP/1.1\r\n".encode()
+    assert len(head) <= 4096  # gunicorn's --limit-request-line 4094, CRLF not counted
+    requests_sent = {
+        "utf8": "\U0001f600".encode() * 2000,  # 8000 bytes
+        "obs": bytes(range(0x80, 0x100)) * 31,  # 3968 bytes, not UTF-8
+    }
+    for name, value in requests_sent.items():
+        raw = (
+            head
+            + b"Host: localhost\r\n"
+            + b"User-Agent: "
+            + value
+            + b"\r\nReferer: "
+            + value
+            + b"\r\nX-Request-ID: "
+            + value
+            + b"\r\nConnection: close\r\n\r\n"
+        )
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as client:
+            client.sendall(raw)
+            reply = b""
+            while chunk := client.recv(65536):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 404"), (name, reply[:200], server.describe())
+    assert server.stop() == 0, server.describe()
+
+    raw_lines = access.read_bytes().splitlines()
+    hostile = [line for line in raw_lines if b"/\\\\xff" in line]
+    assert len(hostile) == 2, (raw_lines, server.describe())
+    for line in hostile:
+        assert len(line) + 1 < 16 * 1024, len(line)  # the newline included
+        entry = json.loads(line)
+        assert list(entry)[: len(BASE_KEYS) + len(ACCESS_FIELDS)] == [*BASE_KEYS, *ACCESS_FIELDS]
+        assert entry["status"] == 404 and entry["method"] == "GET", entry
+        assert entry["path"].startswith("/\\xff\\xff"), entry["path"][:100]
+        assert entry["truncated"], entry
+        assert set(entry["truncated"]) <= {"message", "path", "query", "user_agent", "referer"}

@@ -10,6 +10,8 @@ middleware in front of it.
 
 from __future__ import annotations
 
+import http.client
+import json
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,57 @@ def test_forwarded_headers_from_a_trusted_loopback_proxy_are_believed(serve, fig
     seen = whoami(server)
     figures(f"trusted 127.0.0.1 (default) sending {FORWARDED}: app saw {seen}")
     assert seen == {"remote_addr": "6.6.6.6", "scheme": "https"}, server.describe()
+
+
+def get_raw(server, headers: list[tuple[str, str]]) -> tuple[int, dict[str, str] | None]:
+    """GET /whoami with these header lines, repeated names sent as separate lines."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.putrequest("GET", "/whoami", skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    return response.status, (json.loads(body) if response.status == 200 else None)
+
+
+def test_star_believes_only_the_entry_the_proxy_wrote(serve, figures, whoami_app):
+    # With '*' the peer is trusted to say whom it saw (the rightmost entry), nothing more:
+    # what a client wrote to the left of it, in the same line or another, is not believed.
+    server = serve([whoami_app, "-w", "1", "--forwarded-allow-ips", "*"])
+    cases = {
+        "one line": [("X-Forwarded-For", "6.6.6.6, 203.0.113.9")],
+        "two lines": [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "203.0.113.9")],
+        "ipv6 with a port": [("X-Forwarded-For", "6.6.6.6, [2001:db8::9]:443")],
+    }
+    expected = {"one line": "203.0.113.9", "two lines": "203.0.113.9"}
+    expected["ipv6 with a port"] = "2001:db8::9"
+    for name, headers in cases.items():
+        status, seen = get_raw(server, headers)
+        figures(f"'*', {name} {headers}: {status} {seen}")
+        assert status == 200 and seen is not None, (name, server.describe())
+        assert seen["remote_addr"] == expected[name], (name, seen, server.describe())
+    # An entry that is not an address ends the walk: nothing left of it is believed.
+    status, seen = get_raw(server, [("X-Forwarded-For", "6.6.6.6, unknown")])
+    assert (status, seen) == (200, {"remote_addr": "127.0.0.1", "scheme": "http"}), seen
+
+
+def test_scheme_is_gunicorns_decision_for_the_same_peers(serve, figures, whoami_app):
+    # gunicorn's secure_scheme_headers decide wsgi.url_scheme; microsvc leaves it alone.
+    server = serve([whoami_app, "-w", "1", "--forwarded-allow-ips", "*"])
+    cases: list[tuple[list[tuple[str, str]], int, str | None]] = [
+        ([("X-Forwarded-Proto", "https")], 200, "https"),
+        ([("X-Forwarded-Proto", "http")], 200, "http"),
+        ([("X-Forwarded-Proto", "HTTPS")], 200, "http"),  # values are compared exactly
+        ([("X-Forwarded-Proto", "http, https")], 200, "http"),
+        ([("X-Forwarded-Ssl", "on")], 200, "https"),
+        ([("X-Forwarded-Proto", "https"), ("X-Forwarded-Proto", "http")], 400, None),
+    ]
+    for headers, code, scheme in cases:
+        status, seen = get_raw(server, headers)
+        figures(f"'*', {headers}: {status} {seen}")
+        assert status == code, (headers, status, server.describe())
+        assert (seen or {}).get("scheme") == scheme, (headers, seen)

@@ -23,6 +23,7 @@ from microsvc._gunicorn import Config
 from microsvc.jsonlog import (
     ACCESS_FIELDS,
     MAX_HEADER_LENGTH,
+    MAX_LINE_LENGTH,
     MAX_REQUEST_ID_LENGTH,
     JsonFormatter,
     JsonLogger,
@@ -551,3 +552,169 @@ def test_formatter_for_an_app_logger():
     assert "RuntimeError: boom\nsecond line" in failed["exc_info"]
     assert failed["order"] == 7
     assert stack["stack_info"].startswith("Stack (most recent call last):")
+
+
+# line length
+
+DOCKER_LINE = 16 * 1024  # Docker splits longer lines into several log entries
+NON_BMP = "\U0001f600"  # 4 bytes of UTF-8 in the request, 12 escaped in JSON: \ud83d\ude00
+#: Characters by how much JSON writes for each: a surrogate pair, \u00ff, a control char.
+EXPANDING = [NON_BMP, "\u00ff", "\x01", '"']
+
+
+def read_lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="ascii")
+    assert text.endswith("\n"), text[-200:]
+    return text.splitlines()
+
+
+def assert_fits(line: str) -> dict[str, Any]:
+    assert len(line.encode()) <= MAX_LINE_LENGTH < DOCKER_LINE
+    entry = json.loads(line)
+    assert isinstance(entry, dict)
+    return entry
+
+
+def hostile_environ(char: str) -> dict[str, Any]:
+    """Every field at what gunicorn lets through, made of `char`."""
+    line = 4094  # --limit-request-line
+    field = 8190  # --limit-request-field-size
+    utf8 = len(char.encode())
+    return make_environ(
+        REQUEST_METHOD="G" * 20,
+        PATH_INFO="/" + wsgi(char * (line // 2 // utf8)),
+        QUERY_STRING=wsgi(char * (line // 2 // utf8)),
+        RAW_URI="/x",
+        SERVER_PROTOCOL="HTTP/1.1",
+        HTTP_USER_AGENT=wsgi(char * (field // utf8)),
+        HTTP_REFERER=wsgi(char * (field // utf8)),
+        HTTP_X_REQUEST_ID=wsgi(char * (field // utf8)),
+    )
+
+
+@pytest.mark.parametrize("char", EXPANDING)
+def test_hostile_access_entries_stay_under_docker_s_line_length(make_logger, tmp_path, char):
+    log_access(make_logger(), hostile_environ(char))
+    (line,) = read_lines(tmp_path / "access.log")
+    entry = assert_fits(line)
+    assert list(entry)[: len(BASE_KEYS) + len(ACCESS_FIELDS)] == [*BASE_KEYS, *ACCESS_FIELDS]
+    # the longest values are cut, each to a start of what it was, and named
+    assert entry["truncated"], entry
+    assert set(entry["truncated"]) <= {"message", "path", "query", "user_agent", "referer"}
+    for key in ("user_agent", "referer"):
+        assert entry[key] and (char * MAX_HEADER_LENGTH).startswith(entry[key]), key
+    assert entry["request_id"] == char * MAX_REQUEST_ID_LENGTH  # short enough to stay whole
+    assert (entry["method"], entry["status"], entry["bytes"]) == ("G" * 20, 200, 36)
+    # cut fairly: no field left with nothing while another kept much more
+    kept = [len(json.dumps(entry[key])) for key in entry["truncated"]]
+    assert min(kept) > 1000 and max(kept) - min(kept) <= 12, kept
+
+
+def test_a_request_line_of_percent_ff_and_obs_text_headers(make_logger, tmp_path):
+    # %ff decodes to a byte that is not UTF-8 (written as \xff, 5 characters in JSON), and
+    # obs-text header bytes 0x80-0xff are kept as latin-1 by gunicorn
+    environ = make_environ(
+        PATH_INFO="/" + "\xff" * 1360,
+        QUERY_STRING="",
+        RAW_URI="/" + "%ff" * 1360,
+        HTTP_USER_AGENT=bytes(range(0x80, 0x100)).decode("latin-1") * 32,
+        HTTP_REFERER="\xc3\xbf" * 4000,  # UTF-8 of \u00ff: 6 characters each in JSON
+    )
+    log_access(make_logger(), environ)
+    (line,) = read_lines(tmp_path / "access.log")
+    entry = assert_fits(line)
+    assert entry["path"].startswith("/\\xff\\xff")
+    assert "path" in entry["truncated"] or entry["path"] == "/" + "\\xff" * 1360
+
+
+def test_an_entry_that_fits_is_not_changed(make_logger, tmp_path):
+    log_access(make_logger(), make_environ(HTTP_USER_AGENT="u" * 9000, HTTP_REFERER="f" * 9000))
+    (line,) = read_lines(tmp_path / "access.log")
+    entry = json.loads(line)
+    assert "truncated" not in entry
+    assert entry["user_agent"] == "u" * MAX_HEADER_LENGTH
+
+
+def record(message: str = "m", **attrs: Any) -> logging.LogRecord:
+    rec = logging.makeLogRecord({"name": "tests.jsonlog", "levelname": "ERROR", "msg": message})
+    rec.__dict__.update(attrs)
+    return rec
+
+
+@pytest.mark.parametrize("extra", [0, 1, 2, 3])
+def test_the_limit_is_exact(extra):
+    formatter = JsonFormatter()
+    empty = formatter.format(record(""))
+    fill = MAX_LINE_LENGTH - len(empty) - 1 + extra  # "x" * fill: a line of limit - 1 + extra
+    line = formatter.format(record("x" * fill))
+    assert len(line) <= MAX_LINE_LENGTH
+    entry = json.loads(line)
+    if extra <= 1:
+        assert entry["message"] == "x" * fill and "truncated" not in entry
+    else:
+        assert entry["truncated"] == ["message"] and "x" * fill != entry["message"]
+        assert len(line) >= MAX_LINE_LENGTH - 100  # little room is lost
+
+
+def test_a_long_traceback_keeps_its_end(make_logger, tmp_path):
+    logger = make_logger()
+    try:
+        raise RuntimeError("the innermost error " + "\u00ff\x01" * 3000 + " END")
+    except RuntimeError:
+        logger.exception("Error handling request %s", "/" + "\u00ff" * 5000)
+    (line,) = read_lines(tmp_path / "error.log")
+    entry = assert_fits(line)
+    assert entry["truncated"] == ["message", "exc_info"]
+    assert entry["message"].startswith("Error handling request /\u00ff")
+    assert entry["exc_info"].endswith("\u00ff\x01 END")
+    assert not entry["exc_info"].startswith("Traceback")
+
+
+def test_long_extras_and_stack_info_are_cut():
+    formatter = JsonFormatter()
+    rec = record(
+        "m",
+        stack_info="Stack (most recent call last):\n" + "  frame\n" * 5000 + "the end",
+        payload={"rows": ["\x02" * 100] * 100},
+        note="\u00ff" * 5000,
+        count=7,
+    )
+    entry = assert_fits(formatter.format(rec))
+    assert entry["truncated"] == ["stack_info", "payload", "note"]
+    assert entry["stack_info"].endswith("the end")
+    assert isinstance(entry["payload"], str) and entry["payload"].startswith('{"rows": ["\\u0002')
+    assert entry["note"].startswith("\u00ff") and entry["count"] == 7
+
+
+def test_too_many_extras_keep_the_base_fields():
+    formatter = JsonFormatter()
+    extras = {f"field_{index:05d}_{'k' * 30}": index for index in range(2000)}
+    entry = assert_fits(formatter.format(record("\u00ff" * 9000, **extras)))
+    assert list(entry) == [*BASE_KEYS, "truncated", "dropped"]
+    assert entry["dropped"] == 2000 and entry["truncated"] == ["message"]
+    assert entry["message"].startswith("\u00ff" * 1000)
+
+
+def test_the_syslog_prefix_counts():
+    formatter = JsonFormatter(prefix="gunicorn.microsvc.access: ")
+    line = formatter.format(record("\u00ff" * 9000))
+    assert line.startswith("gunicorn.microsvc.access: {")
+    assert len(line) <= MAX_LINE_LENGTH
+    assert json.loads(line[line.index("{") :])["truncated"] == ["message"]
+
+
+def test_max_length():
+    assert len(JsonFormatter(max_length=2000).format(record("x" * 5000))) <= 2000
+    assert len(JsonFormatter(max_length=None).format(record("x" * 50000))) > 50000
+    with pytest.raises(ValueError, match="max_length"):
+        JsonFormatter(max_length=100)
+
+
+def test_timestamp_and_level_are_never_cut():
+    formatter = JsonFormatter(max_length=1100)
+    rec = record("\u00ff" * 900, big=10**3000, note="x" * 900)
+    rec.name = "n" * 900
+    entry = assert_fits(formatter.format(rec))
+    assert TIMESTAMP_RE.fullmatch(entry["timestamp"]) and entry["level"] == "error"
+    assert entry["truncated"] == ["logger", "message", "big", "note"]
+    assert entry["big"].startswith("1000") and isinstance(entry["pid"], int)

@@ -356,11 +356,72 @@ def test_ipv4_mapped_peer_matches_ipv4_networks() -> None:
     assert seen["REMOTE_ADDR"] == "198.51.100.7"
 
 
-def test_star_trusts_every_peer_and_hop() -> None:
-    header = {"X-Forwarded-For": "198.51.100.7, 203.0.113.5", "X-Forwarded-Proto": "https"}
-    seen = forwarded(["*"], "203.0.113.9", header)
-    assert seen["REMOTE_ADDR"] == "198.51.100.7"
-    assert seen["wsgi.url_scheme"] == "https"
+def test_star_trusts_every_peer_but_only_the_entry_it_wrote() -> None:
+    # curl -H 'X-Forwarded-For: 6.6.6.6, 203.0.113.9' through a proxy that appends nothing
+    # or that is itself the peer: 6.6.6.6 is what the client wrote.
+    header = {"X-Forwarded-For": "6.6.6.6, 203.0.113.9"}
+    seen = forwarded(["*"], "127.0.0.1", header)
+    assert seen["REMOTE_ADDR"] == "203.0.113.9"
+    assert seen[PROXY_ADDR_KEY] == "127.0.0.1"
+
+
+#: (trusted, X-Forwarded-For as the app gets it, the client; None: REMOTE_ADDR stays the peer)
+WALKS = [
+    # '*': the rightmost entry, whatever the client wrote left of it
+    (["*"], "203.0.113.9", "203.0.113.9"),
+    (["*"], "6.6.6.6, 203.0.113.9", "203.0.113.9"),
+    (["*"], "6.6.6.6,203.0.113.9", "203.0.113.9"),  # two header lines, joined by gunicorn
+    (["*"], "6.6.6.6, 7.7.7.7,203.0.113.9", "203.0.113.9"),  # a list in the client's line
+    (["*"], "127.0.0.1, 10.0.0.1, 203.0.113.9", "203.0.113.9"),  # claims of trusted hops
+    (["*"], "6.6.6.6, 203.0.113.9, ", "203.0.113.9"),  # empty list elements are skipped
+    (["*"], "6.6.6.6, 203.0.113.9:4711", "203.0.113.9"),
+    (["*"], "6.6.6.6, [2001:db8::9]:443", "2001:db8::9"),
+    (["*"], "2001:db8::6, 2001:DB8::9", "2001:db8::9"),
+    (["*"], "6.6.6.6, unknown", None),  # the rightmost is not an address: no client
+    (["*"], "6.6.6.6, _hidden", None),
+    (["*"], "6.6.6.6 203.0.113.9", None),  # not a list
+    (["*"], "6.6.6.6; 203.0.113.9", None),
+    (["*"], "for=203.0.113.9", None),  # Forwarded syntax is not X-Forwarded-For
+    # '*' with listed proxies: the listed ones are walked past
+    (["*", "10.0.0.0/8"], "6.6.6.6, 203.0.113.9, 10.0.0.2", "203.0.113.9"),
+    (["*", "10.0.0.0/8"], "10.0.0.5, 10.0.0.2", "10.0.0.5"),
+    # listed proxies: the first address from the right that is not one of them
+    (["10.0.0.1"], "6.6.6.6, 203.0.113.9", "203.0.113.9"),
+    (["10.0.0.0/8"], "6.6.6.6, 203.0.113.9, 10.0.0.3", "203.0.113.9"),
+    (["10.0.0.0/8"], "6.6.6.6,203.0.113.9,10.0.0.3,10.0.0.2", "203.0.113.9"),
+    (["10.0.0.0/8"], "6.6.6.6, 203.0.113.9, ::ffff:10.0.0.3", "203.0.113.9"),
+    (["10.0.0.0/8"], "6.6.6.6, 10.0.0.3:8080", "6.6.6.6"),  # 10.0.0.3 says it saw 6.6.6.6
+    (["10.0.0.0/8"], "6.6.6.6, garbage, 10.0.0.3", "10.0.0.3"),
+    (["10.0.0.0/8"], "6.6.6.6, 10.0.0.3, unknown", None),
+    (["10.0.0.0/8"], "6.6.6.6, 10.0.0.256", None),
+    (["10.0.0.1", "fd00::/8"], "2001:db8::6, 2001:db8::7, fd00::2", "2001:db8::7"),
+    (["10.0.0.1", "fd00::/8"], "2001:db8::6, [2001:db8::7]:1234, [fd00::2]", "2001:db8::7"),
+    (["10.0.0.1", "fd00::/8"], "2001:db8::6, 2001:db8::7%eth0", None),  # no scopes
+]
+
+
+@pytest.mark.parametrize(("trusted", "header", "client"), WALKS)
+def test_the_walk_from_the_right(trusted: list[str], header: str, client: str | None) -> None:
+    peer = "10.0.0.1"
+    seen = forwarded(trusted, peer, {"X-Forwarded-For": header})
+    assert seen["REMOTE_ADDR"] == (client or peer)
+    assert seen.get(PROXY_ADDR_KEY) == (peer if client else None)
+    assert TrustedProxies(trusted).client_address(header) == client
+
+
+@pytest.mark.parametrize(("trusted", "header", "client"), WALKS)
+def test_what_a_client_writes_left_of_the_proxys_entries_never_wins(
+    trusted: list[str], header: str, client: str | None
+) -> None:
+    # A client puts what it likes in front of what the proxies wrote, in its own header
+    # line or in the same one: the walk stops before it. Only when every entry is a listed
+    # proxy does the walk reach it (trusted networks that hold clients: see the docs).
+    proxies = TrustedProxies(trusted)
+    if client is not None and proxies.contains(ipaddress.ip_address(client)):
+        return
+    for forged in ("1.1.1.1", "1.1.1.1, 10.0.0.9", "::1,127.0.0.1", "garbage", "", "[::1]:80"):
+        assert proxies.client_address(f"{forged},{header}") == client, forged
+        assert proxies.client_address(f"{forged}, {header}") == client, forged
 
 
 def test_empty_trust_list_trusts_no_ip_peer() -> None:
@@ -404,6 +465,9 @@ def test_missing_remote_addr_is_not_trusted() -> None:
         "\x00",
         "\uff11.\uff12.\uff13.\uff14",  # fullwidth digits
         "1.2.3.4:\u0661\u0662",  # Arabic-Indic digits
+        "fe80::1%eth0",
+        "[fe80::1%25eth0]:80",
+        "::1%<script>",
     ],
 )
 def test_malformed_forwarded_for_is_ignored(header: str) -> None:
@@ -432,39 +496,16 @@ def test_non_string_header_values_are_ignored() -> None:
     assert (inner.last["REMOTE_ADDR"], inner.last["wsgi.url_scheme"]) == ("127.0.0.1", "http")
 
 
-@pytest.mark.parametrize(
-    ("proto", "scheme"),
-    [
-        ("https", "https"),
-        ("HTTPS", "https"),
-        (" https ", "https"),
-        ("http", "http"),
-        ("http, https", "https"),  # rightmost: nearest to the trusted proxy
-        ("https, http", "http"),
-        ("wss", "http"),
-        ("https, ftp", "http"),
-        ("", "http"),
-    ],
-)
-def test_forwarded_proto(proto: str, scheme: str) -> None:
-    seen = forwarded(["127.0.0.1"], "127.0.0.1", {"X-Forwarded-Proto": proto})
-    assert seen["wsgi.url_scheme"] == scheme
-
-
-def test_forwarded_proto_http_can_downgrade_the_servers_guess() -> None:
+@pytest.mark.parametrize("proto", ["https", "HTTPS", "http", "http, https", "https, http"])
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_the_scheme_is_left_as_the_server_set_it(proto: str, scheme: str) -> None:
+    # gunicorn decides wsgi.url_scheme from its secure_scheme_headers for the same peers
     inner = InnerApp()
-    environ = env("/x", remote="127.0.0.1", headers={"X-Forwarded-Proto": "http"})
-    environ["wsgi.url_scheme"] = "https"
-    call(make(inner, trusted=["127.0.0.1"]), **environ)
-    assert inner.last["wsgi.url_scheme"] == "http"
-
-
-def test_invalid_proto_keeps_the_servers_scheme() -> None:
-    inner = InnerApp()
-    environ = env("/x", remote="127.0.0.1", headers={"X-Forwarded-Proto": "bogus"})
-    environ["wsgi.url_scheme"] = "https"
-    call(make(inner, trusted=["127.0.0.1"]), **environ)
-    assert inner.last["wsgi.url_scheme"] == "https"
+    headers = {"X-Forwarded-Proto": proto, "X-Forwarded-For": "198.51.100.7"}
+    environ = env("/x", remote="127.0.0.1", headers=headers)
+    environ["wsgi.url_scheme"] = scheme
+    call(make(inner, trusted=["*"]), **environ)
+    assert (inner.last["wsgi.url_scheme"], inner.last["REMOTE_ADDR"]) == (scheme, "198.51.100.7")
 
 
 @pytest.mark.parametrize(
@@ -479,6 +520,8 @@ def test_invalid_proto_keeps_the_servers_scheme() -> None:
         ("user@evil.example", "internal:8000"),
         ("", "internal:8000"),
         ("api.example.com, ", "internal:8000"),
+        ("evil.example,api.example.com", "api.example.com"),  # two lines: the proxy's is last
+        ("api.example.com, evil.example/x", "internal:8000"),
     ],
 )
 def test_forwarded_host(value: str, host: str) -> None:
@@ -486,10 +529,10 @@ def test_forwarded_host(value: str, host: str) -> None:
     assert seen["HTTP_HOST"] == host
 
 
-def test_proto_and_host_without_forwarded_for_keep_the_address() -> None:
-    headers = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "api.example.com"}
+def test_host_without_forwarded_for_keeps_the_address() -> None:
+    headers = {"X-Forwarded-Host": "api.example.com"}
     seen = forwarded(["127.0.0.1"], "127.0.0.1", headers)
-    assert (seen["wsgi.url_scheme"], seen["HTTP_HOST"]) == ("https", "api.example.com")
+    assert seen["HTTP_HOST"] == "api.example.com"
     assert seen["REMOTE_ADDR"] == "127.0.0.1"
     assert PROXY_ADDR_KEY not in seen
 
@@ -575,5 +618,5 @@ def test_peer_trust_agrees_with_gunicorn(allow: str, peer: str) -> None:
     expected = _ip_in_allow_list(peer, cfg.forwarded_allow_ips, cfg.forwarded_allow_networks())
     ours = TrustedProxies([part for part in allow.split(",") if part])
     assert ours.peer_is_trusted(peer) is expected
-    seen = forwarded(allow.split(","), peer, {"X-Forwarded-Proto": "https"})
-    assert seen["wsgi.url_scheme"] == ("https" if expected else "http")
+    seen = forwarded(allow.split(","), peer, {"X-Forwarded-For": "198.51.100.7"})
+    assert seen["REMOTE_ADDR"] == ("198.51.100.7" if expected else peer)
