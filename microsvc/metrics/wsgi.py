@@ -10,7 +10,9 @@ iterable), under its method, route and status:
   cannot make the number of series grow.
 - method: the standard methods as they are, any other as `other`.
 - status: the three digits the app started the response with; 500 when the app raised
-  before starting one (the server answers 500 then).
+  before starting one (the server answers 500 then); 101 when the server marked the
+  request with `TAKEN_OVER_KEY` (the app took the connection over and answered on the
+  socket itself, as eventlet's websocket does for its 101 Switching Protocols).
 
 The duration runs from the call of the app to the end of the response body. A
 `wsgi.file_wrapper` response is returned as it is (the server may send it with
@@ -28,6 +30,8 @@ from microsvc.middleware import ROUTE_KEY
 
 UNMATCHED = "(unmatched)"
 UNKNOWN = "(unknown)"
+#: Set to True in the environ by a worker when the app took the connection over.
+TAKEN_OVER_KEY = "microsvc.taken_over"
 
 Environ = dict[str, Any]
 StartResponse = Callable[..., Any]
@@ -72,7 +76,8 @@ class _Request:
     def finish(self) -> None:
         if not self.closed:
             self.closed = True
-            self.meter.record(self.environ, self.status, time.perf_counter() - self.started)
+            status = "101" if self.environ.get(TAKEN_OVER_KEY) else self.status
+            self.meter.record(self.environ, status, time.perf_counter() - self.started)
 
 
 class InstrumentedApp:
