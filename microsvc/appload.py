@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import importlib
 import os
+import select
 import subprocess
 import sys
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +98,24 @@ def _evaluate(ref: AppRef, module: Any) -> Any:
         raise AppLoadError(f"{ref.text!r}: the factory raised {_describe(exc)}") from exc
 
 
+class AppSyntaxError(AppLoadError, SyntaxError):
+    """The app's code does not compile. A SyntaxError too, so that gunicorn's workers
+    under --reload serve the error and watch the broken file instead of failing to boot."""
+
+    def __init__(self, message: str, cause: SyntaxError) -> None:
+        super().__init__(message)
+        self.filename = cause.filename
+        self.lineno = cause.lineno
+        self.offset = cause.offset
+        self.text = cause.text
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SyntaxError):  # its message names the file and line already
+        return f"{type(exc).__name__}: {exc}"
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" ({os.path.relpath(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
     return f"{type(exc).__name__}: {exc}{where}"
@@ -114,6 +134,8 @@ def import_module(ref: AppRef) -> Any:
                 f"(looked in {cwd} and the Python path)"
             ) from None
         raise AppLoadError(f"importing {ref.module!r} raised {_describe(exc)}") from exc
+    except SyntaxError as exc:
+        raise AppSyntaxError(f"importing {ref.module!r} raised {_describe(exc)}", exc) from exc
     except Exception as exc:
         raise AppLoadError(f"importing {ref.module!r} raised {_describe(exc)}") from exc
 
@@ -134,23 +156,62 @@ def load_app(ref: AppRef) -> WSGIApp:
     return app  # type: ignore[no-any-return]
 
 
-def check_in_subprocess(ref: AppRef) -> None:
+#: How long the start-up check waits for the app to load when no timeout is given.
+CHECK_TIMEOUT = 30.0
+
+
+def check_in_subprocess(
+    ref: AppRef,
+    *,
+    timeout: float | None = CHECK_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    pythonpath: Sequence[str] = (),
+) -> None:
     """Load the app in a short-lived Python process and raise its error here, if any.
 
     The master then fails with one clear line before any worker starts, and keeps none
     of the app's import-time state (connections, threads) that forked workers would share.
     A separate interpreter, not a fork, so that it works the same in a monkey-patched master.
+
+    The child gets what the workers get: the variables in `env` (gunicorn's raw_env) on
+    top of this process's environment, `cwd` as its working directory and the
+    directories in `pythonpath` first on its path. It reports on a pipe of its own, not
+    on stdout (which the app may write to), as soon as the app is loaded, and then ends
+    at once: threads the app started at import cannot hold it. A load that takes longer
+    than `timeout` seconds (None: no limit) is killed and reported.
     """
+    directory = os.path.abspath(cwd or os.getcwd())
     environ = dict(os.environ)
-    environ["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *filter(None, sys.path)])
-    child = subprocess.run(
-        [sys.executable, "-c", "import microsvc.appload as m; m._report_load()", ref.text],
-        env=environ,
-        stdout=subprocess.PIPE,
-        check=False,
-    )
-    answer = child.stdout.decode(errors="replace").strip().splitlines()
-    status = answer[-1] if answer else ""
+    environ.update(env or {})
+    search = [*(os.path.abspath(path) for path in pythonpath), directory]
+    environ["PYTHONPATH"] = os.pathsep.join([*search, *filter(None, sys.path)])
+    read_end, write_end = os.pipe()
+    try:
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_CODE, ref.text, str(write_end)],
+            env=environ,
+            cwd=directory,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            pass_fds=(write_end,),
+        )
+    except OSError as exc:
+        os.close(read_end)
+        raise AppLoadError(f"cannot start a process to load {ref.text!r}: {exc}") from None
+    finally:
+        os.close(write_end)
+    status: str | None = None
+    try:
+        status = _read_status(read_end, child, timeout)
+    finally:
+        os.close(read_end)
+        _end(child, _EXIT_GRACE if status is not None else 0.0)
+    if status is None:
+        raise AppLoadError(
+            f"loading {ref.text!r} did not finish within {timeout:g} s (the worker boot "
+            "timeout, --timeout)"
+        )
     if status == "ok":
         return
     name, _, message = status.partition("\t")
@@ -162,15 +223,69 @@ def check_in_subprocess(ref: AppRef) -> None:
     raise (AppImportError if name == "AppImportError" else AppLoadError)(message)
 
 
+_CHILD_CODE = "import microsvc.appload as m; m._report_load()"
+
+
+def _read_status(fd: int, child: subprocess.Popen[bytes], timeout: float | None) -> str | None:
+    """The child's status line; "" when it ended without one; None when time ran out."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        wait = 0.2 if deadline is None else min(0.2, deadline - time.monotonic())
+        if wait <= 0:
+            return None
+        readable, _, _ = select.select([fd], [], [], wait)
+        if readable:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+        elif child.poll() is not None:
+            # Ended, yet the pipe is still open: a process the app forked holds it.
+            data += _read_available(fd)
+            break
+    return data.partition(b"\n")[0].decode(errors="replace")
+
+
+def _read_available(fd: int) -> bytes:
+    readable, _, _ = select.select([fd], [], [], 0)
+    return os.read(fd, 4096) if readable else b""
+
+
+def _end(child: subprocess.Popen[bytes], grace: float) -> None:
+    """The child ends by itself once it has reported; kill it if it does not."""
+    try:
+        child.wait(grace)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+#: How long the child may take to end after its report before it is killed.
+_EXIT_GRACE = 2.0
+
+
 def _report_load() -> None:
-    """Entry point of `check_in_subprocess`'s child: load, then print one status line."""
-    ref = parse_app_string(sys.argv[1])
+    """Entry point of `check_in_subprocess`'s child: load, write one status line on the
+    status pipe, and end without waiting for the app's threads or exit handlers."""
+    ref_text, fd = sys.argv[1], int(sys.argv[2])
+    os.set_inheritable(fd, False)  # processes the app starts do not get the pipe
     status = "ok"
     try:
-        load_app(ref)
+        ref = parse_app_string(ref_text)
+        try:
+            load_app(ref)
+        except MicrosvcError as exc:
+            status = f"{type(exc).__name__}\t{exc}"
+        except BaseException as exc:  # whatever the app does is reported, never a traceback
+            status = f"AppLoadError\timporting {ref.module!r} raised {_describe(exc)}"
     except MicrosvcError as exc:
         status = f"{type(exc).__name__}\t{exc}"
-    except BaseException as exc:  # whatever the app does is reported, never a traceback
-        status = f"AppLoadError\timporting {ref.module!r} raised {_describe(exc)}"
-    sys.stdout.flush()
-    print("\n" + status.replace("\n", " "), flush=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    line = (status.replace("\n", " ") + "\n").encode()
+    with contextlib.suppress(OSError):
+        while line:
+            line = line[os.write(fd, line) :]
+    os._exit(0)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import multiprocessing
+import os
 import signal
+import sys
+import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -22,24 +27,33 @@ _STOPPING_SIGNALS = frozenset(
 
 
 class ServerState:
-    """Flags the master shares with the workers it forks, in shared memory.
+    """Flags the master shares with the workers it forks.
 
     `ready`: every worker of the first generation has loaded the app.
     `draining`: TERM arrived and the drain period runs; readiness answers 503.
+    `booted`: how many workers have loaded the app, counted until the server is ready.
+
+    Nothing here takes a lock, so a worker killed at any point (the OOM killer, a
+    timeout) leaves nothing that another worker or the master would wait for. The flags
+    are single bytes of shared memory. Each boot appends one byte to an unlinked
+    temporary file opened for appending: the kernel makes each append atomic, and the
+    file's size is the count. Boots after the server is ready are not counted, so the
+    file stays a few bytes however often workers are replaced.
     """
 
     def __init__(self) -> None:
-        self._booted = multiprocessing.Value(ctypes.c_int, 0)
+        self._boots = _append_only_temporary_file()
+        weakref.finalize(self, os.close, self._boots)
         self._ready = multiprocessing.RawValue(ctypes.c_bool, False)
         self._draining = multiprocessing.RawValue(ctypes.c_bool, False)
 
     def worker_booted(self) -> None:
-        with self._booted.get_lock():
-            self._booted.value += 1
+        if not self.ready:
+            os.write(self._boots, b"+")
 
     @property
     def booted(self) -> int:
-        return int(self._booted.value)
+        return os.fstat(self._boots).st_size
 
     @property
     def ready(self) -> bool:
@@ -60,6 +74,22 @@ class ServerState:
     def is_ready(self) -> bool:
         """What the readiness path answers: started, and not draining."""
         return self.ready and not self.draining
+
+
+def _append_only_temporary_file() -> int:
+    """A descriptor of an empty, already unlinked file, open for appending only; in
+    /dev/shm when it is writable (as multiprocessing's shared memory is), else in the
+    temporary directory."""
+    shm = "/dev/shm"
+    ram = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+    fd, path = tempfile.mkstemp(prefix="microsvc-boots-", dir=ram)
+    try:
+        os.unlink(path)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
@@ -126,6 +156,8 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         return pid
 
     def reap_workers(self) -> None:
+        if self.metrics is not None:
+            self.metrics.reap()  # first: gunicorn's waitpid(-1) would take its status
         before = set(self.WORKERS)
         try:
             super().reap_workers()
@@ -151,6 +183,47 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
             )
             return
         raise StopIteration
+
+    # binary upgrade: USR2 starts a new master on the same listening sockets
+
+    def handle_usr2(self) -> None:
+        refusal = self._upgrade_refusal()
+        if refusal is not None:
+            self.log.error("USR2 ignored: %s", refusal)
+            return
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if spec is not None and spec.name:  # started as `python -m NAME`: do that again
+            module = spec.name.removesuffix(".__main__")
+            self.START_CTX["args"] = [sys.executable, "-m", module, *sys.argv[1:]]
+        super().handle_usr2()
+
+    def _upgrade_refusal(self) -> str | None:
+        if self.metrics is not None:
+            return (
+                "a new master cannot take over the metrics address (--metrics); "
+                "start a new instance beside this one instead (docs/lifecycle.md)"
+            )
+        if self.cfg.reuse_port:
+            return (
+                "with reuse_port each worker binds its own socket and the master has none "
+                "to hand over; start a new instance beside this one instead"
+            )
+        if not sys.argv or sys.argv[0] in ("", "-", "-c"):
+            return "started by python -c or from standard input, this program cannot run again"
+        return None
+
+    def handle_winch(self) -> None:
+        # gunicorn stops the workers on WINCH only when daemonized (a terminal sends
+        # WINCH when resized); once USR2 has started a new master, WINCH is the
+        # upgrade's next step whether daemonized or not.
+        if self.reexec_pid and not self.cfg.daemon:
+            self.log.info("Stopping the workers gracefully: a new master serves (USR2)")
+            self.num_workers = 0
+            with self._stopping("shutdown"):
+                self.kill_workers(signal.SIGTERM)
+            return
+        super().handle_winch()
 
     def maybe_promote_master(self) -> None:
         # Called on every turn of the master loop (at least once a second).

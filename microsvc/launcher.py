@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import stat
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from microsvc import middleware, patching
-from microsvc._gunicorn import BaseApplication, ConfigError
+from microsvc._gunicorn import BaseApplication, Config, ConfigError
 from microsvc._version import __version__
 from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
 from microsvc.arbiter import MicrosvcArbiter, ServerState
-from microsvc.binding import bind_tcp
+from microsvc.binding import bind_tcp, check_overlaps, inherited_listeners
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
 from microsvc.options import OPTIONS, LogFormat, Settings, WorkerClass
 from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
@@ -59,13 +62,19 @@ def resolve(
     gunicorn_settings: Mapping[str, Any] | None,
     environ: Mapping[str, str],
     explicit_source: str,
+    cwd: str | None = None,
 ) -> Resolved:
+    """Settings from every layer. Relative paths (the config file, gunicorn's chdir) are
+    read from `cwd` when given, else from the current directory."""
+    if config and cwd:
+        config = os.path.join(cwd, config)
     return resolve_settings(
         options,
         environ,
         load_config(config) if config else None,
         explicit_source=explicit_source,
         gunicorn=gunicorn_settings,
+        cwd=cwd,
     )
 
 
@@ -106,6 +115,37 @@ def gunicorn_config(
         config["worker_tmp_dir"] = HEARTBEAT_DIR
     config.update(passthrough)
     return config
+
+
+def build_gunicorn_config(values: Mapping[str, Any]) -> Config:
+    """A new gunicorn Config holding `values`, checked as gunicorn checks a configuration
+    before it serves: each value by its setting's validator, then the settings together
+    (`Config.validate()`, e.g. `http_protocols` with h2 needs the h2 package). Raises
+    UsageError naming what is wrong; nothing else is touched, so a running configuration
+    can be kept when this fails."""
+    cfg = Config(prog="microsvc")
+    for name, value in values.items():
+        try:
+            cfg.set(name, value)
+        except (AttributeError, ValueError, TypeError, ConfigError) as exc:
+            raise UsageError(f"gunicorn setting {name!r}: {exc}") from None
+    try:
+        cfg.validate()
+    except (ValueError, TypeError, ConfigError) as exc:
+        raise UsageError(f"gunicorn: {exc}") from None
+    return cfg
+
+
+def check_gunicorn_paths(cfg: Config) -> None:
+    """Directories gunicorn writes to must exist before it needs them: worker_tmp_dir
+    (each worker's heartbeat file) and the pidfile's directory."""
+    tmp_dir = cfg.worker_tmp_dir
+    if tmp_dir and not os.path.isdir(tmp_dir):
+        raise UsageError(f"worker_tmp_dir {tmp_dir!r} is not a directory")
+    if cfg.pidfile:
+        directory = os.path.dirname(os.path.abspath(cfg.pidfile))
+        if not os.path.isdir(directory):
+            raise UsageError(f"pidfile {cfg.pidfile!r}: directory {directory} does not exist")
 
 
 class Launcher(BaseApplication):  # type: ignore[misc]
@@ -151,6 +191,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             )
         self._master_pid = os.getpid()
         self._user_post_worker_init: Any = None
+        self._launch_dir = os.getcwd()
+        self._loaded_app: WSGIApp | None = None
         self.state = ServerState()
         self.metrics: MetricsService | None = None
         super().__init__(prog="microsvc")
@@ -175,18 +217,15 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def do_load_config(self) -> None:
         # gunicorn's version turns every error into sys.exit(1); the library raises instead.
-        self.load_default_config()
-        self.load_config()
+        self.cfg, self._user_post_worker_init = self.load_config(self.resolved, self.plan)
 
-    def load_config(self) -> None:
-        config = gunicorn_config(self.settings, self.plan, self.resolved.gunicorn, self._master_pid)
-        self._user_post_worker_init = config.get("post_worker_init")
-        config["post_worker_init"] = self._post_worker_init
-        for name, value in config.items():
-            try:
-                self.cfg.set(name, value)
-            except (AttributeError, ValueError, TypeError, ConfigError) as exc:
-                raise UsageError(f"gunicorn setting {name!r}: {exc}") from None
+    def load_config(self, resolved: Resolved, plan: WorkerPlan) -> tuple[Config, Any]:
+        """A checked gunicorn Config for these settings, and the user's post_worker_init
+        hook (microsvc's own runs in its place and calls it). Raises UsageError."""
+        values = gunicorn_config(resolved.settings, plan, resolved.gunicorn, self._master_pid)
+        user_hook = values.get("post_worker_init")
+        values["post_worker_init"] = self._post_worker_init
+        return build_gunicorn_config(values), user_hook
 
     def _post_worker_init(self, worker: Any) -> None:
         """In each worker once its app is loaded: count it toward readiness."""
@@ -202,7 +241,14 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             self.metrics.worker_stopping(kind)
 
     def reload(self) -> None:
-        """On HUP: read the config file and environment again, plan again, reconfigure."""
+        """On HUP: read the config file and environment again, plan again, and check the
+        whole new configuration before any of the running one is replaced: microsvc's
+        checks, gunicorn's, the addresses it adds can be bound, the directories it names
+        exist, its worker class is installed, and, when it turns --preload on, the app
+        loads. When a check fails, the error is logged in one line and the running
+        configuration is kept. The app is wrapped again (`load`) with the new settings,
+        with or without --preload."""
+        log = logging.getLogger("gunicorn.error")
         try:
             resolved = resolve(
                 self._options,
@@ -210,30 +256,77 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                 self._gunicorn_settings,
                 self._environ,
                 self._explicit_source,
+                cwd=self._launch_dir,
             )
             plan = make_plan(resolved, self._facts)
+            cfg, user_hook = self.load_config(resolved, plan)
+            self._check_reload(resolved, cfg)
         except MicrosvcError as exc:
-            logging.getLogger("gunicorn.error").error(
-                "Reload kept the running configuration: %s", exc
-            )
+            log.error("Reload kept the running configuration: %s", exc)
             return
         before = self.settings
         after = resolved.settings
         if (after.metrics, after.metrics_bind) != (before.metrics, before.metrics_bind):
-            logging.getLogger("gunicorn.error").warning(
+            log.warning(
                 "Reload: --metrics and --metrics-bind take effect at the next start; "
                 "metrics stay as they were"
             )
         self.resolved, self.plan = resolved, plan
-        super().reload()
+        self.cfg, self._user_post_worker_init = cfg, user_hook
+        if not after.preload:
+            self._loaded_app = None  # workers import the app themselves
+        self.callable = None  # wrapped again with the new settings
+        self.enter_paths()
+
+    def _check_reload(self, resolved: Resolved, cfg: Config) -> None:
+        """What could stop the master once a new configuration is in place."""
+        settings = resolved.settings
+        patching.require_extra(settings.worker_class)
+        metrics_bind = self.settings.metrics_bind if self.metrics is not None else None
+        check_overlaps(settings.bind, metrics_bind)  # metrics keep their running address
+        for bind in settings.bind:
+            if bind in self.settings.bind:
+                continue  # already listening there
+            if bind.startswith("unix:"):
+                _check_unix_bind(bind)
+            elif bind.startswith("fd://"):
+                _check_fd_bind(bind)
+            elif not cfg.reuse_port:
+                _check_tcp_bind(bind)
+        check_gunicorn_paths(cfg)
+        if "chdir" in resolved.gunicorn and not os.access(cfg.chdir, os.X_OK):
+            raise UsageError(f"gunicorn setting 'chdir': cannot enter {cfg.chdir}")
+        if settings.preload and self.app_ref is not None and self._loaded_app is None:
+            self._loaded_app = load_app(self.app_ref)
+
+    def enter_paths(self) -> None:
+        """gunicorn's `chdir` and `pythonpath`, applied in this process before the app is
+        imported (workers inherit them): move to `chdir` and put it first on sys.path; put
+        the `pythonpath` directories (comma-separated; relative ones are read from the new
+        working directory) in front of it, in their order. Without `chdir` the working
+        directory is the one microsvc started in."""
+        directory = self.cfg.chdir if "chdir" in self.resolved.gunicorn else self._launch_dir
+        if os.getcwd() != directory:
+            os.chdir(directory)
+        entries = (entry.strip() for entry in (self.cfg.pythonpath or "").split(","))
+        front = [os.path.abspath(entry) for entry in entries if entry]
+        if "chdir" in self.resolved.gunicorn:
+            front.append(directory)
+        sys.path[:0] = [path for path in dict.fromkeys(front) if path not in sys.path]
+
+    def _user_app(self) -> WSGIApp:
+        if self.app_object is not None:
+            return self.app_object
+        if self._loaded_app is None:
+            assert self.app_ref is not None
+            self._loaded_app = load_app(self.app_ref)
+        return self._loaded_app
 
     def load(self) -> WSGIApp:
-        """The app, with health, readiness and proxy trust in front of it."""
-        if self.app_object is not None:
-            app = self.app_object
-        else:
-            assert self.app_ref is not None
-            app = load_app(self.app_ref)
+        """The app, with health, readiness and proxy trust in front of it, from the
+        settings in force. The app itself is imported once per process; after a reload
+        gunicorn asks again and gets it wrapped with the new settings."""
+        app = self._user_app()
         settings = self.settings
         wrapped: WSGIApp = middleware.wrap(
             app,
@@ -249,8 +342,21 @@ class Launcher(BaseApplication):  # type: ignore[misc]
     # running
 
     def check_binds(self) -> None:
-        """Fail with one line before gunicorn retries a busy address for five seconds."""
-        for bind in self.settings.bind:
+        """Fail with one line before gunicorn retries a busy address for five seconds.
+
+        Addresses that overlap (the same port on the same address, or under a wildcard)
+        are a usage error. A master that takes over listening sockets (from the master it
+        replaces on USR2, or from systemd) binds none of its addresses: gunicorn listens on
+        those sockets instead, so only they are checked."""
+        inherited = inherited_listeners()
+        if inherited is not None:
+            for fd in inherited:
+                _check_fd_bind(f"fd://{fd}")
+            return
+        settings = self.settings
+        metrics_bind = settings.metrics_bind if settings.metrics else None
+        check_overlaps(settings.bind, metrics_bind, reuse_port=bool(self.cfg.reuse_port))
+        for bind in settings.bind:
             if bind.startswith("unix:"):
                 _check_unix_bind(bind)
             elif bind.startswith("fd://"):
@@ -260,9 +366,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def check_paths(self) -> None:
         """Directories gunicorn writes to must exist before workers start."""
-        tmp_dir = self.cfg.worker_tmp_dir
-        if tmp_dir and not os.path.isdir(tmp_dir):
-            raise UsageError(f"worker_tmp_dir {tmp_dir!r} is not a directory")
+        check_gunicorn_paths(self.cfg)
 
     def run(self) -> None:
         """Serve until stopped (TERM, INT, QUIT). Returns when the server stops cleanly."""
@@ -270,22 +374,27 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         worker_class = self.settings.worker_class
         patching.require_extra(worker_class)
         patching.patch(worker_class)
+        self.enter_paths()
         self.check_binds()
         self.check_paths()
+        worker_env = _worker_env(self.cfg)
         if self.app_ref is not None and not self.settings.preload:
-            check_in_subprocess(self.app_ref)
+            check_in_subprocess(self.app_ref, timeout=self.cfg.timeout or None, env=worker_env)
         if self.settings.metrics:
             from microsvc.metrics import MetricsService
 
             self.metrics = MetricsService(
                 self.settings.metrics_bind, version=__version__, worker_class=worker_class
             )
+        handlers = _SignalHandlers()
         try:
             self._serve()
         finally:
-            if self.metrics is not None and os.getpid() == self._master_pid:
-                self.metrics.close()
-                self.metrics = None
+            if os.getpid() == self._master_pid:
+                handlers.restore()
+                if self.metrics is not None:
+                    self.metrics.close()
+                    self.metrics = None
 
     def _serve(self) -> None:
         worker_class = self.settings.worker_class
@@ -321,8 +430,43 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             raise ServerError(str(exc).removeprefix("Error: ")) from None
 
 
+class _SignalHandlers:
+    """The process's signal handlers and wakeup fd, saved before gunicorn's arbiter
+    replaces them, so that a program embedding `Launcher` gets its own back."""
+
+    SIGNALS = (*MicrosvcArbiter.SIGNALS, signal.SIGCHLD)
+
+    def __init__(self) -> None:
+        self.handlers = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        self.wakeup_fd: int | None = None
+        try:
+            self.wakeup_fd = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(self.wakeup_fd)
+        except ValueError:  # not the main thread: gunicorn cannot set signals either
+            pass
+
+    def restore(self) -> None:
+        for sig, handler in self.handlers.items():
+            if handler is not None:  # None: set outside Python, cannot be put back
+                with contextlib.suppress(OSError, ValueError):
+                    signal.signal(sig, handler)
+        if self.wakeup_fd is not None:
+            try:
+                signal.set_wakeup_fd(self.wakeup_fd)
+            except ValueError:  # the fd was closed meanwhile
+                signal.set_wakeup_fd(-1)
+
+
+def _worker_env(cfg: Config) -> dict[str, str]:
+    """The variables gunicorn's raw_env sets for the workers."""
+    try:
+        return dict(cfg.env)
+    except RuntimeError as exc:  # an entry without '='
+        raise UsageError(f"gunicorn setting 'raw_env': {exc}; write NAME=VALUE") from None
+
+
 def _check_tcp_bind(bind: str) -> None:
-    bind_tcp(bind, "listen on").close()
+    bind_tcp(bind, "listen on", like_gunicorn=True).close()
 
 
 def _check_unix_bind(bind: str) -> None:

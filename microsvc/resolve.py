@@ -7,6 +7,7 @@ the config file, the defaults. Every effective value remembers where it came fro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,8 +53,14 @@ def _parse(name: str, value: object, where: str) -> Any:
         raise UsageError(f"invalid value for {where}: {exc}") from None
 
 
-def check_gunicorn_settings(settings: Mapping[str, object], where: str) -> dict[str, Any]:
-    """Check names and values of pass-through settings with gunicorn's own validators."""
+def check_gunicorn_settings(
+    settings: Mapping[str, object], where: str, cwd: str | None = None
+) -> dict[str, Any]:
+    """Check names and values of pass-through settings with gunicorn's own validators.
+
+    A relative `chdir` is read from `cwd` (default: the current directory) and kept as an
+    absolute path, so that it means the same directory after the server has moved there.
+    """
     from microsvc._gunicorn import Config, ConfigError
 
     known = gunicorn_setting_names()
@@ -67,6 +74,8 @@ def check_gunicorn_settings(settings: Mapping[str, object], where: str) -> dict[
             raise UsageError(f"{where}: the gunicorn setting {name!r} is managed by microsvc")
         if name not in known:
             raise UsageError(f"{where}: {name!r} is not a gunicorn setting")
+        if name == "chdir" and isinstance(value, str) and value.strip():
+            value = os.path.normpath(os.path.join(cwd or os.getcwd(), value.strip()))
         try:
             probe.set(name, value)
         except (ValueError, TypeError, ConfigError) as exc:
@@ -99,8 +108,10 @@ def resolve_settings(
     config: ConfigFile | None = None,
     explicit_source: str = "command line",
     gunicorn: Mapping[str, object] | None = None,
+    cwd: str | None = None,
 ) -> Resolved:
-    """Merge the layers into `Settings`; raise UsageError naming the bad value's origin."""
+    """Merge the layers into `Settings`; raise UsageError naming the bad value's origin.
+    `cwd`: where relative paths among the gunicorn settings are read from."""
     for name in explicit:
         if name not in OPTIONS_BY_NAME:
             raise unknown_option_error(name)
@@ -146,7 +157,7 @@ def resolve_settings(
         where = "--set" if explicit_source == "command line" else "gunicorn_settings"
         layers.append((gunicorn, where, explicit_source))
     for layer, where, source in layers:
-        passthrough.update(check_gunicorn_settings(layer, where))
+        passthrough.update(check_gunicorn_settings(layer, where, cwd))
         passthrough_sources.update(dict.fromkeys(layer, source))
     if settings.log_format != "text" and "logger_class" in passthrough:
         raise UsageError(

@@ -185,7 +185,10 @@ def parse_url_path(value: object) -> str | None:
 
 
 def parse_ip_list(value: object) -> tuple[str, ...]:
-    """Addresses or networks, comma-separated or a list; `*` trusts every address."""
+    """Addresses or networks, comma-separated or a list; `*` trusts every address.
+
+    Networks are strict, as gunicorn's `forwarded_allow_ips` wants them: `10.0.0.0/8`,
+    not `10.0.0.1/8` (host bits set)."""
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)):
         raise ValueError(f"{value!r} is not a comma-separated list of addresses")
@@ -195,9 +198,19 @@ def parse_ip_list(value: object) -> tuple[str, ...]:
         if not text:
             continue
         if text != "*":
-            try:
-                ipaddress.ip_network(text, strict=False)
-            except ValueError:
-                raise ValueError(f"{text!r} is not an IP address or network") from None
+            _check_network(text)
         result.append(text)
     return tuple(result)
+
+
+def _check_network(text: str) -> None:
+    try:
+        ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address or network") from None
+        raise ValueError(
+            f"{text!r} has host bits set; the network is {network.with_prefixlen}"
+        ) from None

@@ -67,6 +67,11 @@ class MetricsService:
         """On each turn of the master loop: keep the exporter running."""
         self.exporter.check(log)
 
+    def reap(self) -> None:
+        """Before the master reaps its workers: collect the exporter's exit status if
+        it has ended (reaping every child would take it)."""
+        self.exporter.reap()
+
     def close(self) -> None:
         """When the master stops."""
         self.exporter.stop()

@@ -1,11 +1,15 @@
 """The metrics endpoint: a small process of its own that serves /metrics.
 
 The master binds the metrics address itself (so a busy port fails the start with one
-line) and hands the listening socket to `python -m microsvc.metrics.exporter`, a fresh
-interpreter that holds no app, no monkey-patching and no worker state. It serves
+line) and hands the listening socket to a fresh interpreter that runs `main()` of this
+module and holds no app, no monkey-patching and no worker state. It serves
 `GET /metrics` (and HEAD) in the Prometheus text format, or OpenMetrics when the scraper
 asks for it, gzip when accepted; it sums the files of the metrics store under the
 store's shared lock. It exits when the master is gone, and then removes the store.
+
+The process writes nothing to the output it shares with the master, whose log may be
+JSON lines: when it fails, it leaves the reason in the store (an exit note, as workers
+do) and exits with status 1, and the master logs the reason with the exit status.
 
 `Exporter` is the master's side: it starts the process, restarts it if it dies, and
 stops it.
@@ -14,6 +18,7 @@ stops it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import os
 import signal
@@ -42,6 +47,27 @@ def bind_socket(address: str) -> socket.socket:
     return sock
 
 
+#: How the master starts the exporter: `python -c` with an import, so the module is
+#: imported once, as itself (with `-m`, runpy would run it a second time as `__main__`
+#: after the package had imported it, and warn about that on stderr).
+_ENTRY = "import sys; from microsvc.metrics.exporter import main; sys.exit(main())"
+
+
+def describe_wait_status(status: int) -> str:
+    """A wait status (`os.waitpid`) in words: `exited with status 1`, `was killed by
+    signal 9 (SIGKILL)`."""
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(number).name
+        except ValueError:
+            return f"was killed by signal {number}"
+        return f"was killed by signal {number} ({name})"
+    if os.WIFEXITED(status):
+        return f"exited with status {os.WEXITSTATUS(status)}"
+    return f"ended with wait status {status}"
+
+
 class Exporter:
     """The exporter process, seen from the master."""
 
@@ -51,37 +77,63 @@ class Exporter:
         self.socket = bind_socket(address)
         self.process: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
+        #: How the last process ended, in words (None while it runs).
+        self._ended: str | None = None
 
     def start(self) -> None:
         fd = self.socket.fileno()
         command = [
             sys.executable,
-            "-m",
-            "microsvc.metrics.exporter",
+            "-c",
+            _ENTRY,
             f"--fd={fd}",
             f"--store={self.store.path}",
             f"--parent={os.getpid()}",
         ]
         self._started_at = time.monotonic()
+        self._ended = None
         self.process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
+
+    def reap(self) -> None:
+        """Collect the process's exit status if it has ended. The master calls this
+        before gunicorn reaps its workers with `waitpid(-1)`, which takes the status of
+        any child that has ended and keeps it to itself."""
+        process = self.process
+        if process is None or self._ended is not None:
+            return
+        try:
+            pid, status = os.waitpid(process.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Reaped by `waitpid(-1)`: it ended between this call and that one.
+            self._ended = "ended (its exit status was not seen)"
+            process.returncode = -1
+            return
+        if pid == 0:
+            return
+        process.returncode = os.waitstatus_to_exitcode(status)
+        self._ended = describe_wait_status(status)
 
     def check(self, log: Any) -> None:
         """Restart the process if it has died (at most once per RESTART_INTERVAL)."""
-        process = self.process
-        if process is None or process.poll() is None:
+        self.reap()
+        process, ended = self.process, self._ended
+        if process is None or ended is None:
             return
         if time.monotonic() - self._started_at < RESTART_INTERVAL:
             return
+        reason = self.store.take_exit_note(process.pid)
         log.error(
-            "Metrics exporter (pid: %s) exited with status %s; starting it again",
+            "Metrics exporter (pid: %s) %s%s; starting it again",
             process.pid,
-            process.returncode,
+            ended,
+            f": {reason}" if reason else "",
         )
         self.start()
 
     def stop(self) -> None:
+        self.reap()
         process, self.process = self.process, None
-        if process is not None and process.poll() is None:
+        if process is not None and self._ended is None:
             process.terminate()
             try:
                 process.wait(5)
@@ -188,18 +240,17 @@ def serve(fd: int, store: MetricsStore, parent: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m microsvc.metrics.exporter")
+    """The exporter process (see `_ENTRY`)."""
+    parser = argparse.ArgumentParser(prog="microsvc metrics exporter")
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--store", required=True)
     parser.add_argument("--parent", type=int, required=True)
     args = parser.parse_args(argv)
+    store = MetricsStore(args.store)
     try:
-        serve(args.fd, MetricsStore(args.store), args.parent)
-    except OSError as exc:
-        print(f"Error: metrics exporter: {exc}", file=sys.stderr)
+        serve(args.fd, store, args.parent)
+    except Exception as exc:  # the master logs it: see the module docstring
+        with contextlib.suppress(OSError):
+            store.note_exit(os.getpid(), f"{type(exc).__name__}: {exc}")
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,13 +6,25 @@ into a directory private to the server (prometheus_client's multiprocess mode, s
 by PROMETHEUS_MULTIPROC_DIR). A scrape sums the files.
 
 Workers come and go (recycling, reloads, crashes), so files of dead processes would pile
-up. `compact()` folds them away without changing any total: the counters, histograms
-and summaries of processes that are no longer running are added into one
-`<type>_archive.db` file per type and their files are deleted; their `live*` gauges
-(such as requests in flight) are deleted, as prometheus_client's `mark_process_dead`
-does. Other gauge modes are left as they are. Compaction holds an exclusive lock on the
-directory and a scrape holds a shared one (`reading()`), so a scrape never sees a value
-both in the archive and in its original file.
+up. `compact()` folds them away; what a dead process's values become depends on what
+they mean:
+
+- counters, histograms, summaries: added into one `<type>_archive.db` per type, so no
+  total changes;
+- gauges in mode `sum`, `min`, `max`, `mostrecent` (values that prometheus_client keeps
+  for dead processes): folded into one `gauge_<mode>_archive.db` per mode by the mode's
+  own rule (added, the lower, the higher, the later one), so the exported value is the
+  one prometheus_client would give with every file kept;
+- gauges in mode `all` and `liveall` (one series per process, labelled by pid) and the
+  `live*` modes: deleted, as prometheus_client's `mark_process_dead` does for `live*`.
+  A series labelled with the pid of a process that has ended would only grow the
+  number of series, by one per replaced worker, forever.
+
+Gauges of a mode this module does not know are left as they are. So the files are
+those of live processes plus at most one archive per type and gauge mode, however
+often workers are replaced. Compaction holds an exclusive lock on the directory and a
+scrape holds a shared one (`reading()`), so a scrape never sees a value both in the
+archive and in its original file.
 
 A worker that stops on its own (recycling) leaves a note with the reason
 (`note_exit`), which the master takes when it reaps the worker (`take_exit_note`).
@@ -34,6 +46,10 @@ from prometheus_client.mmap_dict import MmapedDict
 ARCHIVE = "archive"
 #: Types whose values add up across processes.
 ADDITIVE_TYPES = ("counter", "histogram", "summary")
+#: Gauge modes whose values of dead processes are folded into an archive, by mode.
+FOLDED_GAUGE_MODES = ("sum", "min", "max", "mostrecent")
+#: Gauge modes whose values of dead processes are deleted.
+DROPPED_GAUGE_MODES = ("all", "liveall", "livesum", "livemin", "livemax", "livemostrecent")
 
 _LOCK_NAME = ".lock"
 _NOTE_SUFFIX = ".exit"
@@ -126,21 +142,23 @@ class MetricsStore:
     # compaction
 
     def process_files(self) -> dict[int, list[Path]]:
-        """The files compaction folds away, by process id: counters, histograms,
-        summaries and live gauges."""
+        """The files compaction folds away or deletes, by process id: counters,
+        histograms, summaries and gauges of the modes it knows."""
         found: dict[int, list[Path]] = {}
         for path in self.path.glob("*.db"):
             parsed = _parse_name(path.name)
             if parsed is None or not parsed[2].isdigit():
                 continue
             kind, mode, pid = parsed
-            if kind in ADDITIVE_TYPES or (kind == "gauge" and mode.startswith("live")):
+            if kind in ADDITIVE_TYPES or (
+                kind == "gauge" and mode in FOLDED_GAUGE_MODES + DROPPED_GAUGE_MODES
+            ):
                 found.setdefault(int(pid), []).append(path)
         return found
 
     def compact(self, *, keep: frozenset[int] = frozenset()) -> list[int]:
-        """Fold the files of every process that is not running (and not in `keep`) into
-        the archive; returns their process ids."""
+        """Fold away the files of every process that is not running (and not in
+        `keep`); returns their process ids."""
         dead = {
             pid: paths
             for pid, paths in self.process_files().items()
@@ -157,7 +175,7 @@ class MetricsStore:
     def _fold(self, path: Path) -> None:
         parsed = _parse_name(path.name)
         assert parsed is not None
-        kind, _, _ = parsed
+        kind, mode, _ = parsed
         if kind in ADDITIVE_TYPES:
             archive = self._archive(kind)
             for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
@@ -166,10 +184,33 @@ class MetricsStore:
                     archive.write_value(key, current + value, timestamp)
                 else:
                     archive.read_value(key)  # keep the series, at zero
+        elif mode in FOLDED_GAUGE_MODES:
+            self._fold_gauge(path, mode)
         path.unlink(missing_ok=True)
 
-    def _archive(self, kind: str) -> MmapedDict:
-        archive = self._archives.get(kind)
+    def _fold_gauge(self, path: Path, mode: str) -> None:
+        archive = self._archive(f"gauge_{mode}")
+        kept = {key: (value, timestamp) for key, value, timestamp in archive.read_all_values()}
+        for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
+            old = kept.get(key)
+            if old is None:
+                new = (value, timestamp)
+            elif mode == "sum":
+                new = (old[0] + value, old[1])
+            elif mode == "min":
+                new = (value, timestamp) if value < old[0] else old
+            elif mode == "max":
+                new = (value, timestamp) if value > old[0] else old
+            else:  # mostrecent: the value set last (prometheus_client stamps each set)
+                new = (value, timestamp) if timestamp > old[1] else old
+            if new != old:
+                archive.write_value(key, *new)
+                kept[key] = new
+
+    def _archive(self, prefix: str) -> MmapedDict:
+        """The archive file of a type (`counter`) or gauge mode (`gauge_max`)."""
+        archive = self._archives.get(prefix)
         if archive is None:
-            archive = self._archives[kind] = MmapedDict(str(self.path / f"{kind}_{ARCHIVE}.db"))
+            name = f"{prefix}_{ARCHIVE}.db"
+            archive = self._archives[prefix] = MmapedDict(str(self.path / name))
         return archive

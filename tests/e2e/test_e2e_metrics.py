@@ -6,6 +6,7 @@ Every test counts the requests it sends and compares them with the scraped total
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -252,16 +253,26 @@ def test_metrics_are_not_on_the_app_address_and_speak_openmetrics(serve, free_po
     assert "microsvc_workers" in gzipped.text
 
 
-def test_a_dead_exporter_is_restarted_and_loses_nothing(serve, free_port):
-    server, address = start(serve, free_port, "--workers", "2")
+def test_a_killed_exporter_is_reported_as_killed_restarted_and_loses_nothing(serve, free_port):
+    server, address = start(serve, free_port, "--workers", "2", "--log-format", "json")
     client = Client(server.url)
     client.mix(3)
     first = exporter_of(server)
     first.kill()
-    server.wait_log(r"Metrics exporter \(pid: \d+\) exited")
+    server.wait_log(
+        rf"Metrics exporter \(pid: {first.pid}\) was killed by signal 9 \(SIGKILL\); "
+        "starting it again"
+    )
     wait_for(lambda: exporter_of(server).pid != first.pid, "a new exporter", server)
     scraped = wait_for(lambda: _try_scrape(address), "metrics again", server)
     assert_totals(client, scraped)
+    assert server.stop() == 0
+    # Both exporters shared the master's output: every line of it is still JSON.
+    for number, line in enumerate(server.log_text().splitlines(), 1):
+        try:
+            assert isinstance(json.loads(line), dict)
+        except ValueError:
+            pytest.fail(f"line {number} is not JSON: {line!r}\n{server.log_text()}")
 
 
 def _try_scrape(address: str) -> Scrape | None:
@@ -279,3 +290,57 @@ def test_the_exporter_cleans_up_after_a_killed_master(serve, free_port):
     server.proc.wait(10)
     exporter.wait(15)
     assert not store.exists()
+
+
+#: An app with gauges of its own, in modes whose values prometheus_client keeps for
+#: processes that have ended.
+GAUGE_APP = """\
+import os
+
+from prometheus_client import Gauge
+
+PID = Gauge("app_worker_pid", "The worker's pid, one series per worker.", multiprocess_mode="all")
+SERVED = Gauge("app_served", "Requests served by every worker.", multiprocess_mode="sum")
+HIGHEST = Gauge("app_highest_pid", "The highest worker pid seen.", multiprocess_mode="max")
+
+
+def app(environ, start_response):
+    PID.set(os.getpid())
+    SERVED.inc()
+    HIGHEST.set(os.getpid())
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_the_apps_gauges_of_recycled_workers_are_folded_or_dropped(serve, free_port, tmp_path):
+    (tmp_path / "gauges.py").write_text(GAUGE_APP)
+    server, address = start(serve, free_port, "gauges:app", "--workers", "2", "--max-requests", "5")
+    served = [int(requests.get(server.url + "/", timeout=30).text) for _ in range(60)]
+    assert len(set(served)) >= 6, "the workers were not recycled"
+
+    def settled() -> Scrape | None:
+        scraped = scrape(address)
+        recycles = server.log_text().count("Recycling worker")
+        exits = scraped.exits()["max-requests"]
+        return scraped if exits == recycles and scraped.value("microsvc_workers") == 2 else None
+
+    scraped = wait_for(settled, "every recycled worker to be counted and replaced", server)
+    assert scraped.value("app_served") == 60  # `sum`: the values of ended workers are kept
+    assert scraped.value("app_highest_pid") == max(served)  # `max`: likewise
+    live = {str(worker.pid) for worker in server.workers()}
+    per_worker = {
+        dict(labels)["pid"]
+        for (sample, labels), _ in scraped.samples.items()
+        if sample == "app_worker_pid"
+    }
+    assert per_worker <= live, (per_worker, live)  # `all`: no series of an ended worker
+
+    # Files: those of the processes running now, and one archive per type and mode.
+    store = store_of(server)
+    gauges = sorted(path.name for path in store.glob("gauge_*.db"))
+    owners = {name.rsplit("_", 1)[1].removesuffix(".db") for name in gauges}
+    assert owners <= live | {str(server.pid), "archive"}, gauges
+    archives = [name for name in gauges if name.endswith("_archive.db")]
+    assert archives == ["gauge_max_archive.db", "gauge_sum_archive.db"], gauges

@@ -275,3 +275,62 @@ def test_check_in_subprocess_child_that_exits(in_tmp: Callable[[str], str]) -> N
     name = in_tmp("import os\nos._exit(3)\n")
     with pytest.raises(AppLoadError, match="ended its process with status 3"):
         check_in_subprocess(parse_app_string(name))
+
+
+def test_check_in_subprocess_reports_when_loaded_not_at_exit(in_tmp: Callable[[str], str]) -> None:
+    """A non-daemon thread started at import would keep the child from exiting."""
+    name = in_tmp(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(600,)).start()\n" + WSGI
+    )
+    check_in_subprocess(parse_app_string(f"{name}:app"), timeout=60)
+
+
+def test_check_in_subprocess_ignores_what_the_app_prints(in_tmp: Callable[[str], str]) -> None:
+    name = in_tmp(
+        "import atexit\natexit.register(print, '\\nAppImportError\\tfrom the app')\n"
+        "print('AppLoadError\\tfrom the app too')\n" + WSGI
+    )
+    check_in_subprocess(parse_app_string(f"{name}:app"))
+
+
+def test_check_in_subprocess_time_limit(in_tmp: Callable[[str], str]) -> None:
+    name = in_tmp("import time\ntime.sleep(600)\n" + WSGI)
+    with pytest.raises(AppLoadError, match=r"did not finish within 0.5 s"):
+        check_in_subprocess(parse_app_string(f"{name}:app"), timeout=0.5)
+
+
+def test_check_in_subprocess_environment_directory_and_path(
+    tmp_path: Path, in_tmp: Callable[[str], str]
+) -> None:
+    """The child gets the workers' environment variables, working directory and path."""
+    elsewhere = tmp_path / "elsewhere"
+    libs = tmp_path / "libs"
+    elsewhere.mkdir()
+    libs.mkdir()
+    helper = unique("helper")
+    (libs / f"{helper}.py").write_text("VALUE = 1\n")
+    name = unique()
+    (elsewhere / f"{name}.py").write_text(
+        f"import os\nimport {helper}\nassert os.environ['MSVC_UNIT_NEEDED'] == 'yes'\n"
+        "assert os.path.basename(os.getcwd()) == 'elsewhere'\n" + WSGI
+    )
+    ref = parse_app_string(f"{name}:app")
+    with pytest.raises(AppImportError, match="no module named"):
+        check_in_subprocess(ref)
+    check_in_subprocess(
+        ref, env={"MSVC_UNIT_NEEDED": "yes"}, cwd=str(elsewhere), pythonpath=[str(libs)]
+    )
+
+
+def test_syntax_error_is_an_app_load_error_and_a_syntax_error(
+    write_module: Callable[..., str],
+) -> None:
+    """gunicorn's workers under --reload serve a SyntaxError and watch its file."""
+    name = write_module("def app(environ, start_response):\n    return [\n")
+    with pytest.raises(AppLoadError) as info:
+        load_app(parse_app_string(f"{name}:app"))
+    assert isinstance(info.value, SyntaxError)
+    assert info.value.filename is not None and info.value.filename.endswith(f"{name}.py")
+    assert str(info.value) == (
+        f"importing {name!r} raised SyntaxError: '[' was never closed ({name}.py, line 2)"
+    )

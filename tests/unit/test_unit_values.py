@@ -9,6 +9,7 @@ from microsvc.values import (
     parse_auto_or_positive_int,
     parse_bind,
     parse_bool,
+    parse_ip_list,
     parse_non_negative_int,
     parse_positive_int,
     parse_size,
@@ -193,3 +194,30 @@ def test_parse_bool_false(value: object) -> None:
 def test_parse_bool_rejects(value: object) -> None:
     with pytest.raises(ValueError, match="is not a boolean"):
         parse_bool(value)
+
+
+# --- parse_ip_list -----------------------------------------------------------------------
+
+
+def test_parse_ip_list_accepts_addresses_networks_and_star() -> None:
+    assert parse_ip_list(" 10.0.0.0/8, ::1,*,") == ("10.0.0.0/8", "::1", "*")
+    assert parse_ip_list(["192.168.1.1", "fd00::/8"]) == ("192.168.1.1", "fd00::/8")
+
+
+@pytest.mark.parametrize(
+    ("text", "network"),
+    [("10.0.0.1/8", "10.0.0.0/8"), ("192.168.1.1/24", "192.168.1.0/24"), ("fd00::1/8", "fd00::/8")],
+)
+def test_parse_ip_list_refuses_host_bits_as_gunicorn_does(text: str, network: str) -> None:
+    from gunicorn.config import Config
+
+    with pytest.raises(ValueError, match=f"has host bits set; the network is {network}"):
+        parse_ip_list(text)
+    with pytest.raises(ValueError):
+        Config().set("forwarded_allow_ips", text)
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "bogus", "10.0.0.0/8/8", "1.2.3"])
+def test_parse_ip_list_refuses_non_addresses(text: str) -> None:
+    with pytest.raises(ValueError, match="is not an IP address or network"):
+        parse_ip_list(text)

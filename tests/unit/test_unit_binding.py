@@ -1,0 +1,83 @@
+"""microsvc.binding: resolving bind addresses, which of them overlap, and the listening
+sockets a master takes over instead of binding."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from microsvc.binding import (
+    TCPAddress,
+    check_overlaps,
+    inherited_listeners,
+    overlap,
+    resolve_tcp,
+)
+from microsvc.errors import UsageError
+
+
+def v4(host: str, port: int = 8000) -> TCPAddress:
+    return TCPAddress(f"{host}:{port}", socket.AF_INET, (host, port))
+
+
+def v6(host: str, port: int = 8000) -> TCPAddress:
+    return TCPAddress(f"[{host}]:{port}", socket.AF_INET6, (host, port, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "dual_stack", "expected"),
+    [
+        pytest.param(v4("127.0.0.1"), v4("127.0.0.1"), True, True, id="same"),
+        pytest.param(v4("0.0.0.0"), v4("127.0.0.1"), True, True, id="v4-wildcard"),
+        pytest.param(v4("127.0.0.1"), v4("0.0.0.0"), True, True, id="v4-wildcard-second"),
+        pytest.param(v4("127.0.0.1"), v4("127.0.0.2"), True, False, id="two-v4-addresses"),
+        pytest.param(v4("127.0.0.1"), v4("127.0.0.1", 8001), True, False, id="two-ports"),
+        pytest.param(v4("0.0.0.0", 0), v4("0.0.0.0", 0), True, False, id="ephemeral"),
+        pytest.param(v6("::"), v4("127.0.0.1"), True, True, id="v6-wildcard-dual-stack"),
+        pytest.param(v6("::"), v4("127.0.0.1"), False, False, id="v6-wildcard-v6-only"),
+        pytest.param(v4("0.0.0.0"), v6("::1"), True, False, id="v4-wildcard-v6-loopback"),
+        pytest.param(v6("::"), v6("::1"), False, True, id="v6-wildcard-v6"),
+        pytest.param(v6("::1"), v6("::1"), False, True, id="same-v6"),
+        pytest.param(v6("::ffff:127.0.0.1"), v4("127.0.0.1"), False, True, id="v4-mapped"),
+    ],
+)
+def test_overlap(first: TCPAddress, second: TCPAddress, dual_stack: bool, expected: bool) -> None:
+    assert overlap(first, second, dual_stack=dual_stack) is expected
+    assert overlap(second, first, dual_stack=dual_stack) is expected
+
+
+def test_resolve_like_gunicorn_takes_ipv4_for_a_host_name() -> None:
+    address = resolve_tcp("localhost:8000", "listen on", like_gunicorn=True)
+    assert address.family == socket.AF_INET
+    assert str(address.ip) == "127.0.0.1"
+
+
+def test_resolve_unknown_host_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"cannot listen on no-such-host\.invalid:80"):
+        resolve_tcp("no-such-host.invalid:80", "listen on")
+
+
+def test_check_overlaps_names_both_addresses() -> None:
+    with pytest.raises(UsageError) as info:
+        check_overlaps(["unix:/tmp/x.sock", "127.0.0.1:9000"], "0.0.0.0:9000")
+    message = str(info.value)
+    assert "--metrics-bind 0.0.0.0:9000" in message
+    assert "--bind 127.0.0.1:9000" in message
+    check_overlaps(["127.0.0.1:9000", "fd://3"], "127.0.0.1:9100")
+    check_overlaps(["127.0.0.1:9000"], None)
+    with pytest.raises(UsageError, match=r"--bind 0\.0\.0\.0:9000 and --bind 127\.0\.0\.1:9000"):
+        check_overlaps(["0.0.0.0:9000", "127.0.0.1:9000"], None)
+    check_overlaps(["0.0.0.0:9000", "127.0.0.1:9000"], None, reuse_port=True)
+    with pytest.raises(UsageError, match="--metrics-bind"):
+        check_overlaps(["0.0.0.0:9000", "127.0.0.1:9000"], "127.0.0.1:9000", reuse_port=True)
+
+
+def test_inherited_listeners() -> None:
+    pid = str(os.getpid())
+    assert inherited_listeners({}) is None
+    assert inherited_listeners({"GUNICORN_PID": "1", "GUNICORN_FD": "5,7"}) == [5, 7]
+    assert inherited_listeners({"GUNICORN_FD": "5"}) is None  # no master handed them over
+    assert inherited_listeners({"LISTEN_PID": pid, "LISTEN_FDS": "2"}) == [3, 4]
+    assert inherited_listeners({"LISTEN_PID": "1", "LISTEN_FDS": "2"}) is None  # not ours

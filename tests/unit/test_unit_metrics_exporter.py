@@ -1,0 +1,139 @@
+"""The master's side of the metrics exporter: how a real exporter process ended, in
+words, and why, without a line of its own on the shared output."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from microsvc.metrics import exporter as exporter_module
+from microsvc.metrics.exporter import Exporter, describe_wait_status, main
+from microsvc.metrics.store import MetricsStore
+
+
+class Log:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, message: str, *args: object) -> None:
+        self.errors.append(message % args)
+
+
+@pytest.fixture
+def exporter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Exporter]:
+    monkeypatch.setattr(exporter_module, "RESTART_INTERVAL", 0.0)
+    exporter = Exporter(MetricsStore(tmp_path), "127.0.0.1:0")
+    yield exporter
+    exporter.stop()
+
+
+def until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30  # a hang detector, not a measurement
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen")
+        time.sleep(0.02)
+
+
+def serving(port: int) -> bool:
+    try:
+        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).status_code == 200
+    except requests.ConnectionError:
+        return False
+
+
+def checked(exporter: Exporter) -> list[str]:
+    log = Log()
+    exporter.check(log)
+    return log.errors
+
+
+def test_a_killed_exporter_is_reported_by_its_signal_and_started_again(
+    exporter: Exporter,
+) -> None:
+    exporter.start()
+    assert exporter.process is not None
+    first = exporter.process.pid
+    os.kill(first, signal.SIGKILL)
+    seen: list[str] = []
+
+    def reported() -> bool:
+        seen.extend(checked(exporter))
+        return bool(seen)
+
+    until(reported, "the report")
+    assert seen == [
+        f"Metrics exporter (pid: {first}) was killed by signal 9 (SIGKILL); starting it again"
+    ]
+    assert exporter.process is not None and exporter.process.pid != first
+
+
+def test_an_exit_status_taken_by_another_wait_is_not_reported_as_success(
+    exporter: Exporter,
+) -> None:
+    exporter.start()
+    assert exporter.process is not None
+    first = exporter.process.pid
+    os.kill(first, signal.SIGKILL)
+    os.waitpid(first, 0)  # as gunicorn's waitpid(-1) does with any child that ended
+    assert checked(exporter) == [
+        f"Metrics exporter (pid: {first}) ended (its exit status was not seen); starting it again"
+    ]
+
+
+def test_a_failing_exporter_writes_nothing_and_leaves_its_reason_for_the_master(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    closed = socket.socket()
+    fd = closed.detach()
+    os.close(fd)
+    store = MetricsStore(tmp_path)
+    assert main([f"--fd={fd}", f"--store={tmp_path}", f"--parent={os.getppid()}"]) == 1
+    assert capfd.readouterr() == ("", "")
+    reason = store.take_exit_note(os.getpid())
+    assert reason is not None and reason.startswith("OSError: "), reason
+
+
+def test_the_reason_is_logged_with_the_exit_status(exporter: Exporter) -> None:
+    exporter.start()
+    assert exporter.process is not None
+    first = exporter.process.pid
+    port = exporter.socket.getsockname()[1]
+    until(lambda: serving(port), "the exporter to serve")
+    exporter.store.note_exit(first, "OSError: bad things")
+    os.kill(first, signal.SIGTERM)  # it exits 0 when asked to stop
+    seen: list[str] = []
+
+    def reported() -> bool:
+        seen.extend(checked(exporter))
+        return bool(seen)
+
+    until(reported, "the report")
+    assert seen == [
+        f"Metrics exporter (pid: {first}) exited with status 0: OSError: bad things; "
+        "starting it again"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("import sys; sys.exit(3)", "exited with status 3"),
+        ("pass", "exited with status 0"),
+        ("import os; os.kill(os.getpid(), 15)", "was killed by signal 15 (SIGTERM)"),
+    ],
+)
+def test_wait_statuses_in_words(code: str, expected: str) -> None:
+    process = subprocess.Popen([sys.executable, "-c", code])
+    _, status = os.waitpid(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert describe_wait_status(status) == expected
