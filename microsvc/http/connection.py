@@ -1,0 +1,223 @@
+"""Serving one connection: requests in order until the connection closes.
+
+`serve_connection` uses only the blocking socket API, so one function serves a plain
+thread, and a greenlet under gevent's or eventlet's monkey-patching alike."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from microsvc.http.body import FileWrapper, RequestBody
+from microsvc.http.config import HTTPConfig
+from microsvc.http.environ import Environ, connection_environ, request_environ
+from microsvc.http.errors import ConnectionLost, InvalidBody, RequestError, ResponseError
+from microsvc.http.parser import Message, RequestStream
+from microsvc.http.response import Response
+
+log = logging.getLogger("microsvc.http")
+
+WSGIApp = Callable[[Environ, Callable[..., Any]], Iterable[bytes]]
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What an access log and a post-request hook need about one served request.
+
+    `status` is the status line's text ("200 OK", empty when no response was sent),
+    `response_bytes` the body bytes sent (framing excluded), `duration` in seconds from
+    the complete request head to the end of the response."""
+
+    request_line: str
+    method: str
+    target: str
+    status: str
+    status_code: int
+    response_bytes: int
+    duration: float
+    client: Any
+
+
+BeforeRequest = Callable[[Environ], None]
+AfterRequest = Callable[[Environ, RequestRecord], None]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Callbacks around each request, in the shape of gunicorn's pre_request and
+    post_request: `before(environ)` runs before the application, `after(environ, record)`
+    after the response is sent (or failed). An exception a hook raises is logged and the
+    connection closed. `keep_serving()` is asked before and after each request whether the
+    connection may serve another (False: the response says `Connection: close` if it has
+    not started, and the connection closes after it, as a stopping worker needs)."""
+
+    before: BeforeRequest | None = None
+    after: AfterRequest | None = None
+    keep_serving: Callable[[], bool] | None = None
+
+
+NO_HOOKS = Hooks()
+
+
+def serve_connection(
+    sock: socket.socket,
+    client: Any,
+    server: Any,
+    app: WSGIApp,
+    config: HTTPConfig,
+    hooks: Hooks = NO_HOOKS,
+) -> None:
+    """Serves requests from a connected socket until the connection is to close, then
+    returns; closing the socket is the caller's. `client` and `server` are the peer's and
+    the listener's addresses as `getpeername()` and `getsockname()` give them."""
+    stream = RequestStream(sock, config, client)
+    base = connection_environ(config, client, server)
+    server_header = f"Server: {config.server_software}\r\n".encode("latin-1")
+    plain = not isinstance(sock, ssl.SSLSocket) and config.sendfile and not config.is_ssl
+    first = True
+    while True:
+        try:
+            message = stream.next_message(first)
+        except RequestError as exc:
+            _refuse(sock, client, exc)
+            return
+        except OSError:  # a timeout, or the client went away
+            return
+        if message is None:
+            return
+        first = False
+        if hooks.keep_serving is not None and not hooks.keep_serving():
+            message.close_after = True  # the response says Connection: close
+        try:
+            keep_alive = _serve_request(
+                sock, stream, message, base, app, server_header, plain, client, hooks, config
+            )
+        except ConnectionLost:
+            return  # the client went away while the response was written
+        if not keep_alive or (hooks.keep_serving is not None and not hooks.keep_serving()):
+            return
+
+
+def _serve_request(
+    sock: socket.socket,
+    stream: RequestStream,
+    message: Message,
+    base: Environ,
+    app: WSGIApp,
+    server_header: bytes,
+    plain: bool,
+    client: Any,
+    hooks: Hooks,
+    config: HTTPConfig,
+) -> bool:
+    started = time.perf_counter()
+    response = Response(sock, message, server_header)
+    try:
+        environ = request_environ(base, message)
+    except RequestError as exc:
+        _refuse(sock, client, exc)
+        return False
+
+    body = RequestBody(stream, message, response.send_continue if message.expect_continue else None)
+    environ["wsgi.input"] = body
+    keep_alive = False
+    try:
+        if hooks.before is not None:
+            hooks.before(environ)
+        keep_alive = _run_app(app, environ, response, plain)
+    except InvalidBody as exc:
+        log.warning("Invalid request body from %s: %s", _peer(client), exc)
+        if not response.headers_sent:
+            _refuse(sock, client, exc, logged=True)
+    except ResponseError as exc:
+        log.error("Error handling request %s: %s", message.request_line, exc)
+        _fail(response)
+    except ConnectionLost:
+        raise
+    except Exception:
+        log.exception("Error handling request %s", message.request_line)
+        _fail(response)
+    finally:
+        if hooks.after is not None:
+            record = RequestRecord(
+                request_line=message.request_line,
+                method=message.method,
+                target=message.target,
+                status=response.status if response.headers_sent else "",
+                status_code=response.status_code if response.headers_sent else 0,
+                response_bytes=response.sent,
+                duration=time.perf_counter() - started,
+                client=client,
+            )
+            try:
+                hooks.after(environ, record)
+            except Exception:
+                log.exception("Error in the after-request hook")
+                keep_alive = False
+    if not keep_alive or message.error is not None:
+        return False
+    if not body.finished:
+        if body.continue_pending:
+            return False  # the client may still be waiting before it sends the body
+        try:
+            return body.drain(config.drain_limit)
+        except InvalidBody:
+            return False
+    return True
+
+
+def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) -> bool:
+    result = app(environ, response.start_response)
+    try:
+        if type(result) is list and len(result) == 1:
+            data = result[0]
+            if type(data) is bytes:
+                response.set_length(len(data))
+            response.finish(data)
+        elif isinstance(result, FileWrapper) and response.send_file(result.filelike, plain):
+            pass
+        else:
+            for data in result:
+                response.write(data)
+            response.finish()
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+    return response.keep_alive
+
+
+def _fail(response: Response) -> None:
+    """Answers 500 after an application error, or closes if the response has started."""
+    if response.headers_sent:
+        return
+    response.status = ""
+    response.start_response(
+        "500 Internal Server Error",
+        [("Content-Type", "text/plain"), ("Content-Length", "21")],
+        None,
+    )
+    response.keep_alive = False
+    response.finish(b"Internal Server Error")
+
+
+def _refuse(sock: socket.socket, client: Any, exc: RequestError, logged: bool = False) -> None:
+    if not logged:
+        log.warning("Invalid request from %s: %s", _peer(client), exc)
+    body = exc.reason.encode("latin-1")
+    head = (
+        f"HTTP/1.1 {exc.status} {exc.reason}\r\nConnection: close\r\n"
+        f"Content-Type: text/plain\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode("latin-1")
+    with contextlib.suppress(OSError):
+        sock.sendall(head + body)
+
+
+def _peer(client: Any) -> str:
+    return str(client[0]) if isinstance(client, tuple) else str(client) or "unix socket"

@@ -1,0 +1,286 @@
+"""Writing a response: `start_response`, the `write()` callable, framing (Content-Length,
+chunked, or close-delimited for HTTP/1.0) and the checks on what the application sends."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from email.utils import formatdate
+from types import TracebackType
+from typing import Any
+
+from microsvc.http.errors import ConnectionLost, ResponseError
+from microsvc.http.parser import Message
+
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+WriteCallable = Callable[[bytes], None]
+
+# RFC 9110 5.6.2: a field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+# RFC 9110 5.5: a field value is VCHAR, obs-text, SP and HTAB: no CR, LF, NUL or controls.
+_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+# RFC 9112 4: three digits, then a single space and a reason phrase (PEP 3333).
+_STATUS = re.compile(r"[0-9]{3}(?: [ \t\x21-\x7e\x80-\xff]*)?")
+# Hop-by-hop fields belong to the connection, which is this server's to describe.
+_HOP_BY_HOP = frozenset(
+    (
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+
+_date_cache: list[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The Date header's value, formatted once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0] = now
+        _date_cache[1] = formatdate(now, usegmt=True).encode("ascii")
+    value: bytes = _date_cache[1]
+    return value
+
+
+_CHECKED_STATUSES: set[str] = set()
+# Validated (name, value) pairs, by the lower-case name: most responses repeat them.
+_CHECKED_HEADERS: dict[tuple[str, str], str] = {}
+_CACHE_SIZE = 4096
+_FRAMING = _HOP_BY_HOP | {"content-length"}
+
+
+def _check_status(status: object) -> None:
+    if type(status) is not str or not _STATUS.fullmatch(status):
+        raise ResponseError(f"invalid status line {status!r}")
+    if len(_CHECKED_STATUSES) < _CACHE_SIZE:
+        _CHECKED_STATUSES.add(status)
+
+
+def _check_header(header: object) -> str:
+    """The header's lower-case name; raises ResponseError for an invalid name or value."""
+    if not isinstance(header, (tuple, list)) or len(header) != 2:
+        raise ResponseError(f"a response header is not a (name, value) pair: {header!r}")
+    name, value = header
+    if type(name) is not str or not _TOKEN.fullmatch(name):
+        raise ResponseError(f"invalid response header name {name!r}")
+    if type(value) is not str or not _FIELD_VALUE.fullmatch(value):
+        # The value may be a secret: name the header only.
+        raise ResponseError(f"invalid value of response header {name!r}")
+    lower = name.lower()
+    if type(header) is tuple and len(value) <= 256 and len(_CHECKED_HEADERS) < _CACHE_SIZE:
+        _CHECKED_HEADERS[header] = lower
+    return lower
+
+
+def _as_bytes(data: object) -> bytes:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"the application sent {type(data).__name__}, not bytes")
+    return bytes(data)
+
+
+class Response:
+    """The response to one request, written to the socket as the application produces it."""
+
+    __slots__ = (
+        "_server_header",
+        "_sock",
+        "chunked",
+        "content_length",
+        "headers",
+        "headers_sent",
+        "keep_alive",
+        "message",
+        "omits_body",
+        "sent",
+        "status",
+        "status_code",
+    )
+
+    def __init__(self, sock: socket.socket, message: Message, server_header: bytes) -> None:
+        self._sock = sock
+        self._server_header = server_header
+        self.message = message
+        self.status = ""
+        self.status_code = 0
+        self.headers: list[tuple[str, str]] = []
+        self.headers_sent = False
+        self.content_length: int | None = None
+        self.chunked = False
+        self.omits_body = False
+        self.keep_alive = not message.close_after
+        self.sent = 0  # body bytes sent, framing excluded
+
+    def start_response(
+        self,
+        status: str,
+        headers: list[tuple[str, str]],
+        exc_info: ExcInfo | None = None,
+    ) -> WriteCallable:
+        """PEP 3333's start_response. Raises ResponseError for an invalid status or header."""
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status:
+            raise AssertionError("start_response called twice without exc_info")
+        if status not in _CHECKED_STATUSES:
+            _check_status(status)
+        kept: list[tuple[str, str]] = []
+        content_length: int | None = None
+        keep_alive = not self.message.close_after
+        for header in headers:
+            lower = _CHECKED_HEADERS.get(header) if type(header) is tuple else None
+            if lower is None:
+                lower = _check_header(header)
+            if lower in _FRAMING:
+                value = header[1].strip(" \t")
+                if lower == "content-length":
+                    if not value.isdigit() or content_length is not None:
+                        raise ResponseError(f"invalid Content-Length {value!r}")
+                    content_length = int(value)
+                elif lower == "connection" and "close" in value.lower():
+                    keep_alive = False
+                continue
+            kept.append(header)
+        self.status = status
+        self.status_code = code = int(status[:3])
+        self.headers = kept
+        method = self.message.method
+        self.omits_body = method == "HEAD" or code in (204, 304) or 100 <= code < 200
+        if self.omits_body and (code == 204 or code < 200):
+            content_length = None
+        self.content_length = content_length
+        self.chunked = (
+            content_length is None and not self.omits_body and self.message.version >= (1, 1)
+        )
+        if content_length is None and not self.chunked and not self.omits_body:
+            keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+        self.keep_alive = keep_alive
+        return self.write
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            raise ConnectionLost(str(exc)) from None
+
+    def send_continue(self) -> None:
+        """Sends the interim 100 response, unless the final response has started."""
+        if not self.headers_sent:
+            self._send(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _head(self) -> bytes:
+        if not self.status:
+            raise AssertionError("the application returned before calling start_response")
+        lines = [
+            f"HTTP/1.1 {self.status}\r\n".encode("latin-1"),
+            self._server_header,
+            b"Date: " + http_date() + b"\r\n",
+        ]
+        if self.content_length is not None:
+            lines.append(b"Content-Length: %d\r\n" % self.content_length)
+        elif self.chunked:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        message = self.message
+        if message.expect_continue and not message.complete:
+            # The body was not asked for: the client may still be waiting to send it.
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append(b"Connection: close\r\n")
+        elif message.version < (1, 1):
+            lines.append(b"Connection: keep-alive\r\n")
+        lines.append("".join(f"{k}: {v}\r\n" for k, v in self.headers).encode("latin-1"))
+        lines.append(b"\r\n")
+        self.headers_sent = True
+        return b"".join(lines)
+
+    def _frame(self, data: bytes) -> bytes:
+        if self.omits_body:
+            return b""
+        if self.content_length is not None:
+            room = self.content_length - self.sent
+            if len(data) > room:
+                data = data[:room]
+        elif self.chunked:
+            if not data:
+                return b""
+            self.sent += len(data)
+            return b"%X\r\n%b\r\n" % (len(data), data)
+        self.sent += len(data)
+        return data
+
+    def write(self, data: bytes) -> None:
+        """PEP 3333's write callable, also used for each item the application yields."""
+        if type(data) is not bytes:
+            data = _as_bytes(data)
+        payload = self._frame(data)
+        if not self.headers_sent:
+            payload = self._head() + payload
+        if payload:
+            self._send(payload)
+
+    def finish(self, last: bytes = b"") -> None:
+        """Sends what is left: the head if nothing was sent, `last`, the final chunk."""
+        if type(last) is not bytes:
+            last = _as_bytes(last)
+        payload = self._frame(last) if last else b""
+        if not self.headers_sent:
+            payload = self._head() + payload
+        if self.chunked:
+            payload += b"0\r\n\r\n"
+        if payload:
+            self._send(payload)
+        if (
+            not self.omits_body
+            and self.content_length is not None
+            and (self.sent < self.content_length)
+        ):
+            self.keep_alive = False  # the body is shorter than announced
+
+    def set_length(self, length: int) -> None:
+        """Announces the body's length when the application gave none and nothing is sent."""
+        if self.content_length is None and not self.headers_sent and not self.omits_body:
+            self.content_length = length
+            if self.chunked:
+                self.chunked = False
+            elif not self.message.close_after:
+                self.keep_alive = True
+
+    def send_file(self, filelike: Any, plain_socket: bool) -> bool:
+        """Sends a file with sendfile(2); False when it cannot (no file descriptor)."""
+        try:
+            fileno = filelike.fileno()
+            offset = os.lseek(fileno, 0, os.SEEK_CUR)
+            size = os.fstat(fileno).st_size - offset
+        except (AttributeError, OSError, ValueError):
+            return False
+        if not plain_socket:
+            return False
+        if self.content_length is not None:
+            size = min(size, self.content_length - self.sent)
+        else:
+            self.set_length(size)
+        if self.chunked or size < 0:
+            return False
+        if not self.headers_sent:
+            self._send(self._head())
+        if size > 0 and not self.omits_body:
+            try:
+                self._sock.sendfile(filelike, offset, size)
+            except OSError as exc:
+                raise ConnectionLost(str(exc)) from None
+            self.sent += size
+        os.lseek(fileno, offset + size, os.SEEK_SET)
+        return True
