@@ -7,19 +7,19 @@ pod serves with exactly the settings `microsvc plan` shows for the same command 
 CPU and memory requests equal their limits: the CPU quota and the memory limit are
 what `--workers auto` plans from.
 
-The YAML is written by a small emitter (no runtime dependency): every string is a
-JSON-quoted scalar, which YAML reads back unchanged.
+The YAML is written by PyYAML's safe dumper in the style kubectl prints.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
+
+import yaml
 
 from microsvc.errors import UsageError
 from microsvc.options import DEFAULTS, OPTIONS, OPTIONS_BY_NAME, OptionSpec, Settings
@@ -69,7 +69,7 @@ def render(
         autoscaler(name, replicas),
         disruption_budget(name),
     ]
-    return "".join("---\n" + to_yaml(document) for document in documents)
+    return to_yaml(documents)
 
 
 # Checks
@@ -195,10 +195,12 @@ def grace_period(settings: Settings) -> int:
     return math.ceil(settings.drain_period + settings.graceful_timeout) + GRACE_MARGIN
 
 
-def probes(settings: Settings) -> dict[str, Any]:
+def probes(settings: Settings, port: int) -> dict[str, Any]:
+    """The probes, on the container's port by number: Kubernetes also takes the port's
+    name, but `podman kube play` turns a named port into a health check on port 0."""
     result: dict[str, Any] = {}
     if settings.health_path:
-        check = {"httpGet": {"path": settings.health_path, "port": "http"}}
+        check = {"httpGet": {"path": settings.health_path, "port": port}}
         # Generous while the app imports; then a few missed checks restart the container.
         result["startupProbe"] = {**check, "periodSeconds": 2, "failureThreshold": 30}
         result["livenessProbe"] = {
@@ -209,7 +211,7 @@ def probes(settings: Settings) -> dict[str, Any]:
         }
     if settings.ready_path:
         result["readinessProbe"] = {
-            "httpGet": {"path": settings.ready_path, "port": "http"},
+            "httpGet": {"path": settings.ready_path, "port": port},
             "periodSeconds": 5,
             "timeoutSeconds": 3,
             "failureThreshold": 2,
@@ -240,7 +242,7 @@ def container(
             "requests": {"cpu": cpu, "memory": memory},
             "limits": {"cpu": cpu, "memory": memory},
         },
-        **probes(settings),
+        **probes(settings, port),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS,
@@ -363,64 +365,43 @@ def disruption_budget(name: str) -> dict[str, Any]:
 
 # YAML
 
-_PLAIN_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_./-]*")
-#: Words YAML 1.1 reads as booleans or null when unquoted.
-_RESERVED_WORDS = frozenset(["y", "n", "yes", "no", "true", "false", "on", "off", "null"])
+#: Long strings stay on one line.
+_NO_WRAP = 1 << 30
 
 
-def to_yaml(value: Mapping[str, Any]) -> str:
-    """Block-style YAML for the dicts, lists, strings, ints and bools made here."""
-    return "".join(line + "\n" for line in _lines(value, 0))
+class _Dumper(yaml.SafeDumper):
+    """safe_dump's dumper, closer to what kubectl prints: no anchors and aliases (a dict
+    used twice is written twice), double quotes where quotes are needed, and strings that
+    YAML 1.2 or Go's YAML reader (kubectl's) would read as a number or a boolean quoted
+    as well as those YAML 1.1 would (`on`, `1.0` and also `y`, `1e3`, `0o17`)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+    def choose_scalar_style(self) -> str:
+        style = super().choose_scalar_style()
+        return '"' if style == "'" else style
 
 
-def _scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    raise TypeError(f"cannot write {value!r} as YAML")
+#: Read as a boolean by Go's YAML reader, as a string by YAML 1.1's safe_load.
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:y|Y|n|N)$"), list("yYnN"))
+#: Numbers in YAML 1.2's core schema that YAML 1.1 reads as strings (1e3, 0o17).
+_Dumper.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|0o[0-7]+)$"),
+    list("-+.0123456789"),
+)
 
 
-def _key(key: str) -> str:
-    plain = _PLAIN_KEY_RE.fullmatch(key) and key.lower() not in _RESERVED_WORDS
-    return key if plain else json.dumps(key)
-
-
-def _is_block(value: Any) -> bool:
-    return isinstance(value, (Mapping, list, tuple)) and bool(value)
-
-
-def _lines(value: Any, indent: int) -> list[str]:
-    pad = " " * indent
-    if isinstance(value, Mapping):
-        lines = []
-        for key, item in value.items():
-            if _is_block(item):
-                lines.append(f"{pad}{_key(key)}:")
-                lines += _lines(item, indent + 2)
-            else:
-                lines.append(f"{pad}{_key(key)}: {_inline(item)}")
-        return lines
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        lines = []
-        for item in value:
-            if isinstance(item, Mapping) and item:
-                inner = _lines(item, indent + 2)
-                lines.append(f"{pad}- {inner[0][indent + 2 :]}")
-                lines += inner[1:]
-            elif _is_block(item):
-                raise TypeError("nested lists are not written")
-            else:
-                lines.append(f"{pad}- {_inline(item)}")
-        return lines
-    return [pad + _scalar(value)]
-
-
-def _inline(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "{}"
-    if isinstance(value, (list, tuple)):
-        return "[]"
-    return _scalar(value)
+def to_yaml(documents: Iterable[Mapping[str, Any]]) -> str:
+    """Documents as kubectl prints them: block style, keys in the order given, `---`
+    before each document, strings quoted only where a YAML reader would misread them."""
+    text: str = yaml.dump_all(
+        documents,
+        Dumper=_Dumper,
+        explicit_start=True,
+        sort_keys=False,
+        allow_unicode=True,
+        width=_NO_WRAP,
+    )
+    return text

@@ -15,6 +15,7 @@ def test_manifest_prints_the_four_objects(microsvc) -> None:
     )
     assert result.returncode == 0, result.describe()
     assert result.stderr == "", result.describe()
+    assert result.stdout.startswith("---\napiVersion: apps/v1\nkind: Deployment\n")
     documents = list(yaml.safe_load_all(result.stdout))
     kinds = [document["kind"] for document in documents]
     assert kinds == ["Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"]

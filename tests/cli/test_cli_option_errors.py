@@ -140,8 +140,13 @@ def test_run_rejects_before_serving(microsvc, bind, args, fragments):
     microsvc("run", "-b", bind, *args).assert_error(2, *fragments)
 
 
-#: Options where an empty value is meaningful: no path served, no proxy trusted.
-EMPTY_MEANS_NONE = {"health_path", "ready_path", "forwarded_allow_ips"}
+#: Options where an empty value is meaningful: no path served, no proxy trusted; the
+#: value each then has.
+EMPTY_MEANS_NONE: dict[str, list[str] | None] = {
+    "health_path": None,
+    "ready_path": None,
+    "forwarded_allow_ips": [],
+}
 
 
 @pytest.mark.parametrize(
@@ -159,4 +164,4 @@ def test_empty_value_turns_the_option_off(microsvc, name):
     flag = "--" + name.replace("_", "-")
     result = microsvc("plan", "--json", flag, "")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["settings"][name]["value"] in (None, [])
+    assert json.loads(result.stdout)["settings"][name]["value"] == EMPTY_MEANS_NONE[name]

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.both_engines]
 
 WHOAMI_APP = """
 from flask import Flask, request
@@ -48,9 +48,12 @@ def whoami(server) -> dict[str, str]:
     with requests.get(server.url + "/whoami", headers=FORWARDED, timeout=5) as response:
         assert response.status_code == 200, server.describe()
         seen: dict[str, str] = response.json()
-    for path in ("/healthz", "/readyz"):
+    # The master turns readiness on (and logs it) once the worker has loaded the app.
+    server.wait_log(r"Ready: 1 workers booted")
+    for path, body in (("/healthz", {"status": "ok"}), ("/readyz", {"status": "ready"})):
         with requests.get(server.url + path, timeout=5) as response:
-            assert response.status_code in (200, 503), f"{path}: {server.describe()}"
+            assert response.status_code == 200, f"{path}: {server.describe()}"
+            assert response.json() == body, f"{path}: {server.describe()}"
     return seen
 
 

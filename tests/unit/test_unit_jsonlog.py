@@ -624,7 +624,9 @@ def test_a_request_line_of_percent_ff_and_obs_text_headers(make_logger, tmp_path
     (line,) = read_lines(tmp_path / "access.log")
     entry = assert_fits(line)
     assert entry["path"].startswith("/\\xff\\xff")
-    assert "path" in entry["truncated"] or entry["path"] == "/" + "\\xff" * 1360
+    # too long for the line: cut, to a prefix of its escaped text
+    assert "path" in entry["truncated"], entry["truncated"]
+    assert ("/" + "\\xff" * 1360).startswith(entry["path"])
 
 
 def test_an_entry_that_fits_is_not_changed(make_logger, tmp_path):

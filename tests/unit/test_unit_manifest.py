@@ -153,13 +153,13 @@ def test_probes_follow_the_settings(options: dict[str, Any], replicas: int) -> N
         assert "startupProbe" not in container
     else:
         for probe in ("livenessProbe", "startupProbe"):
-            assert container[probe]["httpGet"] == {"path": settings.health_path, "port": "http"}
+            assert container[probe]["httpGet"] == {"path": settings.health_path, "port": 9000}
     if settings.ready_path is None:
         assert "readinessProbe" not in container
     else:
         assert container["readinessProbe"]["httpGet"] == {
             "path": settings.ready_path,
-            "port": "http",
+            "port": 9000,
         }
 
 
@@ -405,16 +405,88 @@ def test_yaml_strings_are_quoted_safely() -> None:
     ]
     document = {"list": tricky, "map": {value: value for value in tricky}, "empty": {}}
     document |= {"none": [], "flags": [True, False], "numbers": [0, -1, 65535]}
-    assert yaml.safe_load(to_yaml(document)) == document
+    assert yaml.safe_load(to_yaml([document])) == document
     nested = {"items": [{"a": {"b": [{"c": "d", "e": [1]}]}, "f": "g"}]}
-    assert yaml.safe_load(to_yaml(nested)) == nested
+    assert yaml.safe_load(to_yaml([nested])) == nested
 
 
-def test_yaml_refuses_what_it_does_not_write() -> None:
-    with pytest.raises(TypeError):
-        to_yaml({"x": 1.5})
-    with pytest.raises(TypeError):
-        to_yaml({"x": [[1]]})
+#: Strings that some YAML reader takes for something else when unquoted: YAML 1.1
+#: booleans and numbers, YAML 1.2 numbers, Go's (kubectl's) y/n booleans, indicators.
+MISREAD = ["on", "Off", "yes", "y", "N", "true", "null", "~", "1", "1.0", "1e3", "-2E-1"]
+MISREAD += [".5", "0o17", "0x1F", "1_000", "2026-11-28", "*", "&a", "!t", "", " x", "a: b"]
+
+
+@pytest.mark.parametrize("value", MISREAD)
+def test_strings_a_yaml_reader_would_misread_are_quoted(value: str) -> None:
+    line = to_yaml([{"k": value}]).splitlines()[1]
+    assert line[len("k: ")] in "'\"", line
+    assert yaml.safe_load(to_yaml([{"k": value}])) == {"k": value}
+
+
+@pytest.mark.parametrize(
+    "value", ["Deployment", "apps/v1", "500m", "1Gi", "0.0.0.0:8000", "--bind"]
+)
+def test_plain_strings_are_not_quoted(value: str) -> None:
+    assert to_yaml([{"k": value}]) == f"---\nk: {value}\n"
+
+
+def test_the_style_is_kubectls() -> None:
+    """Block style, keys in the order written, lists at their key's indentation, one
+    line per string, no anchors for values used twice."""
+    text = render(
+        name="shop",
+        image="registry.example.com/shop:1.2.3",
+        replicas=2,
+        cpu="1",
+        memory="512Mi",
+        port=8000,
+        settings=settings_of(),
+        app="shop.wsgi:app",
+    )
+    assert text.startswith("---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n")
+    assert "\n      containers:\n      - name: shop\n        image: registry.example.com/" in text
+    assert (
+        "        args:\n        - shop.wsgi:app\n        - --bind\n        - 0.0.0.0:8000\n" in text
+    )
+    assert '        - name: PYTHONUNBUFFERED\n          value: "1"\n' in text
+    assert '            cpu: "1"\n            memory: 512Mi\n' in text
+    assert "&id" not in text and "*id" not in text and "{" not in text
+    shared = {"a": 1}
+    assert to_yaml([{"first": shared, "second": shared}]) == (
+        "---\nfirst:\n  a: 1\nsecond:\n  a: 1\n"
+    )
+    long = "x" * 300
+    assert to_yaml([{"k": f"{long} {long}"}]) == f"---\nk: {long} {long}\n"
+
+
+RECORDED = Path(__file__).resolve().parents[1] / "data" / "manifests"
+
+
+@pytest.mark.parametrize(("options", "replicas"), COMBINATIONS)
+def test_the_content_is_the_recorded_one(
+    request: pytest.FixtureRequest, options: dict[str, Any], replicas: int
+) -> None:
+    """tests/data/manifests/ID.yaml: the output for these options when every string was
+    written JSON-quoted; the same data now, except that the probes give the container
+    port by number instead of by its name `http`."""
+    case = request.node.callspec.id
+    recorded = list(yaml.safe_load_all((RECORDED / f"{case}.yaml").read_text()))
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        container = pod_container(recorded)
+        if probe in container:
+            assert container[probe]["httpGet"]["port"] == "http"
+            container[probe]["httpGet"]["port"] = container["ports"][0]["containerPort"]
+    text = render(
+        name="shop",
+        image="registry.example.com/shop:1.2.3",
+        replicas=replicas,
+        cpu="500m",
+        memory="1Gi",
+        port=8000,
+        settings=settings_of(**options),
+        app="shop.wsgi:create_app()",
+    )
+    assert list(yaml.safe_load_all(text)) == recorded
 
 
 # kubernetes-validate
@@ -467,6 +539,6 @@ def test_kubernetes_validate_strict_catches_a_stray_field(tmp_path: Path) -> Non
     _, documents = make()
     documents[0]["spec"]["template"]["spec"]["containers"][0]["bogusField"] = "x"
     path = tmp_path / "manifest.yaml"
-    path.write_text("".join("---\n" + to_yaml(document) for document in documents))
+    path.write_text(to_yaml(documents))
     done = kubernetes_validate(path)
     assert done.returncode != 0, f"{done.stdout}{done.stderr}"
