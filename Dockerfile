@@ -17,7 +17,7 @@ WORKDIR /app
 # Dependencies first, in their own layer: this layer is rebuilt only when the package
 # metadata changes, not on every code change. The skeleton (just the version module) is
 # enough for setuptools to read the metadata.
-COPY setup.cfg pyproject.toml README.md /src/
+COPY setup.cfg pyproject.toml README.md LICENSE /src/
 COPY microsvc/_version.py /src/microsvc/_version.py
 RUN touch /src/microsvc/__init__.py \
     && pip install --no-cache-dir "/src[gevent]"

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -209,6 +210,85 @@ def _alive(pid: int) -> bool:
         return False
 
 
+#: How long a thread that a test ended may take to leave the process.
+THREAD_EXIT_GRACE = 2.0
+_TASKS = Path("/proc/self/task")
+
+
+def _thread_ids() -> set[int]:
+    """Native ids of this process's threads (every thread, not only `threading`'s)."""
+    if _TASKS.is_dir():
+        return {int(name) for name in os.listdir(_TASKS)}
+    return {thread.native_id or 0 for thread in threading.enumerate()}
+
+
+def _describe_threads(ids: set[int]) -> str:
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    return ", ".join(f"{names.get(tid, 'native thread')} (tid {tid})" for tid in sorted(ids))
+
+
+@pytest.fixture(autouse=True)
+def _fork_safe_test_process() -> Iterator[None]:
+    """Fail the test that leaves a thread running or imports eventlet into this process.
+
+    Later tests fork this process (subprocesses with a preexec_fn, os.fork). A fork with
+    other threads alive can deadlock the child (Python 3.12+ warns about it), and
+    importing eventlet registers an at-fork hook whose warning, as an error, fails
+    whichever test forks next, far from the cause. Join threads in teardown; use
+    eventlet in a subprocess.
+    """
+    before = _thread_ids()
+    had_eventlet = "eventlet" in sys.modules
+    yield
+    problems = []
+    if not had_eventlet and "eventlet" in sys.modules:
+        problems.append("imported eventlet into the test process (its at-fork hook warns)")
+    deadline = time.monotonic() + THREAD_EXIT_GRACE
+    left = _thread_ids() - before
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left = _thread_ids() - before
+    if left:
+        problems.append(f"left threads running: {_describe_threads(left)}")
+    if problems:
+        pytest.fail("the test " + "; ".join(problems) + " (later forks would warn)")
+
+
+#: The HTTP engines a server can run (`--http-engine`); the first is the default.
+HTTP_ENGINES = ("microsvc", "gunicorn")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--http-engine",
+        choices=HTTP_ENGINES,
+        default=HTTP_ENGINES[0],
+        help="HTTP engine of the servers the tests start (tests marked both_engines run "
+        "on each engine whatever this says)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "both_engines: the test runs once on each HTTP engine (microsvc, gunicorn)"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("both_engines") and (
+        "http_engine" in metafunc.fixturenames
+    ):
+        metafunc.parametrize("http_engine", HTTP_ENGINES, indirect=True)
+
+
+@pytest.fixture
+def http_engine(request: pytest.FixtureRequest) -> str:
+    """The HTTP engine of the servers `serve` starts: the test's parameter (tests marked
+    both_engines), else the `--http-engine` option of pytest."""
+    engine: str = getattr(request, "param", None) or request.config.getoption("--http-engine")
+    return engine
+
+
 ServeFactory = Callable[..., Server]
 
 
@@ -235,13 +315,16 @@ def runtime_dir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def serve(tmp_path: Path, runtime_dir: Path) -> Iterator[ServeFactory]:
+def serve(tmp_path: Path, runtime_dir: Path, http_engine: str) -> Iterator[ServeFactory]:
     """A factory that starts a server and waits until it answers HTTP.
 
     serve(args) runs `python -m microsvc run ARGS -b 127.0.0.1:PORT`; pass
     `command=[...]` to run something else, with `{port}` in it replaced by the port.
-    Every server it started is stopped at teardown.
+    The server runs the HTTP engine of the `http_engine` fixture (MICROSVC_HTTP_ENGINE
+    when it is not the default; `env` may set it). Every server it started is stopped at
+    teardown.
     """
+    engine_env = {} if http_engine == HTTP_ENGINES[0] else {"MICROSVC_HTTP_ENGINE": http_engine}
     started: list[Server] = []
 
     def start(
@@ -262,7 +345,7 @@ def serve(tmp_path: Path, runtime_dir: Path) -> Iterator[ServeFactory]:
         else:
             argv = [part.replace("{port}", str(port)) for part in command]
         log_path = tmp_path / f"{name or 'server'}-{len(started)}-{port}.log"
-        child_env = clean_env({"XDG_RUNTIME_DIR": str(runtime_dir), **(env or {})})
+        child_env = clean_env({"XDG_RUNTIME_DIR": str(runtime_dir), **engine_env, **(env or {})})
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 argv,
@@ -284,3 +367,27 @@ def serve(tmp_path: Path, runtime_dir: Path) -> Iterator[ServeFactory]:
 
     for server in reversed(started):
         server.kill_leftovers()
+
+
+#: The tiers of the suite: the directories under tests/, each selected by the marker of
+#: its name (`pytest -m reliability`), declared in pyproject.toml.
+TIERS = ("unit", "cli", "e2e", "reliability", "container")
+_TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its tier, the directory it is in. The directory decides: a
+    tier marker that a module, class or test gives itself is dropped, so `-m TIER`
+    selects that directory and nothing else."""
+    for item in items:
+        try:
+            parts = item.path.resolve().relative_to(_TESTS_DIR).parts
+        except ValueError:
+            continue
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        for node in item.listchain():
+            node.own_markers[:] = [
+                mark for mark in node.own_markers if mark.name not in TIERS or mark.name == tier
+            ]
+        if tier is not None:
+            item.add_marker(tier)
