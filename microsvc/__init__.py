@@ -18,7 +18,7 @@ from microsvc.errors import (
     ServerError,
     UsageError,
 )
-from microsvc.options import Settings, WorkerClass
+from microsvc.options import HttpEngine, Settings, WorkerClass
 from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ __all__ = [
     "AppImportError",
     "AppLoadError",
     "BindError",
+    "HttpEngine",
     "Launcher",
     "MicrosvcError",
     "MissingExtraError",

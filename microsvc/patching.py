@@ -57,5 +57,9 @@ def patch(worker_class: WorkerClass) -> None:
             # microsvc says once, in the log, that eventlet is unmaintained.
             warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
             import eventlet
+        # eventlet warns at every fork; forking workers is what gunicorn's master does.
+        warnings.filterwarnings(
+            "ignore", message=r"Using fork\(\) is a bad idea", category=DeprecationWarning
+        )
 
         eventlet.monkey_patch()

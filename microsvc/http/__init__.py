@@ -7,12 +7,20 @@ from __future__ import annotations
 
 from microsvc.http.body import FileWrapper, RequestBody
 from microsvc.http.config import HTTPConfig
-from microsvc.http.connection import Hooks, RequestRecord, serve_connection
+from microsvc.http.connection import (
+    TAKEN_OVER_KEY,
+    Hooks,
+    HTTPConnection,
+    RequestRecord,
+    serve_connection,
+)
 from microsvc.http.errors import InvalidBody, RequestError, ResponseError
 
 __all__ = [
+    "TAKEN_OVER_KEY",
     "FileWrapper",
     "HTTPConfig",
+    "HTTPConnection",
     "Hooks",
     "InvalidBody",
     "RequestBody",

@@ -1,7 +1,10 @@
 """Serving one connection: requests in order until the connection closes.
 
 `serve_connection` uses only the blocking socket API, so one function serves a plain
-thread, and a greenlet under gevent's or eventlet's monkey-patching alike."""
+thread, and a greenlet under gevent's or eventlet's monkey-patching alike. A worker that
+parks idle keep-alive connections in a poller (gthread) uses `HTTPConnection.serve` with
+`hand_back=True`: it returns as soon as no further request is buffered, and is called
+again when the socket turns readable."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from microsvc.http.body import FileWrapper, RequestBody
@@ -23,6 +26,11 @@ from microsvc.http.response import Response
 
 log = logging.getLogger("microsvc.http")
 
+#: Set to True in the environ (by a wrapper of the app) when the application took the
+#: connection over and answered on the socket itself (eventlet.websocket): nothing more
+#: is written, and the connection is closed.
+TAKEN_OVER_KEY = "microsvc.taken_over"
+
 WSGIApp = Callable[[Environ, Callable[..., Any]], Iterable[bytes]]
 
 
@@ -32,7 +40,9 @@ class RequestRecord:
 
     `status` is the status line's text ("200 OK", empty when no response was sent),
     `response_bytes` the body bytes sent (framing excluded), `duration` in seconds from
-    the complete request head to the end of the response."""
+    the complete request head to the end of the response. `request_headers` are the
+    request's (upper-case names, as parsed), `response_headers` the ones the application
+    gave to start_response."""
 
     request_line: str
     method: str
@@ -42,20 +52,26 @@ class RequestRecord:
     response_bytes: int
     duration: float
     client: Any
+    request_headers: list[tuple[str, str]] = field(default_factory=list)
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-BeforeRequest = Callable[[Environ], None]
+BeforeRequest = Callable[[Environ, Message], None]
 AfterRequest = Callable[[Environ, RequestRecord], None]
 
 
 @dataclass(frozen=True)
 class Hooks:
     """Callbacks around each request, in the shape of gunicorn's pre_request and
-    post_request: `before(environ)` runs before the application, `after(environ, record)`
-    after the response is sent (or failed). An exception a hook raises is logged and the
-    connection closed. `keep_serving()` is asked before and after each request whether the
-    connection may serve another (False: the response says `Connection: close` if it has
-    not started, and the connection closes after it, as a stopping worker needs)."""
+    post_request: `before(environ, message)` runs before the application (`message` is
+    the parsed request: method, target, path, query, version, headers, scheme),
+    `after(environ, record)` after the response is sent (or failed). An exception a hook
+    raises is logged and the connection closed. `keep_serving()` is asked after `before`
+    whether the connection may serve another request after this one (False: the response
+    says `Connection: close`, and the connection closes after it, as a stopping worker
+    needs). A connection whose response announced keep-alive is not closed before its
+    next request (the client may be sending it already): that request is served, and
+    its response says `Connection: close`."""
 
     before: BeforeRequest | None = None
     after: AfterRequest | None = None
@@ -76,32 +92,87 @@ def serve_connection(
     """Serves requests from a connected socket until the connection is to close, then
     returns; closing the socket is the caller's. `client` and `server` are the peer's and
     the listener's addresses as `getpeername()` and `getsockname()` give them."""
-    stream = RequestStream(sock, config, client)
-    base = connection_environ(config, client, server)
-    server_header = f"Server: {config.server_software}\r\n".encode("latin-1")
-    plain = not isinstance(sock, ssl.SSLSocket) and config.sendfile and not config.is_ssl
-    first = True
-    while True:
-        try:
-            message = stream.next_message(first)
-        except RequestError as exc:
-            _refuse(sock, client, exc)
-            return
-        except OSError:  # a timeout, or the client went away
-            return
-        if message is None:
-            return
-        first = False
-        if hooks.keep_serving is not None and not hooks.keep_serving():
-            message.close_after = True  # the response says Connection: close
-        try:
-            keep_alive = _serve_request(
-                sock, stream, message, base, app, server_header, plain, client, hooks, config
-            )
-        except ConnectionLost:
-            return  # the client went away while the response was written
-        if not keep_alive or (hooks.keep_serving is not None and not hooks.keep_serving()):
-            return
+    HTTPConnection(sock, client, server, app, config, hooks).serve()
+
+
+class HTTPConnection:
+    """One connection's state between requests, for a caller that serves it in turns."""
+
+    __slots__ = (
+        "_app",
+        "_base",
+        "_client",
+        "_config",
+        "_first",
+        "_hooks",
+        "_plain",
+        "_server_header",
+        "sock",
+        "stream",
+    )
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        client: Any,
+        server: Any,
+        app: WSGIApp,
+        config: HTTPConfig,
+        hooks: Hooks = NO_HOOKS,
+    ) -> None:
+        self.sock = sock
+        self.stream = RequestStream(sock, config, client)
+        self._client = client
+        self._app = app
+        self._config = config
+        self._hooks = hooks
+        self._base = connection_environ(config, client, server)
+        self._base["gunicorn.socket"] = sock
+        self._server_header = f"Server: {config.server_software}\r\n".encode("latin-1")
+        self._plain = not isinstance(sock, ssl.SSLSocket) and config.sendfile and not config.is_ssl
+        self._first = True
+
+    def serve(self, hand_back: bool = False) -> bool:
+        """Serves requests in order. Returns False when the connection is to close.
+
+        With `hand_back`, returns True once a response is complete and no further
+        request is buffered: the connection is idle, and its socket is the caller's to
+        watch; call `serve(hand_back=True)` again when it turns readable (the wait for
+        the rest of a request that has started is bounded by the header timeout)."""
+        stream = self.stream
+        hooks = self._hooks
+        sock = self.sock
+        client = self._client
+        while True:
+            try:
+                message = stream.next_message(self._first)
+            except RequestError as exc:
+                _refuse(sock, client, exc)
+                return False
+            except OSError:  # a timeout, or the client went away
+                return False
+            if message is None:
+                return False
+            self._first = False
+            try:
+                keep_alive = _serve_request(
+                    sock,
+                    stream,
+                    message,
+                    self._base,
+                    self._app,
+                    self._server_header,
+                    self._plain,
+                    client,
+                    hooks,
+                    self._config,
+                )
+            except ConnectionLost:
+                return False  # the client went away while the response was written
+            if not keep_alive:
+                return False
+            if hand_back and not stream.has_pending():
+                return True
 
 
 def _serve_request(
@@ -129,10 +200,13 @@ def _serve_request(
     keep_alive = False
     try:
         if hooks.before is not None:
-            hooks.before(environ)
+            hooks.before(environ, message)
+        if hooks.keep_serving is not None and not hooks.keep_serving():
+            message.close_after = True  # the response says Connection: close
+            response.keep_alive = False
         keep_alive = _run_app(app, environ, response, plain)
     except InvalidBody as exc:
-        log.warning("Invalid request body from %s: %s", _peer(client), exc)
+        log.warning("Invalid request body from ip=%s: %s", _peer(client), exc)
         if not response.headers_sent:
             _refuse(sock, client, exc, logged=True)
     except ResponseError as exc:
@@ -154,6 +228,8 @@ def _serve_request(
                 response_bytes=response.sent,
                 duration=time.perf_counter() - started,
                 client=client,
+                request_headers=message.headers,
+                response_headers=response.app_headers,
             )
             try:
                 hooks.after(environ, record)
@@ -175,8 +251,17 @@ def _serve_request(
 def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) -> bool:
     result = app(environ, response.start_response)
     try:
+        if environ.get(TAKEN_OVER_KEY):
+            return False  # the app answered on the socket itself: write nothing more
         if type(result) is list and len(result) == 1:
             data = result[0]
+            if type(data) is bytes:
+                response.set_length(len(data))
+            response.finish(data)
+        elif _one_block(result):
+            # PEP 3333: an iterable whose len() is 1 (a middleware's wrapper of a list)
+            # gets a Content-Length too, and goes out in one write.
+            data = next(iter(result), b"")
             if type(data) is bytes:
                 response.set_length(len(data))
             response.finish(data)
@@ -191,6 +276,16 @@ def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) ->
         if close is not None:
             close()
     return response.keep_alive
+
+
+def _one_block(result: Iterable[bytes]) -> bool:
+    size = getattr(result, "__len__", None)
+    if size is None or type(result) is list or isinstance(result, FileWrapper):
+        return False
+    try:
+        return bool(size() == 1)
+    except Exception:
+        return False
 
 
 def _fail(response: Response) -> None:
@@ -209,7 +304,7 @@ def _fail(response: Response) -> None:
 
 def _refuse(sock: socket.socket, client: Any, exc: RequestError, logged: bool = False) -> None:
     if not logged:
-        log.warning("Invalid request from %s: %s", _peer(client), exc)
+        log.warning("Invalid request from ip=%s: %s", _peer(client), exc)
     body = exc.reason.encode("latin-1")
     head = (
         f"HTTP/1.1 {exc.status} {exc.reason}\r\nConnection: close\r\n"

@@ -132,6 +132,10 @@ class RequestStream:
         self._eof = False
         self._head_bytes = 0
         self._timeout: float | None = -1.0
+        # The bytes received since the last request line found in them, where the next
+        # request line is looked for (llhttp skips repeated spaces in it).
+        self._raw = b""
+        self._raw_pos = 0
 
     # --- httptools callbacks -------------------------------------------------------------
 
@@ -170,9 +174,11 @@ class RequestStream:
         assert message is not None
         parser = self._parser
         message.method = method = parser.get_method().decode("ascii")
-        version = _VERSIONS.get(parser.get_http_version())
+        version_text = parser.get_http_version()
+        version = _VERSIONS.get(version_text)
         if version is None:
-            raise RequestError(f"HTTP version {parser.get_http_version()} is not supported")
+            raise RequestError(f"HTTP version {version_text} is not supported")
+        self._check_request_line(method, message.url, version_text)
         message.version = version
         message.close_after = not parser.should_keep_alive()
         message.target = target = message.url.decode("latin-1")
@@ -209,6 +215,16 @@ class RequestStream:
             self._stopped = True
 
     # --- checks llhttp does not make -----------------------------------------------------
+
+    def _check_request_line(self, method: str, url: bytearray, version: str) -> None:
+        """The request line must be exactly METHOD SP TARGET SP HTTP/x.y CRLF: llhttp
+        skips repeated spaces between its parts, gunicorn refuses them."""
+        line = b"%s %s HTTP/%s\r\n" % (method.encode("ascii"), url, version.encode("ascii"))
+        raw = self._raw
+        found = raw.find(line, self._raw_pos)
+        if found < 0:
+            raise RequestError("invalid request line: repeated or stray whitespace")
+        self._raw_pos = found + len(line)
 
     @staticmethod
     def _check_target(message: Message) -> None:
@@ -306,6 +322,14 @@ class RequestStream:
             if self._head_bytes > config.max_head_size:
                 raise RequestError("the request head is too large", 431)
 
+    def has_pending(self) -> bool:
+        """Whether bytes of a further request are already off the socket (parsed or in
+        the TLS layer's buffer): its socket may not turn readable for them."""
+        if self._messages or self._current is not None:
+            return True
+        pending = getattr(self._sock, "pending", None)
+        return bool(pending is not None and pending())
+
     def next_body_chunk(self, message: Message) -> bytes:
         """The next bytes of `message`'s body, b"" at its end. Raises InvalidBody when the
         body is malformed or the client closes or stalls before its end."""
@@ -342,6 +366,13 @@ class RequestStream:
         self._feed(data)
 
     def _feed(self, data: bytes) -> None:
+        current = self._current
+        if current is not None and not current.head_complete:
+            # A request head continues in this data.
+            self._raw = self._raw[self._raw_pos :] + data
+        else:
+            self._raw = data
+        self._raw_pos = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:

@@ -94,6 +94,7 @@ class Response:
     __slots__ = (
         "_server_header",
         "_sock",
+        "app_headers",
         "chunked",
         "content_length",
         "headers",
@@ -113,6 +114,7 @@ class Response:
         self.status = ""
         self.status_code = 0
         self.headers: list[tuple[str, str]] = []
+        self.app_headers: list[tuple[str, str]] = []  # as given, for the access log
         self.headers_sent = False
         self.content_length: int | None = None
         self.chunked = False
@@ -157,6 +159,7 @@ class Response:
         self.status = status
         self.status_code = code = int(status[:3])
         self.headers = kept
+        self.app_headers = headers
         method = self.message.method
         self.omits_body = method == "HEAD" or code in (204, 304) or 100 <= code < 200
         if self.omits_body and (code == 204 or code < 200):

@@ -26,6 +26,7 @@ prefer gevent.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import ssl
@@ -46,6 +47,7 @@ from gunicorn.workers.base_async import AsyncWorker
 
 from microsvc.metrics.wsgi import TAKEN_OVER_KEY, Environ, StartResponse, WSGIApp
 from microsvc.workers.accepting import AcceptFailures
+from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
 
 #: Accept errors that are part of normal operation, or concern one connection (reset or
@@ -116,6 +118,10 @@ class EventletWorker(Recycling, AsyncWorker):  # type: ignore[misc]
                 self.log.debug("TLS handshake with %s failed: %s", addr, exc)
                 client.close()
                 return
+        self.serve_accepted(listener, client, addr)
+
+    def serve_accepted(self, listener: Any, client: Any, addr: Any) -> None:
+        """Serves an accepted (and, for TLS, wrapped) connection, and closes it."""
         super().handle(listener, client, addr)
 
     def handle_request(self, *args: Any, **kwargs: Any) -> Any:
@@ -238,6 +244,27 @@ class EventletWorker(Recycling, AsyncWorker):  # type: ignore[misc]
                 sock.close()  # gunicorn's listener: closes its socket, never unlinks
             except OSError as exc:
                 self.log.debug("Closing a listening socket: %s", exc)
+
+
+class EngineEventletWorker(EngineWorker, EventletWorker):
+    """The eventlet worker on microsvc's HTTP engine (see `engine`): one greenthread per
+    connection, a yield after each response, TLS, websockets that take the connection
+    over (the engine writes nothing more and closes it), accept-error handling and the
+    stop as above."""
+
+    engine_multithread = True
+
+    def serve_accepted(self, listener: Any, client: Any, addr: Any) -> None:
+        try:
+            self.serve_client(client, addr, listener.getsockname())
+        except OSError as exc:  # a failed TLS handshake, a reset
+            self.log.debug("Connection from %s ended: %s", addr, exc)
+        finally:
+            with contextlib.suppress(OSError):
+                client.close()
+
+    def after_response(self) -> None:
+        eventlet.sleep(0)  # fair between keep-alive connections
 
 
 def _noting_takeovers(app: WSGIApp) -> WSGIApp:

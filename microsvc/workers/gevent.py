@@ -11,18 +11,30 @@ between keep-alive connections, and quick to accept a burst of new ones.
   busy, a turn is long, and when 1000 clients connect at once the last ones wait seconds
   for their first answer, or time out. This worker accepts up to `ACCEPT_BATCH`
   connections per turn: still a share of a burst, not all of it.
+- Serves what it accepted. When the worker stops (TERM, a reload, a recycle, a
+  scale-down), gunicorn's loop closes the listening sockets, then waits up to
+  `graceful_timeout` until every connection greenlet in the pool has ended. A connection
+  accepted just before the close may be served after it (its greenlet is in the pool but
+  has not run yet), and the connection handler (gunicorn's, and the engine's) asks the
+  listening socket for its address first: a closed socket answers EBADF, and the
+  connection would be closed unanswered ("Socket error processing request"). The
+  worker's listening sockets keep their address (`ListeningSocket`), so such a
+  connection is served like any other.
 
 Importing this module imports gevent: only gevent mode loads it.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import gevent
+import gevent.socket
 import gunicorn.workers.ggevent as gunicorn_gevent
 from gevent.server import StreamServer
 
+from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
 
 #: Connections a worker accepts per turn of its event loop, at most.
@@ -44,8 +56,36 @@ class BatchAcceptServer(StreamServer):  # type: ignore[misc]
         self._max_accept = max(int(value), ACCEPT_BATCH)
 
 
+class ListeningSocket(gevent.socket.socket):  # type: ignore[misc]
+    """A listening gevent socket that tells its address after it is closed too: the
+    address is read once, while the socket is open (it never changes once bound)."""
+
+    __slots__ = ("_address",)
+
+    def __init__(self, family: int, type: int, proto: int = 0, fileno: int | None = None) -> None:
+        super().__init__(family, type, proto, fileno)
+        self._address: Any = super().getsockname()
+
+    @classmethod
+    def take(cls, sock: Any) -> ListeningSocket:
+        """The listening socket `sock` (a socket object), as a ListeningSocket; `sock`
+        gives up its file descriptor."""
+        return cls(sock.family, sock.type, sock.proto, sock.detach())
+
+    def getsockname(self) -> Any:
+        return self._address
+
+
 class GeventWorker(Recycling, gunicorn_gevent.GeventWorker):  # type: ignore[misc]
     """Its run loop calls notify() every second, idle or not."""
+
+    sockets: list[Any]  # gunicorn's listeners; ListeningSockets once `patch()` has run
+
+    def patch(self) -> None:
+        """Monkey-patch, and make the listening sockets gevent sockets (gunicorn), which
+        keep their address (see the module docstring)."""
+        super().patch()
+        self.sockets = [ListeningSocket.take(sock) for sock in self.sockets]
 
     def run(self) -> None:
         # gunicorn's run() builds its servers from this module global; this worker
@@ -58,3 +98,26 @@ class GeventWorker(Recycling, gunicorn_gevent.GeventWorker):  # type: ignore[mis
             return super().handle_request(*args, **kwargs)
         finally:
             gevent.sleep(0)  # let the other connections' greenlets run
+
+
+class EngineGeventWorker(EngineWorker, GeventWorker):
+    """The gevent worker on microsvc's HTTP engine (see `engine`): one greenlet per
+    connection, batch accept, TLS from gevent's server, a yield after each response, and
+    the stop as above."""
+
+    engine_multithread = True
+
+    def handle(self, listener: Any, client: Any, addr: Any) -> None:
+        client.setblocking(1)
+        try:
+            self.serve_client(client, addr, listener.getsockname())
+        except OSError as exc:  # a failed TLS handshake, a reset
+            self.log.debug("Connection from %s ended: %s", addr, exc)
+        except (gevent.GreenletExit, SystemExit):
+            pass  # killed after graceful_timeout
+        finally:
+            with contextlib.suppress(OSError):
+                client.close()
+
+    def after_response(self) -> None:
+        gevent.sleep(0)  # let the other connections' greenlets run

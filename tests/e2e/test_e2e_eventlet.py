@@ -240,6 +240,7 @@ def _websocket_session(port: int, path: str, client_closes: bool) -> bytes:
         return _read_to_end(connection)
 
 
+@pytest.mark.both_engines
 @pytest.mark.parametrize("closing", ["server", "client"])
 def test_websocket_session_ends_without_a_500(serve, tmp_path, free_port, closing):
     (tmp_path / "wsapp.py").write_text(WEBSOCKET_APP)

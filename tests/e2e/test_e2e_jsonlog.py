@@ -113,6 +113,7 @@ def marked(entries: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     return found
 
 
+@pytest.mark.both_engines
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_every_line_is_json_and_access_entries_match_the_requests(serve, worker_class):
     server = serve(["-k", worker_class, *JSON_OPTIONS, "--access-log", "-"])
@@ -169,6 +170,7 @@ def test_log_level_applies(serve):
     assert len(marked(entries)[0]) == 1
 
 
+@pytest.mark.both_engines
 def test_app_exceptions_and_bad_requests_stay_on_one_line(serve, tmp_path):
     (tmp_path / "boomapp.py").write_text(
         "def app(environ, start_response):\n"

@@ -141,6 +141,7 @@ def assert_totals(client: Client, scraped: Scrape) -> None:
     assert scraped.value("microsvc_http_requests_in_flight") == 0
 
 
+@pytest.mark.both_engines
 def test_totals_equal_requests_sent_through_three_workers_and_recycles(serve, free_port):
     server, address = start(
         serve, free_port, "--workers", "3", "--max-requests", "40", "--max-requests-jitter", "5"
@@ -212,6 +213,7 @@ def test_lifetime_recycles_are_counted(serve, free_port):
     assert scraped.exits()["crash"] == 0
 
 
+@pytest.mark.both_engines
 @pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
 def test_requests_in_flight_across_workers(serve, free_port, worker_class):
     server, address = start(serve, free_port, "-k", worker_class, "--workers", "2")

@@ -120,6 +120,7 @@ def test_lifetime_replaces_every_worker(serve, worker_class):
     assert server.wait_workers(2, stable_for=0.0) == 2, server.describe()
 
 
+@pytest.mark.both_engines
 def test_max_requests_logs_microsvcs_reason(serve, leaky_app):
     server = serve([leaky_app, "--workers", "1", "--max-requests", "5"])
     # The first request (readiness probe of the serve fixture) counts too.

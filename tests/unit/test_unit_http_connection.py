@@ -540,7 +540,7 @@ def test_hooks_see_each_request_and_its_numbers() -> None:
     before: list[str] = []
     after: list[RequestRecord] = []
     hooks = Hooks(
-        before=lambda environ: before.append(environ["PATH_INFO"]),
+        before=lambda environ, message: before.append(environ["PATH_INFO"]),
         after=lambda environ, record: after.append(record),
     )
     exchange(hello_app, b"GET /a?q=1 HTTP/1.1\r\n\r\nHEAD /b HTTP/1.0\r\n\r\n", hooks=hooks)
@@ -553,7 +553,7 @@ def test_hooks_see_each_request_and_its_numbers() -> None:
 
 
 def test_keep_serving_false_closes_after_the_current_response() -> None:
-    answers = iter([True, True, False])
+    answers = iter([True, False])
     raw = exchange(
         hello_app,
         b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n",
@@ -561,6 +561,7 @@ def test_keep_serving_false_closes_after_the_current_response() -> None:
     )
     assert raw.count(b"HTTP/1.1 200 ") == 2
     assert raw.count(b"Connection: close") == 1
+    assert raw.index(b"Connection: close") > raw.index(b"hello")  # in the second response
 
 
 # --- environ and trust ----------------------------------------------------------------------
@@ -775,3 +776,92 @@ def test_serves_green_threads_under_monkey_patching(library: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["2", "hello", "1", "hi"]
+
+
+# --- the request line: exactly one space between its parts, as gunicorn requires --------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"GET  /data HTTP/1.1",
+        b"GET /data  HTTP/1.1",
+        b"GET   /data   HTTP/1.1",
+    ],
+)
+@pytest.mark.parametrize("trickle", [False, True])
+def test_repeated_spaces_in_the_request_line_are_refused(line: bytes, trickle: bool) -> None:
+    raw = exchange(hello_app, line + b"\r\nHost: x\r\n\r\n", trickle=trickle)
+    assert raw.startswith(b"HTTP/1.1 400 ")
+    assert b"hello" not in raw
+
+
+def test_a_pipelined_request_with_repeated_spaces_is_refused_after_the_good_ones() -> None:
+    raw = exchange(
+        echo_app,
+        b"POST /a HTTP/1.1\r\nContent-Length: 19\r\n\r\nGET /x HTTP/1.1\r\n\r\n"
+        b"GET /b HTTP/1.1\r\n\r\nGET  /c HTTP/1.1\r\n\r\n",
+    )
+    assert raw.count(b"HTTP/1.1 200 OK\r\n") == 2
+    assert raw.count(b"HTTP/1.1 400 Bad Request\r\n") == 1
+    assert [r["body"] for r in responses(raw)][:2] == [
+        b"POST /a |GET /x HTTP/1.1\r\n\r\n",
+        b"GET /b |",
+    ]
+
+
+# --- serving in turns (a poller holds the idle connection) ------------------------------
+
+
+def test_serve_hands_back_an_idle_connection_and_resumes() -> None:
+    from microsvc.http import HTTPConnection
+
+    client, server_sock = socket.socketpair()
+    with client, server_sock:
+        client.settimeout(5)
+        connection = HTTPConnection(server_sock, CLIENT, SERVER, echo_app, HTTPConfig())
+        client.sendall(b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n")
+        assert connection.serve(hand_back=True) is True  # both served, nothing buffered
+        first = client.recv(65536)
+        while first.count(b"HTTP/1.1 200") < 2:
+            first += client.recv(65536)
+        client.sendall(b"GET /3 HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert connection.serve(hand_back=True) is False  # Connection: close
+        assert [r["body"] for r in responses(first + client.recv(65536))] == [
+            b"GET /1 |",
+            b"GET /2 |",
+            b"GET /3 |",
+        ]
+
+
+class _Wrapped:
+    """A middleware's wrapper of the app's list: iterable, with len() and close()."""
+
+    def __init__(self, body: list[bytes]) -> None:
+        self.body = body
+        self.closed = False
+
+    def __iter__(self) -> Any:
+        return iter(self.body)
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("body", "framing"), [([b"hello"], "content-length"), ([b"he", b"llo"], "transfer-encoding")]
+)
+def test_an_iterable_of_len_1_gets_a_content_length(body: list[bytes], framing: str) -> None:
+    wrapped: list[_Wrapped] = []
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> _Wrapped:
+        start_response("200 OK", [])
+        wrapped.append(_Wrapped(body))
+        return wrapped[0]
+
+    (got,) = responses(exchange(app, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"))
+    assert got["body"] == b"hello" and framing in got["headers"]
+    assert wrapped[0].closed

@@ -4,6 +4,7 @@ Nothing here runs the arbiter; tests/e2e does."""
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import pytest
 
@@ -65,15 +66,54 @@ def test_cfg_follows_the_plan() -> None:
     launcher = make(worker_class="sync")
     assert launcher.plan.workers == 9  # 2*4+1
     assert launcher.cfg.workers == 9
-    assert launcher.cfg.worker_class_str == "microsvc.workers.sync.SyncWorker"
+    assert launcher.cfg.worker_class_str == "microsvc.workers.sync.EngineSyncWorker"
     assert launcher.cfg.bind == ["127.0.0.1:5000"]
 
 
 def test_gthread_accepts_only_what_its_threads_can_serve() -> None:
-    launcher = make(worker_class="gthread", threads=6)
+    launcher = make(worker_class="gthread", threads=6, http_engine="gunicorn")
     assert launcher.cfg.threads == 6
     assert launcher.cfg.worker_connections == 6
     assert launcher.cfg.worker_class_str == "microsvc.workers.gthread.BalancedThreadWorker"
+
+
+def test_gthread_on_the_engine_keeps_room_for_idle_connections() -> None:
+    launcher = make(worker_class="gthread", threads=6)
+    assert launcher.cfg.worker_connections == 1000  # gunicorn's default: parked ones
+    assert launcher.cfg.worker_class_str == "microsvc.workers.gthread.EngineThreadWorker"
+
+
+@pytest.mark.parametrize(
+    ("worker_class", "engine", "path"),
+    [
+        ("sync", "microsvc", "microsvc.workers.sync.EngineSyncWorker"),
+        ("sync", "gunicorn", "microsvc.workers.sync.SyncWorker"),
+        ("gevent", "microsvc", "microsvc.workers.gevent.EngineGeventWorker"),
+        ("gevent", "gunicorn", "microsvc.workers.gevent.GeventWorker"),
+        ("eventlet", "microsvc", "microsvc.workers.eventlet.EngineEventletWorker"),
+        ("eventlet", "gunicorn", "microsvc.workers.eventlet.EventletWorker"),
+    ],
+)
+def test_the_http_engine_picks_the_worker_class(worker_class: str, engine: str, path: str) -> None:
+    assert make(worker_class=worker_class, http_engine=engine).cfg.worker_class_str == path
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"proxy_protocol": "v1"},
+        {"protocol": "uwsgi"},
+        {"permit_obsolete_folding": True},
+        {"header_map": "dangerous"},
+        {"casefold_http_method": True},
+        {"http_parser": "fast"},
+    ],
+)
+def test_settings_the_engine_cannot_honour_are_refused(setting: dict[str, Any]) -> None:
+    name = next(iter(setting))
+    with pytest.raises(UsageError, match=f"{name}=.*--http-engine gunicorn"):
+        make(gunicorn_settings=setting)
+    make(gunicorn_settings=setting, http_engine="gunicorn")  # gunicorn's engine takes them
 
 
 def test_gthread_worker_connections_can_be_passed_through() -> None:
@@ -84,12 +124,13 @@ def test_gthread_worker_connections_can_be_passed_through() -> None:
 def test_the_python_http_parser_unless_asked_otherwise() -> None:
     # gunicorn's `auto` would pick up any installed gunicorn_h1c without a word.
     assert make().cfg.http_parser == "python"
-    assert make(gunicorn_settings={"http_parser": "fast"}).cfg.http_parser == "fast"
+    fast = make(gunicorn_settings={"http_parser": "fast"}, http_engine="gunicorn")
+    assert fast.cfg.http_parser == "fast"
 
 
 def test_eventlet_uses_microsvcs_worker() -> None:
     assert make(worker_class="eventlet").cfg.worker_class_str == (
-        "microsvc.workers.eventlet.EventletWorker"
+        "microsvc.workers.eventlet.EngineEventletWorker"
     )
 
 

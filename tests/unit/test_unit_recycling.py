@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from microsvc.options import Settings, WorkerClass
-from microsvc.workers import WORKER_CLASSES
+from microsvc.workers import ENGINE_WORKER_CLASSES, WORKER_CLASSES
 from microsvc.workers.recycling import (
     CHECK_INTERVAL,
     LOG_FORMAT,
@@ -455,6 +455,12 @@ def test_every_worker_class_is_microsvcs_and_recycles() -> None:
         WorkerClass.GEVENT: "microsvc.workers.gevent.GeventWorker",
         WorkerClass.EVENTLET: "microsvc.workers.eventlet.EventletWorker",
     }
+    assert ENGINE_WORKER_CLASSES == {
+        WorkerClass.SYNC: "microsvc.workers.sync.EngineSyncWorker",
+        WorkerClass.GTHREAD: "microsvc.workers.gthread.EngineThreadWorker",
+        WorkerClass.GEVENT: "microsvc.workers.gevent.EngineGeventWorker",
+        WorkerClass.EVENTLET: "microsvc.workers.eventlet.EngineEventletWorker",
+    }
 
 
 CHECK_CLASSES = """\
@@ -462,13 +468,16 @@ import sys, warnings
 import microsvc.launcher, microsvc.workers, microsvc.workers.sync, microsvc.workers.gthread
 assert "gevent" not in sys.modules and "eventlet" not in sys.modules, "imported too early"
 from gunicorn.util import load_class
-from microsvc.workers import WORKER_CLASSES
+from microsvc.workers import ENGINE_WORKER_CLASSES, WORKER_CLASSES
+from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
 warnings.simplefilter("ignore")
 for name, path in WORKER_CLASSES.items():
     cls = load_class(path)
     assert cls.__mro__[1] is Recycling, (name, cls.__mro__)
     assert cls.__module__.startswith("microsvc.workers."), path
+    engine_cls = load_class(ENGINE_WORKER_CLASSES[name])
+    assert engine_cls.__mro__[1:3] == (EngineWorker, cls), (name, engine_cls.__mro__)
 print("ok")
 """
 

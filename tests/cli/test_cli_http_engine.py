@@ -1,0 +1,48 @@
+"""`--http-engine`: microsvc's engine by default, gunicorn's on request (flag, environment,
+config file), said by `plan`; a gunicorn setting the engine cannot honour is one error
+line with exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_plan_says_the_engine_and_microsvc_is_the_default(microsvc):
+    result = microsvc("plan")
+    assert result.returncode == 0, result.describe()
+    assert "http engine: microsvc" in result.stdout.splitlines(), result.describe()
+    report = json.loads(microsvc("plan", "--json").stdout)
+    assert report["http_engine"] == "microsvc"
+    assert report["settings"]["http_engine"] == {"value": "microsvc", "source": "default"}
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "source"),
+    [
+        (["--http-engine", "gunicorn"], {}, "command line"),
+        (["--http-engine", "GUNICORN"], {}, "command line"),
+        ([], {"MICROSVC_HTTP_ENGINE": "gunicorn"}, "MICROSVC_HTTP_ENGINE"),
+    ],
+)
+def test_gunicorns_engine_on_request(microsvc, args, env, source):
+    result = microsvc("plan", "--json", *args, env=env)
+    assert result.returncode == 0, result.describe()
+    report = json.loads(result.stdout)
+    assert report["http_engine"] == "gunicorn"
+    assert source in report["settings"]["http_engine"]["source"]
+
+
+def test_an_unknown_engine_is_a_usage_error(microsvc):
+    microsvc("run", "--http-engine", "bjoern").assert_error(2, "--http-engine", "bjoern")
+
+
+@pytest.mark.parametrize(
+    "setting", ["proxy_protocol=v1", "permit_obsolete_folding=true", "header_map=dangerous"]
+)
+def test_a_setting_the_engine_cannot_honour_is_refused(microsvc, setting):
+    name = setting.partition("=")[0]
+    microsvc("run", "--set", setting).assert_error(2, name, "--http-engine gunicorn")
+    result = microsvc("plan", "--set", setting, "--http-engine", "gunicorn")
+    assert result.returncode == 0, result.describe()
