@@ -19,6 +19,7 @@ from microsvc._gunicorn import Arbiter
 
 if TYPE_CHECKING:
     from microsvc.metrics import MetricsService
+    from microsvc.scoreboard import Scoreboard
 
 #: Signals by which the master stops a worker (SIGABRT: a worker that timed out).
 _STOPPING_SIGNALS = frozenset(
@@ -99,7 +100,9 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
 
     With `metrics`, it counts the workers it starts and, for each worker that ends, the
     reason: the one the worker gave (recycling), else why the master stopped it
-    (reload, shutdown, scale-down, timeout), else a crash.
+    (reload, shutdown, scale-down, timeout), else a crash. With `scoreboard`, it gives
+    each worker a slot, marks the workers it stops, clears the slot of each worker that
+    ends, and once a second samples workers' memory and the listen queues into it.
     """
 
     def __init__(
@@ -108,10 +111,13 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         state: ServerState,
         drain_period: float,
         metrics: MetricsService | None = None,
+        scoreboard: Scoreboard | None = None,
     ) -> None:
         self.state = state
         self.drain_period = drain_period
         self.metrics = metrics
+        self.scoreboard = scoreboard
+        self._sampled_at = 0.0
         self._drain_deadline: float | None = None
         self._stopping_for = "scale-down"
         self._stopped_for: dict[int, str] = {}
@@ -130,6 +136,8 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
     def kill_worker(self, pid: int, sig: int) -> None:
         if sig in _STOPPING_SIGNALS:
             self._stopped_for.setdefault(pid, self._stopping_for)
+            if self.scoreboard is not None:
+                self.scoreboard.stopping(pid, self._stopped_for[pid])
         known = pid in self.WORKERS
         try:
             super().kill_worker(pid, sig)
@@ -151,6 +159,8 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
 
     def spawn_worker(self) -> Any:
         pid = super().spawn_worker()  # returns in the master only
+        if self.scoreboard is not None:
+            self.scoreboard.started(pid)
         if self.metrics is not None:
             self.metrics.worker_started()
         return pid
@@ -167,11 +177,17 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
 
     def _worker_gone(self, pid: int) -> None:
         stopped_for = self._stopped_for.pop(pid, None)
+        board = self.scoreboard
+        if board is not None:
+            stopped_for = board.worker_reason(pid) or stopped_for
+        reason = stopped_for or "crash"
         if self.metrics is not None:
             try:
-                self.metrics.worker_exited(pid, stopped_for)
+                reason = self.metrics.worker_exited(pid, stopped_for)
             except OSError as exc:
                 self.log.warning("Metrics: cannot account for worker %s: %s", pid, exc)
+        if board is not None:
+            board.gone(pid, reason)
 
     def handle_term(self) -> None:
         if self.drain_period > 0 and self._drain_deadline is None:
@@ -230,6 +246,9 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         super().maybe_promote_master()
         if self.metrics is not None:
             self.metrics.check(self.log)
+        if self.scoreboard is not None and time.monotonic() - self._sampled_at >= 1.0:
+            self._sampled_at = time.monotonic()
+            self.scoreboard.sample(self.LISTENERS)
         if not self.state.ready and self.state.booted >= self.num_workers:
             self.state.ready = True
             self.log.info("Ready: %d workers booted", self.num_workers)

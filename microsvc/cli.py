@@ -1,4 +1,5 @@
-"""The `microsvc` command: `run` serves an app, `plan` shows what `run` would do."""
+"""The `microsvc` command: `run` serves an app, `plan` shows what `run` would do, `status`
+shows what a running instance is doing."""
 
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ def plan(
     click.echo(f"microsvc {__version__}, app {report['app']}")
     for line in launcher.plan.explain():
         click.echo(line)
+    click.echo(f"http engine: {report['http_engine']}")
     click.echo("settings:")
     for spec in OPTIONS:
         value = getattr(launcher.settings, spec.name)
@@ -173,10 +175,60 @@ def plan_report(launcher: Launcher) -> dict[str, Any]:
         "worker_class": plan_data["worker_class"],
         "workers": plan_data["workers"],
         "threads": plan_data["threads"],
+        "http_engine": str(launcher.settings.http_engine),
         "plan": plan_data,
         "settings": settings,
         "gunicorn_settings": gunicorn,
     }
+
+
+@main.command()
+@click.option(
+    "--pid",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="PID",
+    help="The master pid of the instance (needed when several of yours run).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
+@click.option(
+    "-n",
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between refreshes with --watch.",
+)
+def status(pid: int | None, as_json: bool, watch: bool, interval: float) -> None:
+    """Show what a running instance of yours is doing: each worker's state, request in
+    progress, requests served and memory; busy ratio, listen queue, workers recycled."""
+    import sys
+    import time
+
+    from microsvc.status import StatusError, locate, open_board, render, report
+
+    try:
+        path = locate(pid)
+        board = open_board(path)
+        while True:
+            data = report(board)
+            if as_json:
+                click.echo(json.dumps(data, indent=None if watch else 2))
+            else:
+                if watch and sys.stdout.isatty():
+                    click.clear()
+                click.echo(render(data) + ("\n" if watch else ""))
+            if not watch:
+                return
+            time.sleep(interval)
+            if not path.exists():
+                raise StatusError(f"the instance with master pid {data['master_pid']} stopped")
+    except KeyboardInterrupt:
+        return
+    except MicrosvcError as exc:
+        fail(exc)
 
 
 def _tcp_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

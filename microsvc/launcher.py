@@ -20,11 +20,12 @@ from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, par
 from microsvc.arbiter import MicrosvcArbiter, ServerState
 from microsvc.binding import bind_tcp, check_overlaps, inherited_listeners
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
-from microsvc.options import OPTIONS, LogFormat, Settings, WorkerClass
+from microsvc.options import OPTIONS, HttpEngine, LogFormat, Settings, WorkerClass
 from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
 from microsvc.resolve import Resolved, load_config, resolve_settings
+from microsvc.scoreboard import Scoreboard, ScoreboardApp, slot_count
 from microsvc.system import read_system_facts
-from microsvc.workers import WORKER_CLASSES
+from microsvc.workers import worker_class_path
 
 if TYPE_CHECKING:
     from microsvc.metrics import MetricsService
@@ -102,12 +103,14 @@ def gunicorn_config(
     config.update(
         workers=plan.workers,
         threads=plan.threads,
-        worker_class=WORKER_CLASSES[settings.worker_class],
+        worker_class=worker_class_path(settings.worker_class, settings.http_engine),
         control_socket=control_socket_path(pid),
         proc_name="microsvc",
         http_parser=HTTP_PARSER,
     )
-    if settings.worker_class == WorkerClass.GTHREAD:
+    if settings.worker_class == WorkerClass.GTHREAD and settings.http_engine == HttpEngine.GUNICORN:
+        # gunicorn's gthread accepts while it holds fewer connections than this; microsvc's
+        # engine accepts only while a thread is free, and parks idle connections.
         config["worker_connections"] = plan.threads
     if settings.log_format == LogFormat.JSON:
         config["logger_class"] = JSON_LOGGER
@@ -195,6 +198,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         self._loaded_app: WSGIApp | None = None
         self.state = ServerState()
         self.metrics: MetricsService | None = None
+        self.scoreboard: Scoreboard | None = None
+        self._scoreboard_error = ""
         super().__init__(prog="microsvc")
 
     @property
@@ -225,12 +230,74 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         values = gunicorn_config(resolved.settings, plan, resolved.gunicorn, self._master_pid)
         user_hook = values.get("post_worker_init")
         values["post_worker_init"] = self._post_worker_init
-        return build_gunicorn_config(values), user_hook
+        cfg = build_gunicorn_config(values)
+        self._install_scoreboard_hooks(cfg)
+        if resolved.settings.http_engine == HttpEngine.MICROSVC:
+            from microsvc.workers.engine import http_config
+
+            http_config(cfg)  # raises UsageError for what the engine cannot honour
+        return cfg, user_hook
+
+    def _install_scoreboard_hooks(self, cfg: Config) -> None:
+        """Server hooks that keep the scoreboard (see `microsvc.scoreboard`), each
+        calling the hook the configuration gave before."""
+
+        def board() -> Scoreboard | None:
+            return self.scoreboard
+
+        def pre_fork(user: Any) -> Any:
+            def hook(server: Any, worker: Any) -> None:  # in the master
+                if (scoreboard := board()) is not None:
+                    scoreboard.reserve(worker.age)
+                user(server, worker)
+
+            return hook
+
+        def post_fork(user: Any) -> Any:
+            def hook(server: Any, worker: Any) -> None:  # in the new worker
+                if (scoreboard := board()) is not None:
+                    scoreboard.attach(scoreboard.reserved, worker.age)
+                user(server, worker)
+
+            return hook
+
+        def stopping(user: Any, reason: str) -> Any:
+            def hook(worker: Any) -> None:
+                if (scoreboard := board()) is not None:
+                    scoreboard.worker_stopping(reason)
+                user(worker)
+
+            return hook
+
+        def worker_exit(user: Any) -> Any:
+            def hook(server: Any, worker: Any) -> None:
+                if (scoreboard := board()) is not None:
+                    scoreboard.worker_stopping()
+                user(server, worker)
+
+            return hook
+
+        def when_ready(user: Any) -> Any:
+            def hook(server: Any) -> None:  # in the master, listening, before any fork
+                if (scoreboard := board()) is not None:
+                    scoreboard.sample(server.LISTENERS)
+                user(server)
+
+            return hook
+
+        cfg.set("when_ready", when_ready(cfg.when_ready))
+        cfg.set("pre_fork", pre_fork(cfg.pre_fork))
+        cfg.set("post_fork", post_fork(cfg.post_fork))
+        cfg.set("worker_int", stopping(cfg.worker_int, ""))
+        cfg.set("worker_abort", stopping(cfg.worker_abort, "timeout"))
+        cfg.set("worker_exit", worker_exit(cfg.worker_exit))
 
     def _post_worker_init(self, worker: Any) -> None:
         """In each worker once its app is loaded: count it toward readiness."""
         if self.metrics is not None:
             self.metrics.in_worker()
+        if self.scoreboard is not None:
+            self.scoreboard.booted()
         self.state.worker_booted()
         if self._user_post_worker_init is not None:
             self._user_post_worker_init(worker)
@@ -239,6 +306,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         """In a worker that recycles itself (max-requests, memory, lifetime)."""
         if self.metrics is not None:
             self.metrics.worker_stopping(kind)
+        if self.scoreboard is not None:
+            self.scoreboard.worker_stopping(kind)
 
     def reload(self) -> None:
         """On HUP: read the config file and environment again, plan again, and check the
@@ -337,6 +406,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         )
         if self.metrics is not None:
             wrapped = self.metrics.instrument(wrapped, app)
+        if self.scoreboard is not None:
+            wrapped = ScoreboardApp(wrapped, self.scoreboard)
         return wrapped
 
     # running
@@ -373,19 +444,29 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         self._master_pid = os.getpid()
         worker_class = self.settings.worker_class
         patching.require_extra(worker_class)
-        patching.patch(worker_class)
         self.enter_paths()
         self.check_binds()
         self.check_paths()
         worker_env = _worker_env(self.cfg)
         if self.app_ref is not None and not self.settings.preload:
             check_in_subprocess(self.app_ref, timeout=self.cfg.timeout or None, env=worker_env)
-        if self.settings.metrics:
-            from microsvc.metrics import MetricsService
+        # After the checks: patched, their name lookups would start gevent's resolver
+        # thread, and the master would fork with it running.
+        patching.patch(worker_class)
+        self._open_scoreboard()
+        try:
+            if self.settings.metrics:
+                from microsvc.metrics import MetricsService
 
-            self.metrics = MetricsService(
-                self.settings.metrics_bind, version=__version__, worker_class=worker_class
-            )
+                self.metrics = MetricsService(
+                    self.settings.metrics_bind,
+                    version=__version__,
+                    worker_class=worker_class,
+                    scoreboard=self.scoreboard.path if self.scoreboard else None,
+                )
+        except BaseException:
+            self._close_scoreboard()
+            raise
         handlers = _SignalHandlers()
         try:
             self._serve()
@@ -395,16 +476,48 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                 if self.metrics is not None:
                     self.metrics.close()
                     self.metrics = None
+                self._close_scoreboard()
+
+    def _open_scoreboard(self) -> None:
+        """The scoreboard `microsvc status` and the metrics read; without it (no
+        writable runtime directory) the server runs unobserved, with a warning."""
+        try:
+            self.scoreboard = Scoreboard.create(
+                slot_count(self.plan.workers),
+                worker_class=str(self.settings.worker_class),
+                http_engine=str(self.settings.http_engine),
+            )
+        except OSError as exc:
+            self.scoreboard = None
+            self._scoreboard_error = (
+                f"no scoreboard, `microsvc status` cannot see this server: {exc}"
+            )
+
+    def _close_scoreboard(self) -> None:
+        if self.scoreboard is not None:
+            self.scoreboard.remove()
+            self.scoreboard = None
 
     def _serve(self) -> None:
         worker_class = self.settings.worker_class
         try:
             arbiter = MicrosvcArbiter(
-                self, self.state, self.settings.drain_period, metrics=self.metrics
+                self,
+                self.state,
+                self.settings.drain_period,
+                metrics=self.metrics,
+                scoreboard=self.scoreboard,
             )
             for warning in self.resolved.warnings:
                 arbiter.log.warning("%s", warning)
-            arbiter.log.info("microsvc %s: %s", __version__, self.plan.summary())
+            if self.scoreboard is None and self._scoreboard_error:
+                arbiter.log.warning("%s", self._scoreboard_error)
+            arbiter.log.info(
+                "microsvc %s: %s; HTTP engine: %s",
+                __version__,
+                self.plan.summary(),
+                self.settings.http_engine,
+            )
             if worker_class == WorkerClass.EVENTLET:
                 arbiter.log.warning(
                     "eventlet is unmaintained and gunicorn dropped its worker; "

@@ -9,6 +9,7 @@ own worker counters (see `instruments`), and the exporter process that serves
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from microsvc.metrics.exporter import METRICS_PATH, Exporter
@@ -22,14 +23,22 @@ __all__ = ["EXIT_REASONS", "METRICS_PATH", "ROUTE_KEY", "MetricsService"]
 
 class MetricsService:
     """Metrics of one server, owned by its master. Raises BindError when `address` is
-    taken. Create it before the app is imported and workers are forked."""
+    taken. Create it before the app is imported and workers are forked. With
+    `scoreboard` (its file), /metrics also has the gauges read from it."""
 
-    def __init__(self, address: str, *, version: str, worker_class: str) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        version: str,
+        worker_class: str,
+        scoreboard: Path | None = None,
+    ) -> None:
         self.address = address
         self.store = MetricsStore.create()
         try:
             enable_multiprocess(str(self.store.path))
-            self.exporter = Exporter(self.store, address)
+            self.exporter = Exporter(self.store, address, scoreboard)
         except BaseException:
             self.store.remove()
             raise

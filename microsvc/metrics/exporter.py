@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,9 +72,10 @@ def describe_wait_status(status: int) -> str:
 class Exporter:
     """The exporter process, seen from the master."""
 
-    def __init__(self, store: MetricsStore, address: str) -> None:
+    def __init__(self, store: MetricsStore, address: str, scoreboard: Path | None = None) -> None:
         self.store = store
         self.address = address
+        self.scoreboard = scoreboard
         self.socket = bind_socket(address)
         self.process: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
@@ -90,6 +92,8 @@ class Exporter:
             f"--store={self.store.path}",
             f"--parent={os.getpid()}",
         ]
+        if self.scoreboard is not None:
+            command.append(f"--scoreboard={self.scoreboard}")
         self._started_at = time.monotonic()
         self._ended = None
         self.process = subprocess.Popen(command, pass_fds=(fd,), stdin=subprocess.DEVNULL)
@@ -164,6 +168,68 @@ class _Collector:
             return list(self._files.collect())
 
 
+class _ScoreboardCollector:
+    """Gauges read from the scoreboard at each scrape: busy workers and busy ratio,
+    listen-queue length and limit per listener, own and shared memory per worker slot."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._board: Any = None
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from microsvc.scoreboard import Scoreboard, ScoreboardError
+
+        try:
+            if self._board is None:
+                self._board = Scoreboard.open(self.path)
+            snapshot = self._board.snapshot()
+        except ScoreboardError:
+            return []
+        live = [w for w in snapshot.workers if w.state != "stopping"]
+        busy = sum(1 for w in live if w.in_flight > 0)
+        families = [
+            GaugeMetricFamily(
+                "microsvc_workers_busy", "Workers serving at least one request now.", busy
+            ),
+            GaugeMetricFamily(
+                "microsvc_workers_busy_ratio",
+                "Busy workers divided by running workers (0 when none runs).",
+                busy / len(live) if live else 0.0,
+            ),
+        ]
+        queue = GaugeMetricFamily(
+            "microsvc_listen_queue_length",
+            "Connections waiting in the kernel's accept queue of a listening socket.",
+            labels=("listener",),
+        )
+        limit = GaugeMetricFamily(
+            "microsvc_listen_queue_limit",
+            "The accept queue's limit (the listen backlog) of a listening socket.",
+            labels=("listener",),
+        )
+        for listener in snapshot.listeners:
+            if listener.queue is not None and listener.queue_limit is not None:
+                queue.add_metric((listener.address,), listener.queue)
+                limit.add_metric((listener.address,), listener.queue_limit)
+        own = GaugeMetricFamily(
+            "microsvc_worker_memory_own_bytes",
+            "Memory only this worker uses (USS: its private pages), by scoreboard slot.",
+            labels=("slot",),
+        )
+        shared = GaugeMetricFamily(
+            "microsvc_worker_memory_shared_bytes",
+            "Resident memory this worker shares with others (RSS minus USS), by slot.",
+            labels=("slot",),
+        )
+        for worker in snapshot.workers:
+            if worker.memory is not None:
+                own.add_metric((str(worker.slot),), worker.memory["own"])
+                shared.add_metric((str(worker.slot),), worker.memory["shared"])
+        return [*families, queue, limit, own, shared]
+
+
 class _Handler(BaseHTTPRequestHandler):
     registry: Any = None
     server_version = "microsvc-metrics"
@@ -211,12 +277,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Scrapes are not logged."""
 
 
-def serve(fd: int, store: MetricsStore, parent: int) -> None:
+def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = None) -> None:
     """Serve /metrics on the listening socket `fd` until `parent` is gone or TERM."""
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(_Collector(store))
+    if scoreboard is not None:
+        registry.register(_ScoreboardCollector(scoreboard))
     handler = type("Handler", (_Handler,), {"registry": registry})
     listener = socket.socket(fileno=fd)
     server = ThreadingHTTPServer(listener.getsockname()[:2], handler, bind_and_activate=False)
@@ -245,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fd", type=int, required=True)
     parser.add_argument("--store", required=True)
     parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--scoreboard", type=Path, default=None)
     args = parser.parse_args(argv)
     store = MetricsStore(args.store)
     try:
-        serve(args.fd, store, args.parent)
+        serve(args.fd, store, args.parent, args.scoreboard)
     except Exception as exc:  # the master logs it: see the module docstring
         with contextlib.suppress(OSError):
             store.note_exit(os.getpid(), f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,802 @@
+"""The scoreboard: a small shared-memory table of what each worker is doing.
+
+One file per server, `microsvc-<master pid>.scoreboard` in the runtime directory
+(`runtime_dir()`), mapped by the master before it forks, so every worker shares it; the
+metrics exporter and `microsvc status` map the same file by name. It holds:
+
+- a header the master writes: master pid, start time, worker class, HTTP engine, the
+  listen addresses with their accept-queue length and limit (read from the kernel with
+  `TCP_INFO` once a second), workers recycled by reason;
+- one fixed-size slot per worker. Each slot has a worker part, written only by the worker
+  that owns it (pid, generation, state, requests served, requests in flight, the request
+  in progress, why it is stopping), and a master part (pid, when the master asked it to
+  stop, the last memory sample, the last worker that left the slot and why).
+
+Each part is guarded by a sequence counter (a seqlock): the writer makes the counter odd,
+writes, and makes it even again; a reader copies the part and retries when the counter
+was odd or changed meanwhile. No lock is shared between processes, so a worker killed
+halfway through a write blocks nobody: its part reads as torn until the master, reaping
+the pid, clears the slot.
+
+Slots: `slot_count(workers)` (four times the planned workers, at least 64), so reloads
+(old and new workers side by side) and TTIN fit. A worker started when every slot is
+taken serves as usual but has no slot: the header counts such workers (`unslotted`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+MAGIC = b"MSVCSB01"
+#: Reasons counted in the header, in order (the same as the metrics' exit reasons).
+REASONS = (
+    "max-requests",
+    "memory",
+    "lifetime",
+    "reload",
+    "shutdown",
+    "scale-down",
+    "timeout",
+    "crash",
+)
+STATES = ("free", "booting", "idle", "busy", "stopping")
+FREE, BOOTING, IDLE, BUSY, STOPPING = range(5)
+UNKNOWN = 255
+MAX_LISTENERS = 4
+SUFFIX = ".scoreboard"
+
+_SEQ = struct.Struct("=Q")
+# header: magic, slots, slot size, master pid, unslotted, started, updated,
+# worker class, engine, recycled by reason, then per listener: address, queue, limit
+_HEADER_FIXED = struct.Struct("=8sIIiId d 32s 16s 8Q")
+_LISTENER = struct.Struct("=96s i i")
+_HEADER_SIZE = 1024
+_HEADER_ALL = struct.Struct(
+    _HEADER_FIXED.format + "".join(_LISTENER.format.lstrip("=") for _ in range(MAX_LISTENERS))
+)
+assert _SEQ.size + _HEADER_ALL.size <= _HEADER_SIZE
+# worker part: pid, generation, started, stop reason; then what changes with each
+# request: state, in flight, requests, start of the request shown (0: none), and that
+# request's method, path and request id
+_W_STATIC = struct.Struct("=i I d 16s")
+_W_DYN = struct.Struct("=B I Q d")
+_W_DYNREQ = struct.Struct("=B I Q d 16s 192s 64s")
+_WORKER = struct.Struct("=i I d 16s B I Q d 16s 192s 64s")
+_DYN_AT = _SEQ.size + _W_STATIC.size
+# master part: pid, generation, stop asked at, stop reason, own, shared, rss, sampled at,
+# last pid, last reason, last exit at
+_MASTER = struct.Struct("=i I d 16s Q Q Q d i 16s d")
+_WORKER_AT = 0
+_MASTER_AT = 512
+SLOT_SIZE = 1024
+assert _SEQ.size + _WORKER.size <= _MASTER_AT
+assert _MASTER_AT + _SEQ.size + _MASTER.size <= SLOT_SIZE
+
+#: How often a reader retries a part that is being written before it gives up on it.
+READ_ATTEMPTS = 1000
+
+
+class ScoreboardError(Exception):
+    """The file is not a scoreboard, or cannot be read."""
+
+
+def slot_count(workers: int) -> int:
+    return max(64, 4 * workers)
+
+
+def runtime_dir(create: bool = False) -> Path:
+    """Where this user's servers keep their scoreboards: $XDG_RUNTIME_DIR, else
+    /dev/shm/microsvc-UID (a directory of this user's, mode 0700), else ~/.microsvc."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return Path(runtime)
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        own = shm / f"microsvc-{os.getuid()}"
+        if create:
+            with contextlib.suppress(FileExistsError):
+                own.mkdir(mode=0o700)
+        with contextlib.suppress(OSError):
+            info = os.lstat(own)
+            if info.st_uid == os.getuid() and (info.st_mode & 0o077) == 0 and own.is_dir():
+                return own
+    home = Path.home() / ".microsvc"
+    if create:
+        home.mkdir(mode=0o700, exist_ok=True)
+    return home
+
+
+def scoreboard_path(pid: int, directory: Path | None = None) -> Path:
+    return (directory or runtime_dir()) / f"microsvc-{pid}{SUFFIX}"
+
+
+def _text(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def _field(text: str, size: int) -> bytes:
+    return text.encode("utf-8", "replace")[:size]
+
+
+# reading
+
+
+@dataclass
+class Listener:
+    address: str
+    queue: int | None
+    queue_limit: int | None
+
+
+@dataclass
+class WorkerView:
+    slot: int
+    pid: int
+    generation: int
+    state: str
+    started: float
+    requests: int
+    in_flight: int
+    request: dict[str, Any] | None
+    stop_reason: str
+    memory: dict[str, Any] | None
+    last_exit: dict[str, Any] | None = None
+
+
+@dataclass
+class Snapshot:
+    master_pid: int
+    started: float
+    updated: float
+    worker_class: str
+    http_engine: str
+    listeners: list[Listener]
+    recycled: dict[str, int]
+    unslotted: int
+    workers: list[WorkerView] = field(default_factory=list)
+    torn: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Scoreboard:
+    """A scoreboard file, mapped. `create` makes a new one (the master); `open` maps an
+    existing one (any reader)."""
+
+    def __init__(self, path: Path, buffer: mmap.mmap, slots: int) -> None:
+        self.path = path
+        self.buffer = buffer
+        self.slots = slots
+        self.owner = os.getpid()
+        # worker side (after fork)
+        self._slot: int | None = None
+        self._lock = threading.Lock()
+        self._pid = 0
+        self._generation = 0
+        self._state = FREE
+        self._started = 0.0
+        self._requests = 0
+        self._stop_reason = b""
+        self._active: dict[int, tuple[bytes, bytes, bytes, float]] = {}
+        self._shown = 0
+        self._shown_since = 0.0
+        self._offset = 0
+        self._seq = 0
+        # master side
+        self._by_pid: dict[int, int] = {}
+        self._pending: int | None = None
+        self._recycled = dict.fromkeys(REASONS, 0)
+        self._unslotted: set[int] = set()
+        self._info: tuple[float, str, str] = (0.0, "", "")
+        self._listeners: list[Listener] = []
+
+    @property
+    def reserved(self) -> int | None:
+        """The slot `reserve` chose for the worker being forked."""
+        return self._pending
+
+    # creating and opening
+
+    @classmethod
+    def create(
+        cls,
+        slots: int,
+        *,
+        worker_class: str,
+        http_engine: str,
+        directory: Path | None = None,
+    ) -> Scoreboard:
+        """A new scoreboard for this process (the master), readable by this user only.
+        It appears under its name only once its header is written."""
+        path = scoreboard_path(os.getpid(), directory or runtime_dir(create=True))
+        partial = path.with_name(path.name + ".new")
+        size = _HEADER_SIZE + slots * SLOT_SIZE
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        board = cls(path, buffer, slots)
+        board._info = (time.time(), worker_class, http_engine)
+        board.publish_header()
+        try:
+            os.replace(partial, path)
+        except OSError:
+            board.close()
+            partial.unlink(missing_ok=True)
+            raise
+        return board
+
+    @classmethod
+    def open(cls, path: Path) -> Scoreboard:
+        """Map an existing scoreboard for reading. Raises ScoreboardError."""
+        try:
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size < _HEADER_SIZE:
+                    raise ScoreboardError(f"{path} is not a microsvc scoreboard")
+                buffer = mmap.mmap(file.fileno(), size, mmap.MAP_SHARED, mmap.PROT_READ)
+        except OSError as exc:
+            raise ScoreboardError(f"cannot read {path}: {exc.strerror or exc}") from None
+        magic, slots, slot_size = struct.unpack_from("=8sII", buffer, _SEQ.size)
+        if magic != MAGIC or slot_size != SLOT_SIZE or size < _HEADER_SIZE + slots * SLOT_SIZE:
+            buffer.close()
+            raise ScoreboardError(f"{path} is not a microsvc scoreboard of this version")
+        return cls(path, buffer, slots)
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.buffer.close()
+
+    def remove(self) -> None:
+        """In the master when the server stops."""
+        if os.getpid() == self.owner:
+            self.path.unlink(missing_ok=True)
+        self.close()
+
+    # seqlock
+
+    def _write(self, offset: int, packer: struct.Struct, *values: Any) -> None:
+        buffer = self.buffer
+        seq = _SEQ.unpack_from(buffer, offset)[0]
+        seq += 1 if seq % 2 == 0 else 0  # odd: being written (also after a writer died)
+        _SEQ.pack_into(buffer, offset, seq)
+        packer.pack_into(buffer, offset + _SEQ.size, *values)
+        _SEQ.pack_into(buffer, offset, seq + 1)
+
+    def _read(self, offset: int, packer: struct.Struct) -> tuple[Any, ...] | None:
+        """The part at `offset`, or None when every attempt found it being written."""
+        buffer = self.buffer
+        end = offset + _SEQ.size + packer.size
+        for attempt in range(READ_ATTEMPTS):
+            before = _SEQ.unpack_from(buffer, offset)[0]
+            if before % 2 == 0:
+                raw = buffer[offset + _SEQ.size : end]
+                if _SEQ.unpack_from(buffer, offset)[0] == before:
+                    return packer.unpack(raw)
+            if attempt > 10:
+                time.sleep(0.0001)
+        return None
+
+    def _worker_offset(self, slot: int) -> int:
+        return _HEADER_SIZE + slot * SLOT_SIZE + _WORKER_AT
+
+    def _master_offset(self, slot: int) -> int:
+        return _HEADER_SIZE + slot * SLOT_SIZE + _MASTER_AT
+
+    # the master
+
+    def publish_header(self) -> None:
+        started, worker_class, engine = self._info
+        values: list[Any] = [
+            MAGIC,
+            self.slots,
+            SLOT_SIZE,
+            self.owner,
+            len(self._unslotted),
+            started,
+            time.time(),
+            _field(worker_class, 32),
+            _field(engine, 16),
+            *(self._recycled[reason] for reason in REASONS),
+        ]
+        listeners = self._listeners[:MAX_LISTENERS]
+        listeners += [Listener("", None, None)] * (MAX_LISTENERS - len(listeners))
+        for listener in listeners:
+            queue = -1 if listener.queue is None else listener.queue
+            limit = -1 if listener.queue_limit is None else listener.queue_limit
+            values += [_field(listener.address, 96), queue, limit]
+        self._write(0, _HEADER_ALL, *values)
+
+    def reserve(self, generation: int) -> int | None:
+        """Before a fork: a free slot for the next worker, or None when all are taken."""
+        taken = set(self._by_pid.values())
+        for slot in range(self.slots):
+            if slot not in taken:
+                self._pending = slot
+                self._write_master(slot, 0, generation, 0.0, b"", (0, 0, 0, 0.0))
+                return slot
+        self._pending = None
+        return None
+
+    def started(self, pid: int) -> None:
+        """After a fork, in the master: the reserved slot is the worker `pid`'s."""
+        slot, self._pending = self._pending, None
+        if slot is None:
+            self._unslotted.add(pid)
+            self.publish_header()
+            return
+        self._by_pid[pid] = slot
+        master = self._read(self._master_offset(slot), _MASTER)
+        generation = master[1] if master else 0
+        self._write_master(slot, pid, generation, 0.0, b"", (0, 0, 0, 0.0))
+
+    def stopping(self, pid: int, reason: str) -> None:
+        """The master asked worker `pid` to stop."""
+        slot = self._by_pid.get(pid)
+        if slot is None:
+            return
+        master = self._read(self._master_offset(slot), _MASTER)
+        if master is None or master[2]:
+            return
+        self._write_master(
+            slot, pid, master[1], time.time(), _field(reason, 16), tuple(master[4:8])
+        )
+
+    def worker_reason(self, pid: int) -> str | None:
+        """The reason worker `pid` gave for stopping on its own, if any."""
+        slot = self._by_pid.get(pid)
+        if slot is None:
+            return None
+        worker = self._read(self._worker_offset(slot), _WORKER)
+        if worker is None or worker[0] != pid:
+            return None
+        return _text(worker[3]) or None
+
+    def gone(self, pid: int, reason: str) -> None:
+        """The master reaped worker `pid`: count why it ended and clear its slot."""
+        self._recycled[reason if reason in REASONS else "crash"] += 1
+        self._unslotted.discard(pid)
+        slot = self._by_pid.pop(pid, None)
+        if slot is not None:
+            master = self._read(self._master_offset(slot), _MASTER)
+            generation = master[1] if master else 0
+            offset = self._worker_offset(slot)
+            self._write(offset, _WORKER, 0, 0, 0.0, b"", FREE, 0, 0, 0.0, b"", b"", b"")
+            self._write(
+                self._master_offset(slot),
+                _MASTER,
+                0,
+                generation,
+                0.0,
+                b"",
+                0,
+                0,
+                0,
+                0.0,
+                pid,
+                _field(reason, 16),
+                time.time(),
+            )
+        self.publish_header()
+
+    def sample(self, listeners: Sequence[Any]) -> None:
+        """Once a second in the master: memory of each worker, the listen queues."""
+        for pid, slot in list(self._by_pid.items()):
+            memory = read_memory(pid)
+            master = self._read(self._master_offset(slot), _MASTER)
+            if master is None or memory is None:
+                continue
+            self._write_master(slot, pid, master[1], master[2], master[3], memory)
+        self._listeners = [listen_queue(listener) for listener in listeners]
+        self.publish_header()
+
+    def _write_master(
+        self,
+        slot: int,
+        pid: int,
+        generation: int,
+        stop_at: float,
+        reason: bytes,
+        memory: tuple[int, int, int, float],
+    ) -> None:
+        offset = self._master_offset(slot)
+        last = self._read(offset, _MASTER)
+        last_exit = tuple(last[8:11]) if last else (0, b"", 0.0)
+        self._write(offset, _MASTER, pid, generation, stop_at, reason, *memory, *last_exit)
+
+    # a worker
+
+    def attach(self, slot: int | None, generation: int) -> None:
+        """In a worker just forked: take `slot` (None: no slot, nothing is written)."""
+        self._slot = slot
+        self._pid = os.getpid()
+        self._generation = generation
+        self._started = time.time()
+        self._requests = 0
+        self._active = {}
+        self._shown, self._shown_since = 0, 0.0
+        self._lock = threading.Lock()
+        if slot is not None:
+            self._offset = self._worker_offset(slot)
+            seq = _SEQ.unpack_from(self.buffer, self._offset)[0]
+            self._seq = seq + (seq & 1)
+        self._set_state(BOOTING)
+
+    def booted(self) -> None:
+        self._set_state(IDLE)
+
+    def worker_stopping(self, reason: str = "") -> None:
+        if reason:
+            self._stop_reason = _field(reason, 16)
+        self._set_state(STOPPING)
+
+    def _set_state(self, state: int) -> None:
+        if self._slot is None:
+            return
+        # worker_int and worker_abort run in signal handlers, possibly while this very
+        # thread holds the lock: never wait for it for long. When it stays taken, the
+        # state goes out with the next write of the slot.
+        if not self._lock.acquire(timeout=0.05):
+            self._state = state
+            return
+        try:
+            self._state = state
+            shown = self._active.get(self._shown)
+            method, path, request_id, since = shown if shown else (b"", b"", b"", 0.0)
+            buffer, offset = self.buffer, self._offset
+            self._seq += 1
+            _SEQ.pack_into(buffer, offset, self._seq)
+            _WORKER.pack_into(
+                buffer,
+                offset + _SEQ.size,
+                self._pid,
+                self._generation,
+                self._started,
+                self._stop_reason,
+                state,
+                len(self._active),
+                self._requests,
+                since,
+                method,
+                path,
+                request_id,
+            )
+            self._seq += 1
+            _SEQ.pack_into(buffer, offset, self._seq)
+        finally:
+            self._lock.release()
+
+    # The hot path: each request writes its slot twice (a sequence number, the fields
+    # that changed, the sequence number again) under a lock of this process only
+    # (threads of one worker write the same slot).
+
+    def request_started(self, method: bytes, path: bytes, request_id: bytes) -> int:
+        """A request begins; returns its token for `request_ended`."""
+        if self._slot is None:
+            return 0
+        since = time.time()
+        entry = (method, path, request_id, since)
+        token = id(entry)
+        with self._lock:
+            active = self._active
+            active[token] = entry
+            if self._state == IDLE:
+                self._state = BUSY
+            buffer, offset = self.buffer, self._offset
+            self._seq += 1
+            _SEQ.pack_into(buffer, offset, self._seq)
+            if len(active) == 1:
+                self._shown, self._shown_since = token, since
+                _W_DYNREQ.pack_into(
+                    buffer,
+                    offset + _DYN_AT,
+                    self._state,
+                    1,
+                    self._requests,
+                    since,
+                    method,
+                    path,
+                    request_id,
+                )
+            else:
+                _W_DYN.pack_into(
+                    buffer,
+                    offset + _DYN_AT,
+                    self._state,
+                    len(active),
+                    self._requests,
+                    self._shown_since,
+                )
+            self._seq += 1
+            _SEQ.pack_into(buffer, offset, self._seq)
+        return token
+
+    def request_ended(self, token: int) -> None:
+        if self._slot is None:
+            return
+        with self._lock:
+            active = self._active
+            active.pop(token, None)
+            self._requests += 1
+            if not active and self._state == BUSY:
+                self._state = IDLE
+            buffer, offset = self.buffer, self._offset
+            self._seq += 1
+            _SEQ.pack_into(buffer, offset, self._seq)
+            if token == self._shown and active:
+                self._shown = next(iter(active))
+                method, path, request_id, self._shown_since = active[self._shown]
+                _W_DYNREQ.pack_into(
+                    buffer,
+                    offset + _DYN_AT,
+                    self._state,
+                    len(active),
+                    self._requests,
+                    self._shown_since,
+                    method,
+                    path,
+                    request_id,
+                )
+            else:
+                if token == self._shown:
+                    self._shown, self._shown_since = 0, 0.0
+                _W_DYN.pack_into(
+                    buffer,
+                    offset + _DYN_AT,
+                    self._state,
+                    len(active),
+                    self._requests,
+                    self._shown_since,
+                )
+            self._seq += 1
+            _SEQ.pack_into(buffer, offset, self._seq)
+
+    # reading
+
+    def snapshot(self) -> Snapshot:
+        """Everything, read without blocking any writer. Raises ScoreboardError when the
+        header stays torn (its writer died mid-write)."""
+        header = self._read(0, _HEADER_ALL)
+        if header is None:
+            raise ScoreboardError(f"{self.path}: the header is being written")
+        (_, _, _, master_pid, unslotted, started, updated, worker_class, engine) = header[:9]
+        recycled = dict(zip(REASONS, header[9:17], strict=True))
+        listeners = []
+        rest = header[9 + len(REASONS) :]
+        for index in range(MAX_LISTENERS):
+            address, queue, limit = rest[3 * index : 3 * index + 3]
+            if address.strip(b"\0"):
+                listeners.append(
+                    Listener(
+                        _text(address), None if queue < 0 else queue, None if limit < 0 else limit
+                    )
+                )
+        snapshot = Snapshot(
+            master_pid,
+            started,
+            updated,
+            _text(worker_class),
+            _text(engine),
+            listeners,
+            recycled,
+            unslotted,
+        )
+        now = time.time()
+        for slot in range(self.slots):
+            view = self._slot_view(slot, now)
+            if view == "torn":
+                snapshot.torn += 1
+            elif view is not None:
+                assert not isinstance(view, str)
+                snapshot.workers.append(view)
+        return snapshot
+
+    def _slot_view(self, slot: int, now: float) -> WorkerView | str | None:
+        master = self._read(self._master_offset(slot), _MASTER)
+        worker = self._read(self._worker_offset(slot), _WORKER)
+        if master is None:
+            return "torn"
+        m_pid, generation, stop_at, stop_reason, own, shared, rss, sampled, *last = master
+        last_exit = (
+            {"pid": last[0], "reason": _text(last[1]), "ended": last[2]} if last[0] else None
+        )
+        if worker is None:
+            if not m_pid:
+                return None
+            # torn: its writer died mid-write; the master clears it when it reaps the pid
+            worker = (m_pid, generation, 0.0, b"", UNKNOWN, 0, 0, 0.0, b"", b"", b"")
+        w_pid, w_gen, started, reason, state, in_flight, requests, since, method, path, rid = worker
+        pid = w_pid or m_pid
+        if not pid:
+            return None
+        if w_pid != pid:  # forked, not yet written by the worker
+            state, in_flight, started, requests, since = BOOTING, 0, 0.0, 0, 0.0
+            method = path = rid = reason = b""
+        if stop_at and state not in (FREE, UNKNOWN):
+            state = STOPPING
+        request = None
+        if since:
+            request = {
+                "method": _text(method),
+                "path": _text(path),
+                "request_id": _text(rid) or None,
+                "started": since,
+                "seconds": max(0.0, now - since),
+            }
+        memory = None
+        if sampled:
+            memory = {"own": own, "shared": shared, "rss": rss, "sampled": sampled}
+        return WorkerView(
+            slot=slot,
+            pid=pid,
+            generation=w_gen or generation,
+            state=STATES[state] if state < len(STATES) else "unknown",
+            started=started,
+            requests=requests,
+            in_flight=in_flight,
+            request=request,
+            stop_reason=_text(reason) or _text(stop_reason),
+            memory=memory,
+            last_exit=last_exit,
+        )
+
+
+# what the master measures
+
+
+def read_memory(pid: int) -> tuple[int, int, int, float] | None:
+    """(own, shared, rss, when) of process `pid`, in bytes: own is USS (private pages),
+    shared is RSS minus own, from /proc/PID/smaps_rollup; None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as file:
+            text = file.read()
+    except OSError:
+        return None
+    values: dict[bytes, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(b":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[name] = int(parts[0]) * 1024
+    rss = values.get(b"Rss", 0)
+    own = values.get(b"Private_Clean", 0) + values.get(b"Private_Dirty", 0)
+    return own, max(0, rss - own), rss, time.time()
+
+
+def listen_queue(listener: Any) -> Listener:
+    """A gunicorn listener's address, and for TCP its accept queue's length and limit:
+    for a socket in LISTEN state Linux's TCP_INFO gives them as tcpi_unacked and
+    tcpi_sacked."""
+    address = str(listener)
+    sock = getattr(listener, "sock", listener)
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return Listener(address, None, None)
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 104)
+        queue, limit = struct.unpack_from("=II", info, 24)
+    except (OSError, struct.error):
+        return Listener(address, None, None)
+    return Listener(address, queue, limit)
+
+
+# the per-request wrapper
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+
+class _Body:
+    __slots__ = ("board", "body", "token")
+
+    def __init__(self, body: Iterable[bytes], board: Scoreboard, token: int) -> None:
+        self.body = body
+        self.board = board
+        self.token = token
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            token, self.token = self.token, 0
+            if token:
+                self.board.request_ended(token)
+
+
+class _SizedBody(_Body):
+    """A body whose length the server can ask, as it could the app's (PEP 3333: a body
+    of one block then gets a Content-Length instead of chunked encoding)."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return len(cast(Sized, self.body))
+
+
+class ScoreboardApp:
+    """`app`, with each request noted in this worker's slot while it runs: method, path
+    (no query string), X-Request-ID, start time."""
+
+    def __init__(self, app: WSGIApp, board: Scoreboard) -> None:
+        self.app = app
+        self.board = board
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        board = self.board
+        raw = environ.get("RAW_URI")
+        if raw:
+            path = raw.partition("?")[0]
+        else:
+            path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        token = board.request_started(
+            environ.get("REQUEST_METHOD", "").encode("latin-1", "replace")[:16],
+            path.encode("latin-1", "replace")[:192],
+            environ.get("HTTP_X_REQUEST_ID", "").encode("latin-1", "replace")[:64],
+        )
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            board.request_ended(token)
+            raise
+        wrapper = environ.get("wsgi.file_wrapper")
+        if isinstance(wrapper, type) and isinstance(body, wrapper):
+            board.request_ended(token)  # sent by the server with sendfile; close() is its
+            return body
+        return (_SizedBody if hasattr(body, "__len__") else _Body)(body, board, token)
+
+
+# finding instances
+
+
+def find_instances(directory: Path | None = None) -> dict[int, Path]:
+    """Scoreboards of this user's running servers, by master pid. Files left by a
+    master that no longer runs are removed."""
+    directory = directory or runtime_dir()
+    found: dict[int, Path] = {}
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith("microsvc-") and name.endswith(SUFFIX)):
+            continue
+        number = name[len("microsvc-") : -len(SUFFIX)]
+        if not number.isdigit():
+            continue
+        pid = int(number)
+        if _running(pid):
+            found[pid] = entry
+        else:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    return dict(sorted(found.items()))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
