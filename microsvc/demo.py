@@ -1,12 +1,24 @@
-"""The demo service `microsvc run` serves when given no app: /health and /data."""
+"""The demo service `microsvc run` serves when given no app: /health and /data.
+
+`bare` is the /data answer without a framework, a plain WSGI callable for measuring the
+server alone (`microsvc run microsvc.demo:bare`; `scripts/bench --sections engine`).
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from flask import Flask, jsonify, request
 from flask.typing import ResponseReturnValue
+
+_BARE_BODY = b'{"message":"Microservice response"}\n'
+_BARE_HEADERS = [
+    ("Content-Type", "application/json"),
+    ("Content-Length", str(len(_BARE_BODY))),
+]
 
 
 def create_app() -> Flask:
@@ -31,3 +43,9 @@ def create_app() -> Flask:
 
 
 app = create_app()
+
+
+def bare(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    """The /data answer for any path, with no framework in between."""
+    start_response("200 OK", list(_BARE_HEADERS))
+    return [_BARE_BODY]

@@ -16,6 +16,15 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from benchlib.engine import (
+    add_engine_points,
+    check_engine_option,
+    draw_engine,
+    engine_markdown,
+    engine_pinning,
+    engine_ratios,
+    install_granian,
+)
 from benchlib.errors import BenchError, RunError
 from benchlib.machine import Pinning, choose_pinning, machine_info, raise_open_files_limit
 from benchlib.options import Options, parse_options
@@ -29,7 +38,7 @@ from benchlib.report import (
     write_json,
     write_png,
 )
-from benchlib.servers import server_env, start_server
+from benchlib.servers import server_env, start_server, worker_uss
 from benchlib.wrk import LUA_SCRIPT, LoadSpec, find_wrk, run_wrk, wrk_version
 
 #: Seconds a run takes beyond warm-up and measurement (start, stop), for the estimate.
@@ -75,6 +84,7 @@ def _check_environment(options: Options) -> str:
     for module, hint in needed.items():
         if importlib.util.find_spec(module) is None:
             raise BenchError(f"{module} is not installed for {sys.executable} ({hint})")
+    check_engine_option(options.peers, options.sections)
     return wrk
 
 
@@ -93,6 +103,8 @@ def _prepare_out(out: Path) -> Path:
 
 
 def _pinning(options: Options) -> Pinning:
+    if options.sections == ("engine",):
+        return engine_pinning(options.pin)
     pinning = choose_pinning(options.pin)
     if pinning.pinned and shutil.which("taskset") is None:
         return Pinning(pinning.available, reason="taskset is not installed")
@@ -115,6 +127,9 @@ def _main(argv: list[str]) -> int:
         plan = build_plan(options, pinning.server_cpus)
     except Exception as exc:  # microsvc's planning refused: say why in one line
         raise BenchError(f"microsvc could not plan: {exc}") from None
+    if "engine" in options.sections:
+        granian = install_granian(say) if "granian" in options.peers else None
+        add_engine_points(plan, options, granian)
     machine = machine_info(pinning, wrk_version(wrk), nofile)
     results = Results(options, plan, machine, _wrk_threads(pinning))
 
@@ -145,16 +160,18 @@ def _main(argv: list[str]) -> int:
 
     for point in plan.points:
         results.summaries[point.key] = summarize(point)
-    results.ratios = compute_ratios(results)
+    results.ratios = compute_ratios(results) + engine_ratios(results)
 
     md_path = out / f"{options.label}.md"
     json_path = out / f"{options.label}.json"
     png_path = out / f"{options.label}.png"
     write_json(results, json_path)
-    md_path.write_text(render_markdown(results, png_path.name if options.plot else None))
+    md_path.write_text(
+        render_markdown(results, png_path.name if options.plot else None, engine_markdown(results))
+    )
     if options.plot:
         try:
-            write_png(results, png_path)
+            write_png(results, png_path, draw_engine if plan.engine else None)
         except Exception as exc:  # matplotlib failing must not hide the numbers written
             raise BenchError(f"could not draw {png_path}: {exc}") from None
 
@@ -200,7 +217,6 @@ class _Runner:
         self.env = server_env(runtime_dir)
         self.total = total
         self.done = 0
-        self.threads = _wrk_threads(pinning)
 
     def run_all(self) -> None:
         """Group by group; in each, every point once per round (ABAB...)."""
@@ -216,10 +232,11 @@ class _Runner:
     def run_point(self, point: Point, round_number: int) -> Run:
         url = f"http://127.0.0.1:{{port}}{point.path}"
         name = f"{point.section}-{point.worker_class}-{point.workers}"
+        pinning = point.pinning or self.pinning
         try:
             server = start_server(
                 point.command,
-                cpus=self.pinning.server_cpus,
+                cpus=pinning.server_cpus,
                 env=self.env,
                 workdir=self.workdir,
                 runtime_dir=self.runtime_dir,
@@ -230,12 +247,15 @@ class _Runner:
             )
         except RunError as exc:
             return Run(round_number, ok=False, error=f"start: {exc}")
+        uss = worker_uss(server.proc.pid)
         try:
             target = url.format(port=server.port)
             if self.options.warmup:
-                run_wrk(self.wrk, self.script, self._load(point, target, self.options.warmup))
+                run_wrk(
+                    self.wrk, self.script, self._load(pinning, point, target, self.options.warmup)
+                )
             result = run_wrk(
-                self.wrk, self.script, self._load(point, target, self.options.duration)
+                self.wrk, self.script, self._load(pinning, point, target, self.options.duration)
             )
         except RunError as exc:
             return Run(
@@ -243,6 +263,7 @@ class _Runner:
                 ok=False,
                 error=f"load: {exc}",
                 workers_seen=server.workers_seen,
+                idle_uss_bytes=uss,
                 notes=server.notes,
             )
         finally:
@@ -252,11 +273,13 @@ class _Runner:
             ok=True,
             result=result.as_dict(),
             workers_seen=server.workers_seen,
+            idle_uss_bytes=uss,
             notes=server.notes,
         )
 
-    def _load(self, point: Point, url: str, duration: int) -> LoadSpec:
-        return LoadSpec(url, point.connections, self.threads, duration, self.pinning.wrk_cpus)
+    def _load(self, pinning: Pinning, point: Point, url: str, duration: int) -> LoadSpec:
+        threads = _wrk_threads(pinning)
+        return LoadSpec(url, point.connections, threads, duration, pinning.wrk_cpus)
 
     def report(self, point: Point, run: Run) -> None:
         head = (

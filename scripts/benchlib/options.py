@@ -15,7 +15,10 @@ from benchlib.errors import UsageError
 
 CLASSES = ("sync", "gthread", "gevent", "eventlet")
 ENDPOINTS = {"data": "/data", "io": "/io?ms=50"}
-SECTIONS = ("auto", "plain", "guide", "sweep", "metrics", "parser")
+SECTIONS = ("auto", "plain", "guide", "sweep", "metrics", "parser", "engine")
+#: The engine section pins its servers to one CPU: it runs only when named.
+DEFAULT_SECTIONS = SECTIONS[:-1]
+PEERS = ("granian",)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "docs" / "benchmarks"
@@ -31,6 +34,8 @@ class Options:
     #: Worker counts of the sweep; None: around the formulas (1, cpus/2, cpus, ...).
     sweep: tuple[int, ...] | None
     sections: tuple[str, ...]
+    #: Other servers the engine section compares with (installed on demand).
+    peers: tuple[str, ...]
     #: None: chosen from the CPUs (/data) or the configuration (/io).
     connections_data: int | None
     connections_io: int | None
@@ -68,6 +73,8 @@ class Options:
             "--out",
             _shown_path(self.out),
         ]
+        if self.peers:
+            parts += ["--peers", ",".join(self.peers)]
         if not self.pin:
             parts.append("--no-pin")
         if not self.plot:
@@ -209,9 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sections",
         type=_choices(SECTIONS, "section"),
-        default=SECTIONS,
+        default=DEFAULT_SECTIONS,
         metavar="LIST",
-        help=f"parts to run (default {','.join(SECTIONS)})",
+        help=f"parts to run: {','.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)})",
+    )
+    parser.add_argument(
+        "--peers",
+        type=_choices(PEERS, "peer"),
+        default=(),
+        metavar="LIST",
+        help="other servers for the engine section, installed into build/bench-peers/.venv "
+        "(granian; default none)",
     )
     parser.add_argument(
         "--connections-data",
@@ -278,6 +293,7 @@ def parse_options(argv: Sequence[str]) -> Options:
         endpoints=endpoints,
         sweep=args.sweep,
         sections=sections,
+        peers=args.peers,
         connections_data=args.connections_data,
         connections_io=args.connections_io,
         label=args.label or default_label(),

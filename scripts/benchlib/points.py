@@ -12,7 +12,8 @@ Sections:
 - sweep: `microsvc run -k CLASS --workers N` for a range of N;
 - metrics: `microsvc run -k CLASS --workers auto --metrics` (on /data, against auto: the
   cost of recording every request);
-- parser: microsvc with `--set http_parser=python` and `--set http_parser=fast`.
+- parser: microsvc with `--set http_parser=python` and `--set http_parser=fast`;
+- engine: `benchlib.engine`.
 
 Points that are compared with each other share a group (class and endpoint); the runner
 runs each group's points in turn, `--repeat` times (ABAB...), so slow drift of a shared
@@ -28,6 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from benchlib.machine import Pinning
 from benchlib.options import ENDPOINTS, Options
 from benchlib.servers import ServerCommand
 
@@ -52,6 +54,9 @@ ASYNC_IO_CONNECTIONS = 1000
 
 APP = "microsvc.demo:app"
 
+#: Request paths by endpoint; `bare` is the demo's bare WSGI callable (engine section).
+PATHS = {**ENDPOINTS, "bare": "/bare"}
+
 
 @dataclass
 class Run:
@@ -62,6 +67,8 @@ class Run:
     result: dict[str, Any] | None = None
     error: str | None = None
     workers_seen: int | None = None
+    #: Median private memory (USS) of the workers once the server answers, before load.
+    idle_uss_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -79,11 +86,13 @@ class Point:
     connections: int
     command: ServerCommand
     worker_connections: int | None = None
+    #: CPUs of its own for this point (engine section); None: the run's pinning.
+    pinning: Pinning | None = None
     runs: list[Run] = field(default_factory=list)
 
     @property
     def path(self) -> str:
-        return ENDPOINTS[self.endpoint]
+        return PATHS[self.endpoint]
 
 
 @dataclass(frozen=True)
@@ -243,6 +252,8 @@ class Plan:
     sweep: dict[str, tuple[int, ...]]
     skipped: list[str]
     parser_available: bool
+    #: What the engine section ran with (pinning, peers), for the result files.
+    engine: dict[str, Any] = field(default_factory=dict)
 
 
 def parser_check() -> str | None:

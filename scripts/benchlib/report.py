@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ class Summary:
     non2xx: int
     rps_each: tuple[float, ...]
     errors_each: tuple[str, ...]
+    idle_uss_bytes: float | None = None
 
     @property
     def errors(self) -> int:
@@ -45,6 +46,7 @@ class Summary:
 def summarize(point: Point) -> Summary:
     good = [run.result for run in point.runs if run.ok and run.result]
     failures = tuple(run.error or "failed" for run in point.runs if not run.ok)
+    uss = [run.idle_uss_bytes for run in point.runs if run.idle_uss_bytes is not None]
 
     def median(name: str) -> float | None:
         return statistics.median(float(result[name]) for result in good) if good else None
@@ -60,6 +62,7 @@ def summarize(point: Point) -> Summary:
         non2xx=sum(int(result["non2xx"]) for result in good),
         rps_each=tuple(float(result["rps"]) for result in good),
         errors_each=failures,
+        idle_uss_bytes=statistics.median(uss) if uss else None,
     )
 
 
@@ -77,6 +80,8 @@ class Ratio:
             return "-"
         if self.kind == "errors at 1000 connections":
             return f"{self.value:.0f}"
+        if self.kind.endswith("(MB)"):
+            return f"{self.value:+.1f}"
         return f"{self.value:.3f}"
 
 
@@ -301,7 +306,8 @@ def ratio_table(ratios: Sequence[Ratio]) -> list[str]:
     ]
 
 
-def render_markdown(results: Results, png_name: str | None) -> str:
+def render_markdown(results: Results, png_name: str | None, extra: Sequence[str] = ()) -> str:
+    """The result page; `extra`: a section's own lines, after the targets."""
     options, plan, machine = results.options, results.plan, results.machine
     versions = machine["versions"]
     lines = [
@@ -341,6 +347,7 @@ def render_markdown(results: Results, png_name: str | None) -> str:
         "",
     ]
     lines += _targets_section(results)
+    lines += extra
     lines += _results_section(results)
     lines += _sweep_section(results, png_name)
     lines += _setup_section(results)
@@ -362,6 +369,8 @@ def _targets_section(results: Results) -> list[str]:
                 f"{r.status} | {_cell(r.detail)} |"
             )
         lines.append("")
+    if not any(point.section != "engine" for point in results.plan.points):
+        return [*lines, *(f"- {item}" for item in results.plan.skipped), ""]
     lines += [
         "- microsvc / plain gunicorn: `microsvc run --workers auto` against plain gunicorn "
         "with the same gunicorn settings (what the launcher itself costs); target >= 0.98.",
@@ -485,9 +494,11 @@ def _setup_section(results: Results) -> list[str]:
         "KILL after 20 s).",
         "",
     ]
-    for cls, setup in plan.setups.items():
-        lines.append(f"- {cls}, `--workers auto`: {setup.summary}")
-    lines.append("")
+    if any(point.section != "engine" for point in plan.points):
+        lines += [
+            f"- {cls}, `--workers auto`: {setup.summary}" for cls, setup in plan.setups.items()
+        ]
+        lines.append("")
     commands: dict[tuple[str, str], str] = {}
     for point in plan.points:
         commands.setdefault((point.worker_class, point.config), point.command.display)
@@ -546,6 +557,7 @@ def results_json(results: Results) -> dict[str, Any]:
         "guide_workers": plan.guide_workers,
         "sweep": {cls: list(counts) for cls, counts in plan.sweep.items()},
         "skipped": plan.skipped,
+        "engine": plan.engine or None,
         "microsvc": {
             cls: {
                 "workers": setup.workers,
@@ -598,17 +610,25 @@ _COLORS = {
 }
 
 
-def write_png(results: Results, path: Path) -> None:
+def write_png(
+    results: Results,
+    path: Path,
+    draw_extra: Callable[[Results, Any, Any], None] | None = None,
+) -> None:
     """Throughput and p99 latency against worker count: one row per endpoint, one line
-    per class (the sweep), a star for `--workers auto`."""
+    per class (the sweep), a star for `--workers auto`; `draw_extra` draws a last row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    endpoints = list(results.options.endpoints)
-    fig, axes = plt.subplots(len(endpoints), 2, figsize=(12, 4.2 * len(endpoints)), squeeze=False)
+    others = any(point.section != "engine" for point in results.plan.points)
+    endpoints = list(results.options.endpoints) if others or not draw_extra else []
+    rows = len(endpoints) + (1 if draw_extra else 0)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), squeeze=False)
+    if draw_extra:
+        draw_extra(results, axes[-1][0], axes[-1][1])
     by_group = {group[0].group: group for group in results.plan.groups}
     for row, endpoint in enumerate(endpoints):
         ax_rps, ax_p99 = axes[row][0], axes[row][1]
@@ -669,7 +689,11 @@ def write_png(results: Results, path: Path) -> None:
     fig.suptitle(
         f"microsvc {machine['versions']['microsvc']} on gunicorn "
         f"{machine['versions']['gunicorn']}, {results.options.label} "
-        f"({results.plan.usable_cpus} CPUs for the server); star = --workers auto",
+        + (
+            f"({results.plan.usable_cpus} CPUs for the server); star = --workers auto"
+            if endpoints
+            else "(HTTP engine, per core)"
+        ),
         fontsize="medium",
     )
     fig.tight_layout()

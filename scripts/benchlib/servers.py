@@ -135,6 +135,16 @@ def _children(pid: int) -> int:
         return 0
 
 
+def worker_uss(pid: int) -> int | None:
+    """The median private memory (USS: psutil reads /proc/PID/smaps_rollup) of the
+    master's children, in bytes; None if none could be read."""
+    try:
+        values = sorted(child.memory_full_info().uss for child in psutil.Process(pid).children())
+    except psutil.Error:
+        return None
+    return values[len(values) // 2] if values else None
+
+
 def start_server(
     command: ServerCommand,
     *,

@@ -1,8 +1,10 @@
-"""scripts/bench end to end, tiny: two sweep points of 2 s each, and a bad command line."""
+"""scripts/bench end to end, tiny: two sweep points of 2 s each, the engine section with
+2 s points, and bad command lines."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import struct
@@ -107,3 +109,81 @@ def test_bad_classes_value_is_one_error_line_and_exit_2(tmp_path):
     assert lines[0].startswith("Error: ") and "tornado" in lines[0], lines[0]
     assert "Traceback" not in done.stderr + done.stdout
     assert list(tmp_path.iterdir()) == [], "nothing may be written on a usage error"
+
+
+@pytest.mark.timeout(300)
+def test_engine_section_compares_both_engines_and_writes_the_files(tmp_path):
+    if WRK is None:
+        pytest.skip("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+    done = run_bench(
+        "--sections",
+        "engine",
+        "--classes",
+        "sync,gevent",
+        "--connections-io",
+        "50",
+        "--duration",
+        "2",
+        "--warmup",
+        "0",
+        "--repeat",
+        "1",
+        "--label",
+        "engine",
+        "--out",
+        str(tmp_path),
+        timeout=280,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "Traceback" not in output
+
+    data = json.loads((tmp_path / "engine.json").read_text())
+    points = {(p["config"], p["worker_class"], p["path"]): p for p in data["points"]}
+    expected = {
+        (f"{engine} engine{suffix}", cls, path)
+        for engine in ("microsvc", "gunicorn")
+        for cls in ("sync", "gevent")
+        for suffix, path in (("", "/data"), (", bare", "/bare"))
+    } | {("microsvc engine", "gevent", "/io?ms=50")}
+    assert set(points) == expected, sorted(points)
+    for point in points.values():
+        assert point["section"] == "engine" and point["workers"] == 1, point
+        run = point["runs"][0]
+        assert run["ok"], run
+        assert run["result"]["rps"] > 0 and run["result"]["errors"] == 0, run
+        assert run["idle_uss_bytes"] > 1_000_000, run
+    assert "--http-engine" in points[("gunicorn engine, bare", "sync", "/bare")]["command"]
+    assert "microsvc.demo:bare" in points[("microsvc engine, bare", "sync", "/bare")]["command"]
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert data["engine"]["pinning"].startswith("server pinned to CPUs"), data["engine"]
+    assert any("Granian skipped" in line for line in data["skipped"]), data["skipped"]
+
+    ratios = {(r["kind"], r["subject"]): r for r in data["ratios"]}
+    for key in (
+        ("engine / gunicorn engine, Flask", "sync /data"),
+        ("engine / gunicorn engine, bare", "gevent bare callable"),
+        ("engine /io / ideal", "gevent /io"),
+        ("p99 engine / gunicorn engine", "gevent /data"),
+        ("idle worker memory, engine - gunicorn engine (MB)", "sync"),
+    ):
+        assert ratios[key]["status"] in ("PASS", "MISS"), ratios.get(key, sorted(ratios))
+        assert isinstance(ratios[key]["value"], float), ratios[key]
+
+    markdown = (tmp_path / "engine.md").read_text()
+    assert "## HTTP engine" in markdown and "## Targets" in markdown
+    section = markdown.split("## HTTP engine", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith(("| sync |", "| gevent |"))]
+    assert len(rows) == 2 and all(line.count("|") == 10 for line in rows), rows
+    assert "engine.png" in markdown
+
+    width, height = png_size((tmp_path / "engine.png").read_bytes())
+    assert width >= 400 and height >= 200, (width, height)
+
+
+def test_peers_without_the_engine_section_is_a_usage_error(tmp_path):
+    done = run_bench("--sections", "auto", "--peers", "granian", "--out", str(tmp_path))
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "engine" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
