@@ -37,6 +37,20 @@ START_DEADLINE = 45.0
 STOP_DEADLINE = 40.0
 
 
+def _is_running(process: psutil.Process) -> bool:
+    try:
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _is_metrics_exporter(process: psutil.Process) -> bool:
+    try:
+        return "microsvc.metrics.exporter" in " ".join(process.cmdline())
+    except psutil.NoSuchProcess:  # ZombieProcess included: it has ended
+        return False
+
+
 def find_free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -134,11 +148,17 @@ class Server:
             time.sleep(0.1)
 
     def workers(self) -> list[psutil.Process]:
-        """The master's direct children (the gunicorn workers)."""
+        """The master's living direct children (the gunicorn workers, and the metrics
+        exporter with --metrics); a child that exited and is not yet reaped is left out."""
         try:
-            return psutil.Process(self.pid).children()
+            children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
+        return [child for child in children if _is_running(child)]
+
+    def app_workers(self) -> list[psutil.Process]:
+        """The gunicorn workers alone: the living children but the metrics exporter."""
+        return [child for child in self.workers() if not _is_metrics_exporter(child)]
 
     def wait_workers(self, expected: int, stable_for: float = 1.5, deadline: float = 30.0) -> int:
         """Wait until the master has `expected` children and the count holds for

@@ -107,11 +107,7 @@ def wait_two_workers(server: Any, gone: set[int]) -> list[int]:
     last: list[int] = []
     since = time.monotonic()
     while time.monotonic() < end:
-        pids = sorted(
-            child.pid
-            for child in server.workers()
-            if "microsvc.metrics.exporter" not in " ".join(child.cmdline())
-        )
+        pids = sorted(child.pid for child in server.app_workers())
         if pids != last:
             last, since = pids, time.monotonic()
         elif len(pids) == 2 and not set(pids) & gone and time.monotonic() - since >= 1.0:
