@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, cast
 
 MAGIC = b"MSVCSB01"
-#: Reasons counted in the header, in order (the same as the metrics' exit reasons).
+#: Why a worker ended, in order: counted in the header, and the metrics' exit reasons.
 REASONS = (
     "max-requests",
     "memory",
@@ -784,7 +784,7 @@ def find_instances(directory: Path | None = None) -> dict[int, Path]:
         if not number.isdigit():
             continue
         pid = int(number)
-        if _running(pid):
+        if process_running(pid):
             found[pid] = entry
         else:
             with contextlib.suppress(OSError):
@@ -792,7 +792,8 @@ def find_instances(directory: Path | None = None) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -14,6 +14,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client import values as prometheus_values
 
+from microsvc.scoreboard import REASONS
+
 #: Latency buckets in seconds, from a cached answer to a slow dependency.
 DURATION_BUCKETS = (
     0.001,
@@ -34,16 +36,7 @@ DURATION_BUCKETS = (
 
 #: Why a worker stopped. The worker names the first three itself; the master knows
 #: when it stopped one; anything else is a crash (killed, or exited unasked).
-EXIT_REASONS = (
-    "max-requests",
-    "memory",
-    "lifetime",
-    "reload",
-    "shutdown",
-    "scale-down",
-    "timeout",
-    "crash",
-)
+EXIT_REASONS = REASONS
 
 #: Methods kept as label values; any other is counted as "other".
 METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"))

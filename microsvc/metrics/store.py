@@ -42,6 +42,8 @@ from pathlib import Path
 
 from prometheus_client.mmap_dict import MmapedDict
 
+from microsvc.scoreboard import process_running
+
 #: The process-id part of the archive files' names.
 ARCHIVE = "archive"
 #: Types whose values add up across processes.
@@ -61,16 +63,6 @@ def _default_base() -> str:
     if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
         return shm
     return tempfile.gettempdir()
-
-
-def _process_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _parse_name(name: str) -> tuple[str, str, str] | None:
@@ -162,7 +154,7 @@ class MetricsStore:
         dead = {
             pid: paths
             for pid, paths in self.process_files().items()
-            if pid not in keep and not _process_running(pid)
+            if pid not in keep and not process_running(pid)
         }
         if not dead:
             return []
