@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from microsvc._version import __version__
+from microsvc.config.options import HttpEngine, Settings, WorkerClass
 from microsvc.errors import (
     AppImportError,
     AppLoadError,
@@ -18,17 +19,16 @@ from microsvc.errors import (
     ServerError,
     UsageError,
 )
-from microsvc.options import HttpEngine, Settings, WorkerClass
-from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
+from microsvc.planning.plan import SystemFacts, WorkerPlan, plan_workers
 
 if TYPE_CHECKING:
-    from microsvc.launcher import Launcher, UnpatchedAppWarning
+    from microsvc.serving.launcher import Launcher, UnpatchedAppWarning
 
 
 def __getattr__(name: str) -> Any:
     # Launcher imports gunicorn; loading it on first use lets the CLI monkey-patch first.
     if name in ("Launcher", "UnpatchedAppWarning"):
-        from microsvc import launcher
+        from microsvc.serving import launcher
 
         return getattr(launcher, name)
     raise AttributeError(f"module 'microsvc' has no attribute {name!r}")

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from microsvc._version import __version__
+from microsvc.config.options import OPTIONS, OptionSpec
+from microsvc.config.values import parse_bind, split_bind
 from microsvc.errors import MicrosvcError, UsageError
-from microsvc.options import OPTIONS, OptionSpec
-from microsvc.values import parse_bind, split_bind
 
 if TYPE_CHECKING:
-    from microsvc.launcher import Launcher
+    from microsvc.serving.launcher import Launcher
 
 F = Callable[..., Any]
 
@@ -81,8 +81,8 @@ def server_options(command: F) -> F:
 def build_launcher(
     app: str | None, config: str | None, gunicorn_settings: tuple[str, ...], options: dict[str, Any]
 ) -> Launcher:
-    from microsvc.launcher import Launcher
-    from microsvc.resolve import parse_assignments
+    from microsvc.config.resolve import parse_assignments
+    from microsvc.serving.launcher import Launcher
 
     explicit = {name: value for name, value in options.items() if value not in (None, ())}
     return Launcher(
@@ -207,7 +207,7 @@ def status(pid: int | None, as_json: bool, watch: bool, interval: float) -> None
     import sys
     import time
 
-    from microsvc.status import StatusError, locate, open_board, render, report
+    from microsvc.observe.status import StatusError, locate, open_board, render, report
 
     try:
         path = locate(pid)
@@ -271,7 +271,7 @@ def _tcp_address(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
 )
 def nginx(upstreams: tuple[str, ...], listen: str, server_name: str, full: bool) -> None:
     """Print nginx configuration for one or more microsvc instances."""
-    from microsvc.nginx import render
+    from microsvc.deploy.nginx import render
 
     try:
         click.echo(render(upstreams, listen=listen, server_name=server_name, full=full), nl=False)
@@ -323,10 +323,10 @@ def manifest(
 ) -> None:
     """Print Kubernetes manifests (Deployment, Service, HorizontalPodAutoscaler,
     PodDisruptionBudget) that run APP with these options."""
-    from microsvc.appload import parse_app_string
-    from microsvc.launcher import resolve
-    from microsvc.manifest import render
-    from microsvc.resolve import parse_assignments
+    from microsvc.config.resolve import parse_assignments
+    from microsvc.deploy.manifest import render
+    from microsvc.serving.appload import parse_app_string
+    from microsvc.serving.launcher import resolve
 
     explicit = {key: value for key, value in options.items() if value not in (None, ())}
     try:

@@ -19,10 +19,11 @@ from typing import Any
 
 from microsvc.http.body import FileWrapper, RequestBody
 from microsvc.http.config import HTTPConfig
-from microsvc.http.environ import Environ, connection_environ, request_environ
+from microsvc.http.environ import connection_environ, request_environ
 from microsvc.http.errors import ConnectionLost, InvalidBody, RequestError, ResponseError
 from microsvc.http.parser import Message, RequestStream
 from microsvc.http.response import Response
+from microsvc.wsgi import Environ, WSGIApp
 
 log = logging.getLogger("microsvc.http")
 
@@ -30,8 +31,6 @@ log = logging.getLogger("microsvc.http")
 #: connection over and answered on the socket itself (eventlet.websocket): nothing more
 #: is written, and the connection is closed.
 TAKEN_OVER_KEY = "microsvc.taken_over"
-
-WSGIApp = Callable[[Environ, Callable[..., Any]], Iterable[bytes]]
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,7 @@ from urllib.parse import unquote_to_bytes
 from microsvc.http.config import HTTPConfig
 from microsvc.http.errors import RequestError
 from microsvc.http.parser import Message
-
-Environ = dict[str, Any]
+from microsvc.wsgi import Environ
 
 
 def connection_environ(config: HTTPConfig, client: Any, server: Any) -> Environ:

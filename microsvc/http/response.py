@@ -9,13 +9,12 @@ import socket
 import time
 from collections.abc import Callable
 from email.utils import formatdate
-from types import TracebackType
 from typing import Any
 
 from microsvc.http.errors import ConnectionLost, ResponseError
 from microsvc.http.parser import Message
+from microsvc.wsgi import ExcInfo
 
-ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 WriteCallable = Callable[[bytes], None]
 
 # RFC 9110 5.6.2: a field name is a token.

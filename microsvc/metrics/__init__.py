@@ -15,8 +15,9 @@ from typing import Any
 from microsvc.metrics.exporter import METRICS_PATH, Exporter
 from microsvc.metrics.instruments import EXIT_REASONS, ServerMetrics, enable_multiprocess
 from microsvc.metrics.store import MetricsStore
-from microsvc.metrics.wsgi import InstrumentedApp, WSGIApp
-from microsvc.middleware import ROUTE_KEY
+from microsvc.metrics.wsgi import InstrumentedApp
+from microsvc.serving.middleware import ROUTE_KEY
+from microsvc.wsgi import WSGIApp
 
 __all__ = ["EXIT_REASONS", "METRICS_PATH", "ROUTE_KEY", "MetricsService"]
 

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from microsvc.binding import bind_tcp
 from microsvc.metrics.store import MetricsStore
+from microsvc.serving.binding import bind_tcp
 
 #: The path metrics are served at.
 METRICS_PATH = "/metrics"
@@ -179,7 +179,7 @@ class _ScoreboardCollector:
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
 
-        from microsvc.scoreboard import Scoreboard, ScoreboardError
+        from microsvc.observe.scoreboard import Scoreboard, ScoreboardError
 
         try:
             if self._board is None:

@@ -14,7 +14,7 @@ import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client import values as prometheus_values
 
-from microsvc.scoreboard import REASONS
+from microsvc.observe.scoreboard import REASONS
 
 #: Latency buckets in seconds, from a cached answer to a slow dependency.
 DURATION_BUCKETS = (

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from prometheus_client.mmap_dict import MmapedDict
 
-from microsvc.scoreboard import process_running
+from microsvc.observe.scoreboard import process_running
 
 #: The process-id part of the archive files' names.
 ARCHIVE = "archive"

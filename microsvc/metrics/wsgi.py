@@ -22,20 +22,17 @@ sendfile) and recorded when the app returns it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from microsvc.metrics.instruments import METHODS, RequestMetrics
-from microsvc.middleware import ROUTE_KEY
+from microsvc.serving.middleware import ROUTE_KEY
+from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 UNMATCHED = "(unmatched)"
 UNKNOWN = "(unknown)"
 #: Set to True in the environ by a worker when the app took the connection over.
 TAKEN_OVER_KEY = "microsvc.taken_over"
-
-Environ = dict[str, Any]
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 class _Request:

@@ -10,7 +10,7 @@ imported in the mode that uses it."""
 
 from __future__ import annotations
 
-from microsvc.options import HttpEngine, WorkerClass
+from microsvc.config.options import HttpEngine, WorkerClass
 
 WORKER_CLASSES: dict[WorkerClass, str] = {
     WorkerClass.SYNC: "microsvc.workers.sync.SyncWorker",

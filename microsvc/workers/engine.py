@@ -33,8 +33,8 @@ from gunicorn.http.wsgi import WSGIErrorsWrapper
 
 from microsvc.errors import UsageError
 from microsvc.http import Hooks, HTTPConfig, RequestRecord
-from microsvc.http.environ import Environ
 from microsvc.http.parser import Message
+from microsvc.wsgi import Environ
 
 #: gunicorn's largest request line and header count; its 0 means these.
 MAX_REQUEST_LINE = 8190

@@ -45,10 +45,11 @@ from eventlet.semaphore import Semaphore
 from gunicorn.sock import ssl_context
 from gunicorn.workers.base_async import AsyncWorker
 
-from microsvc.metrics.wsgi import TAKEN_OVER_KEY, Environ, StartResponse, WSGIApp
+from microsvc.metrics.wsgi import TAKEN_OVER_KEY
 from microsvc.workers.accepting import AcceptFailures
 from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
+from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 #: Accept errors that are part of normal operation, or concern one connection (reset or
 #: broken by the client before it was accepted): retried at once, never logged.

@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from microsvc.values import format_duration, format_size
+from microsvc.config.values import format_duration, format_size
 
 #: Resident memory is read at most once per this many seconds.
 MEMORY_READ_INTERVAL = 1.0

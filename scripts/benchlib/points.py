@@ -4,7 +4,7 @@ Sections:
 
 - auto: `microsvc run -k CLASS --workers auto`;
 - plain: plain gunicorn (`python -m gunicorn -c FILE microsvc.demo:app`) with exactly the
-  gunicorn settings microsvc computes for that run (`microsvc.launcher.resolve`,
+  gunicorn settings microsvc computes for that run (`microsvc.serving.launcher.resolve`,
   `make_plan`, `gunicorn_config`), gunicorn's own worker class in place of microsvc's
   (gunicorn 27 has no eventlet worker: eventlet uses microsvc's worker class path);
 - guide: the hand-typed `gunicorn -w <2*os.cpu_count()+1> microsvc.demo:app`, and with
@@ -111,7 +111,7 @@ class MicrosvcSetup:
 
 def system_facts(server_cpus: tuple[int, ...] | None) -> Any:
     """microsvc's view of the system, as a server pinned to `server_cpus` sees it."""
-    from microsvc.system import read_system_facts
+    from microsvc.planning.system import read_system_facts
 
     facts = read_system_facts()
     if server_cpus:
@@ -124,7 +124,7 @@ def microsvc_setup(
 ) -> MicrosvcSetup:
     """Resolve options as `microsvc run -k CLASS --workers W` does, plan, and build its
     gunicorn settings; and the same settings for plain gunicorn."""
-    from microsvc.launcher import gunicorn_config, make_plan, resolve
+    from microsvc.serving.launcher import gunicorn_config, make_plan, resolve
 
     options = {"worker_class": worker_class, "workers": workers, "bind": "127.0.0.1:5000"}
     resolved = resolve(options, None, gunicorn, {}, "command line")
@@ -262,7 +262,7 @@ def parser_check() -> str | None:
 
     if importlib.util.find_spec("gunicorn_h1c") is None:
         return "gunicorn_h1c is not installed (pip install gunicorn_h1c)"
-    from microsvc.resolve import gunicorn_setting_names
+    from microsvc.config.resolve import gunicorn_setting_names
 
     if "http_parser" not in gunicorn_setting_names():
         return "this gunicorn has no http_parser setting"

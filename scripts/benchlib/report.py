@@ -513,8 +513,9 @@ def _setup_section(results: Results) -> list[str]:
     if plain_classes:
         lines += [
             "Plain gunicorn runs `python -m gunicorn -c FILE microsvc.demo:app`, FILE holding "
-            "the settings microsvc computes for `--workers auto` (`microsvc.launcher.resolve`, "
-            "`make_plan`, `gunicorn_config`) with gunicorn's own worker class (gunicorn 27 has "
+            "the settings microsvc computes for `--workers auto` "
+            "(`microsvc.serving.launcher.resolve`, `make_plan`, `gunicorn_config`) with gunicorn's "
+            "own worker class (gunicorn 27 has "
             "no eventlet worker: eventlet uses `microsvc.workers.eventlet.EventletWorker`). "
             "`bind` and `control_socket` are set per start; `proc_name` is gunicorn's.",
             "",

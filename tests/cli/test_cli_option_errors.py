@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from microsvc.options import OPTIONS
+from microsvc.config.options import OPTIONS
 
 INVALID_VALUES = [
     # (arguments, fragments of the error line)

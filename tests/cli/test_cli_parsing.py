@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 import microsvc
 from microsvc.cli import main
-from microsvc.options import OPTIONS
+from microsvc.config.options import OPTIONS
 
 
 def plan_json(*args: str, env: dict[str, str] | None = None) -> dict:

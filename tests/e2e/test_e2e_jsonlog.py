@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import requests
 
-from microsvc.jsonlog import ACCESS_FIELDS, MAX_REQUEST_ID_LENGTH
+from microsvc.observe.jsonlog import ACCESS_FIELDS, MAX_REQUEST_ID_LENGTH
 
 pytestmark = pytest.mark.e2e
 

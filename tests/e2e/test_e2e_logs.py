@@ -23,6 +23,6 @@ def test_eventlet_logs_that_it_is_unmaintained_and_gevent_is_better(eventlet_log
 
 def test_eventlet_says_it_is_deprecated_only_once(eventlet_log):
     """microsvc's own line replaces eventlet's multi-line EventletDeprecationWarning
-    (microsvc/patching.py filters it; its message starts with a newline)."""
+    (microsvc/serving/patching.py filters it; its message starts with a newline)."""
     assert "EventletDeprecationWarning" not in eventlet_log, eventlet_log
     assert "Eventlet is deprecated" not in eventlet_log, eventlet_log

@@ -1,4 +1,4 @@
-"""microsvc.appload: app import strings, loading the app, and the pre-flight child check."""
+"""microsvc.serving.appload: app import strings, loading the app, and the pre-flight child check."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from microsvc.appload import check_in_subprocess, load_app, parse_app_string
 from microsvc.errors import AppImportError, AppLoadError, UsageError
+from microsvc.serving.appload import check_in_subprocess, load_app, parse_app_string
 
 WSGI = "def app(environ, start_response):\n    return [b'ok']\n"
 

@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from microsvc.arbiter import ServerState
+from microsvc.serving.arbiter import ServerState
 
 
 def test_ready_only_when_started_and_not_draining() -> None:

@@ -1,4 +1,4 @@
-"""microsvc.binding: resolving bind addresses, which of them overlap, and the listening
+"""microsvc.serving.binding: resolving bind addresses, which of them overlap, and the listening
 sockets a master takes over instead of binding."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import socket
 
 import pytest
 
-from microsvc.binding import (
+from microsvc.errors import UsageError
+from microsvc.serving.binding import (
     TCPAddress,
     check_overlaps,
     inherited_listeners,
     overlap,
     resolve_tcp,
 )
-from microsvc.errors import UsageError
 
 
 def v4(host: str, port: int = 8000) -> TCPAddress:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from microsvc.config.options import LogLevel, WorkerClass
+from microsvc.config.resolve import load_config, resolve_settings
 from microsvc.errors import UsageError
-from microsvc.options import LogLevel, WorkerClass
-from microsvc.resolve import load_config, resolve_settings
 
 
 def write(tmp_path: Path, source: str, name: str = "microsvc_conf.py") -> str:

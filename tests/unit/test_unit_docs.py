@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from microsvc.options import OPTIONS
+from microsvc.config.options import OPTIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 

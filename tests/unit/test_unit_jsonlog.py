@@ -1,4 +1,4 @@
-"""`microsvc.jsonlog`: gunicorn's logger writing one JSON object per line.
+"""`microsvc.observe.jsonlog`: gunicorn's logger writing one JSON object per line.
 
 The logger class is driven directly with a gunicorn Config and fake responses and environs,
 as gunicorn's workers call it; its output goes to files under tmp_path.
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from microsvc._gunicorn import Config
-from microsvc.jsonlog import (
+from microsvc.observe.jsonlog import (
     ACCESS_FIELDS,
     MAX_HEADER_LENGTH,
     MAX_LINE_LENGTH,
@@ -28,7 +28,7 @@ from microsvc.jsonlog import (
     JsonFormatter,
     JsonLogger,
 )
-from microsvc.launcher import JSON_LOGGER
+from microsvc.serving.launcher import JSON_LOGGER
 
 TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 BASE_KEYS = ["timestamp", "level", "logger", "pid", "message"]
@@ -488,7 +488,7 @@ def test_logconfig_dict_can_use_the_formatter(make_logger, tmp_path):
     logconfig = {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "microsvc.jsonlog.JsonFormatter"}},
+        "formatters": {"json": {"()": "microsvc.observe.jsonlog.JsonFormatter"}},
         "handlers": {
             "file": {"class": "logging.FileHandler", "filename": str(path), "formatter": "json"}
         },

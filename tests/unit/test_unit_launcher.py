@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from microsvc import Launcher, UnpatchedAppWarning, UsageError
-from microsvc.planning import SystemFacts
+from microsvc.planning.plan import SystemFacts
 
 FACTS = SystemFacts(host_cpus=4, affinity_cpus=4)
 
@@ -180,7 +180,7 @@ def test_default_trust_is_loopback_only() -> None:
 
 
 def test_heartbeat_files_live_in_ram_when_possible() -> None:
-    from microsvc.launcher import HEARTBEAT_DIR
+    from microsvc.serving.launcher import HEARTBEAT_DIR
 
     cfg = make().cfg
     if HEARTBEAT_DIR is None:

@@ -1,4 +1,4 @@
-"""microsvc.manifest.render: the Kubernetes objects, the container's command line (read
+"""microsvc.deploy.manifest.render: the Kubernetes objects, the container's command line (read
 back by microsvc's own parser), bad input, and validation against the Kubernetes schemas
 with `kubernetes-validate --strict`."""
 
@@ -17,10 +17,10 @@ import yaml
 from click.testing import CliRunner
 
 from microsvc.cli import main
+from microsvc.config.options import DEFAULTS, OPTIONS, Settings
+from microsvc.deploy.manifest import render, to_yaml
 from microsvc.errors import UsageError
-from microsvc.launcher import resolve
-from microsvc.manifest import render, to_yaml
-from microsvc.options import DEFAULTS, OPTIONS, Settings
+from microsvc.serving.launcher import resolve
 
 #: The newest Kubernetes version the pinned kubernetes-validate (>=1.37) has schemas for.
 KUBERNETES_VERSION = "1.37.0"

@@ -11,9 +11,9 @@ import pytest
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from microsvc import middleware
 from microsvc.metrics.instruments import RequestMetrics
 from microsvc.metrics.wsgi import ROUTE_KEY, UNKNOWN, UNMATCHED, InstrumentedApp
+from microsvc.serving import middleware
 
 
 class Reader:

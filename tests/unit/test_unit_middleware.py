@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from microsvc import middleware
-from microsvc.middleware import PROXY_ADDR_KEY, TrustedProxies, wrap
+from microsvc.serving import middleware
+from microsvc.serving.middleware import PROXY_ADDR_KEY, TrustedProxies, wrap
 
 
 class InnerApp:

@@ -1,11 +1,11 @@
-"""microsvc.nginx.render: what the generated configuration says, and what it refuses."""
+"""microsvc.deploy.nginx.render: what the generated configuration says, and what it refuses."""
 
 from __future__ import annotations
 
 import pytest
 
+from microsvc.deploy.nginx import render
 from microsvc.errors import UsageError
-from microsvc.nginx import render
 
 
 def blocks(*upstreams: str, listen: str = "0.0.0.0:80", server_name: str = "_") -> str:

@@ -1,4 +1,4 @@
-"""The option registry in microsvc.options, and the public names of the package."""
+"""The option registry in microsvc.config.options, and the public names of the package."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import fields
 import pytest
 
 import microsvc
-from microsvc.options import (
+from microsvc.config.options import (
     DEFAULTS,
     GUNICORN_NAMES,
     OPTIONS,
@@ -17,7 +17,7 @@ from microsvc.options import (
     Settings,
     WorkerClass,
 )
-from microsvc.resolve import gunicorn_setting_names
+from microsvc.config.resolve import gunicorn_setting_names
 
 FIELD_NAMES = [f.name for f in fields(Settings)]
 
@@ -83,7 +83,7 @@ def test_public_names_resolve(name: str) -> None:
 
 
 def test_lazy_names_are_the_launcher_objects() -> None:
-    from microsvc import launcher
+    from microsvc.serving import launcher
 
     assert microsvc.Launcher is launcher.Launcher
     assert issubclass(microsvc.UnpatchedAppWarning, RuntimeWarning)

@@ -1,4 +1,4 @@
-"""microsvc.planning: usable CPUs, the formula per worker class, memory and --max-workers caps."""
+"""microsvc.planning.plan: usable CPUs, the formula per class, memory and --max-workers caps."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from microsvc.options import WorkerClass
-from microsvc.planning import (
+from microsvc.config.options import WorkerClass
+from microsvc.planning.plan import (
     GTHREAD_THREADS,
     SystemFacts,
     formula,

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from microsvc.options import Settings, WorkerClass
+from microsvc.config.options import Settings, WorkerClass
 from microsvc.workers import ENGINE_WORKER_CLASSES, WORKER_CLASSES
 from microsvc.workers.recycling import (
     CHECK_INTERVAL,
@@ -465,7 +465,7 @@ def test_every_worker_class_is_microsvcs_and_recycles() -> None:
 
 CHECK_CLASSES = """\
 import sys, warnings
-import microsvc.launcher, microsvc.workers, microsvc.workers.sync, microsvc.workers.gthread
+import microsvc.serving.launcher, microsvc.workers, microsvc.workers.sync, microsvc.workers.gthread
 assert "gevent" not in sys.modules and "eventlet" not in sys.modules, "imported too early"
 from gunicorn.util import load_class
 from microsvc.workers import ENGINE_WORKER_CLASSES, WORKER_CLASSES

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from microsvc import Launcher, UsageError
-from microsvc.launcher import build_gunicorn_config
-from microsvc.planning import SystemFacts
+from microsvc.planning.plan import SystemFacts
+from microsvc.serving.launcher import build_gunicorn_config
 
 FACTS = SystemFacts(host_cpus=4, affinity_cpus=4)
 

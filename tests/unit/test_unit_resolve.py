@@ -1,17 +1,17 @@
-"""microsvc.resolve: precedence of the layers, where each value came from, and checks."""
+"""microsvc.config.resolve: precedence of the layers, where each value came from, and checks."""
 
 from __future__ import annotations
 
 import pytest
 
-from microsvc.configfile import ConfigFile
-from microsvc.errors import UsageError
-from microsvc.options import DEFAULTS, OPTIONS_BY_NAME, LogLevel, Settings, WorkerClass
-from microsvc.resolve import (
+from microsvc.config.file import ConfigFile
+from microsvc.config.options import DEFAULTS, OPTIONS_BY_NAME, LogLevel, Settings, WorkerClass
+from microsvc.config.resolve import (
     check_gunicorn_settings,
     parse_assignments,
     resolve_settings,
 )
+from microsvc.errors import UsageError
 
 CONFIG_PATH = "conf/microsvc_conf.py"
 

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from microsvc import scoreboard as sb
 from microsvc.errors import UsageError
-from microsvc.scoreboard import Scoreboard, ScoreboardApp, ScoreboardError
-from microsvc.status import StatusError, build_report, locate, render
+from microsvc.observe import scoreboard as sb
+from microsvc.observe.scoreboard import Scoreboard, ScoreboardApp, ScoreboardError
+from microsvc.observe.status import StatusError, build_report, locate, render
 
 
 @pytest.fixture
@@ -407,7 +407,7 @@ def test_launcher_hooks_keep_the_slot_and_still_call_the_configured_hooks(
     from types import SimpleNamespace
 
     from microsvc import Launcher
-    from microsvc.planning import SystemFacts
+    from microsvc.planning.plan import SystemFacts
 
     calls: list[str] = []
     launcher = Launcher(

@@ -1,4 +1,4 @@
-"""microsvc.system against fixture trees of /proc/self and cgroup v1/v2 files."""
+"""microsvc.planning.system against fixture trees of /proc/self and cgroup v1/v2 files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from microsvc.system import (
+from microsvc.planning.system import (
     CgroupDir,
     cgroup_dirs,
     read_cpu_quota,

@@ -1,10 +1,10 @@
-"""microsvc.values: the parsers behind every option."""
+"""microsvc.config.values: the parsers behind every option."""
 
 from __future__ import annotations
 
 import pytest
 
-from microsvc.values import (
+from microsvc.config.values import (
     format_size,
     parse_auto_or_positive_int,
     parse_bind,

@@ -32,8 +32,8 @@ import ipaddress
 import re
 from collections.abc import Sequence
 
+from microsvc.config.values import parse_bind, split_bind
 from microsvc.errors import UsageError
-from microsvc.values import parse_bind, split_bind
 
 __all__ = ["render"]
 

@@ -44,7 +44,8 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+
+from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 __all__ = [
     "PROXY_ADDR_KEY",
@@ -52,7 +53,7 @@ __all__ = [
     "Middleware",
     "StartResponse",
     "TrustedProxies",
-    "WSGIApplication",
+    "WSGIApp",
     "wrap",
 ]
 
@@ -63,16 +64,6 @@ ROUTE_KEY = "microsvc.route"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-Environ = dict[str, Any]
-
-
-class StartResponse(Protocol):
-    def __call__(
-        self, status: str, headers: list[tuple[str, str]], exc_info: Any = ..., /
-    ) -> Any: ...
-
-
-WSGIApplication = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 _CACHE_SIZE = 1024
 _HOST_RE = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
@@ -186,7 +177,7 @@ class Middleware:
 
     def __init__(
         self,
-        app: WSGIApplication,
+        app: WSGIApp,
         *,
         health_path: str | None,
         ready_path: str | None,
@@ -260,7 +251,7 @@ class Middleware:
 
 
 def wrap(
-    app: WSGIApplication,
+    app: WSGIApp,
     *,
     health_path: str | None,
     ready_path: str | None,

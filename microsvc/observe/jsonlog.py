@@ -28,7 +28,7 @@ were left out).
 
 `JsonFormatter` is the formatter behind it; a logging configuration of your own (for
 your app's loggers, or gunicorn's `logconfig_dict`) can use it too:
-`{"()": "microsvc.jsonlog.JsonFormatter"}`.
+`{"()": "microsvc.observe.jsonlog.JsonFormatter"}`.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from microsvc.configfile import ConfigFile, load_config_file
+from microsvc.config.file import ConfigFile, load_config_file
+from microsvc.config.options import DEFAULTS, GUNICORN_NAMES, OPTIONS, OPTIONS_BY_NAME, Settings
 from microsvc.errors import UsageError
-from microsvc.options import DEFAULTS, GUNICORN_NAMES, OPTIONS, OPTIONS_BY_NAME, Settings
 
 #: gunicorn settings that microsvc owns or sets itself and that cannot be passed through.
 RESERVED_GUNICORN = frozenset(GUNICORN_NAMES) | {"config", "wsgi_app", "daemon"}

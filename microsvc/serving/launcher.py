@@ -13,19 +13,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from microsvc import middleware, patching
 from microsvc._gunicorn import BaseApplication, Config, ConfigError
 from microsvc._version import __version__
-from microsvc.appload import AppRef, WSGIApp, check_in_subprocess, load_app, parse_app_string
-from microsvc.arbiter import MicrosvcArbiter, ServerState
-from microsvc.binding import bind_tcp, check_overlaps, inherited_listeners
+from microsvc.config.options import OPTIONS, HttpEngine, LogFormat, Settings, WorkerClass
+from microsvc.config.resolve import Resolved, load_config, resolve_settings
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
-from microsvc.options import OPTIONS, HttpEngine, LogFormat, Settings, WorkerClass
-from microsvc.planning import SystemFacts, WorkerPlan, plan_workers
-from microsvc.resolve import Resolved, load_config, resolve_settings
-from microsvc.scoreboard import Scoreboard, ScoreboardApp, slot_count
-from microsvc.system import read_system_facts
+from microsvc.observe.scoreboard import Scoreboard, ScoreboardApp, slot_count
+from microsvc.planning.plan import SystemFacts, WorkerPlan, plan_workers
+from microsvc.planning.system import read_system_facts
+from microsvc.serving import middleware, patching
+from microsvc.serving.appload import (
+    AppRef,
+    check_in_subprocess,
+    load_app,
+    parse_app_string,
+)
+from microsvc.serving.arbiter import MicrosvcArbiter, ServerState
+from microsvc.serving.binding import bind_tcp, check_overlaps, inherited_listeners
 from microsvc.workers import worker_class_path
+from microsvc.wsgi import WSGIApp
 
 if TYPE_CHECKING:
     from microsvc.metrics import MetricsService
@@ -39,7 +45,7 @@ DEMO_APP = "microsvc.demo:app"
 HTTP_PARSER = "python"
 
 #: gunicorn's logger_class for --log-format json.
-JSON_LOGGER = "microsvc.jsonlog.JsonLogger"
+JSON_LOGGER = "microsvc.observe.jsonlog.JsonLogger"
 
 #: Workers touch a heartbeat file every second; on RAM, a slow disk cannot make them look
 #: hung to the master.
@@ -239,7 +245,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         return cfg, user_hook
 
     def _install_scoreboard_hooks(self, cfg: Config) -> None:
-        """Server hooks that keep the scoreboard (see `microsvc.scoreboard`), each
+        """Server hooks that keep the scoreboard (see `microsvc.observe.scoreboard`), each
         calling the hook the configuration gave before."""
 
         def board() -> Scoreboard | None:

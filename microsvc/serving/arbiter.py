@@ -19,7 +19,7 @@ from microsvc._gunicorn import Arbiter
 
 if TYPE_CHECKING:
     from microsvc.metrics import MetricsService
-    from microsvc.scoreboard import Scoreboard
+    from microsvc.observe.scoreboard import Scoreboard
 
 #: Signals by which the master stops a worker (SIGABRT: a worker that timed out).
 _STOPPING_SIGNALS = frozenset(

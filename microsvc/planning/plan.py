@@ -1,6 +1,6 @@
 """Worker planning: pure arithmetic from what the system allows to a worker plan.
 
-Nothing here reads the machine; `microsvc.system` does that and hands in `SystemFacts`.
+Nothing here reads the machine; `microsvc.planning.system` does that and hands in `SystemFacts`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from microsvc.options import WorkerClass
-from microsvc.values import Auto, format_size
+from microsvc.config.options import WorkerClass
+from microsvc.config.values import Auto, format_size
 
 #: Threads per gthread worker when --threads is auto.
 GTHREAD_THREADS = 4

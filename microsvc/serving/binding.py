@@ -10,8 +10,8 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from microsvc.config.values import split_bind
 from microsvc.errors import BindError, UsageError
-from microsvc.values import split_bind
 
 #: Where Linux says whether an IPv6 wildcard socket also takes IPv4 (0: it does).
 BINDV6ONLY = "/proc/sys/net/ipv6/bindv6only"

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from microsvc import values
-from microsvc.values import Auto
+from microsvc.config import values
+from microsvc.config.values import Auto
 
 ENV_PREFIX = "MICROSVC_"
 

@@ -1,6 +1,6 @@
 """`microsvc status`: what a running server is doing, read from its scoreboard.
 
-The report is built from one snapshot of the scoreboard (see `microsvc.scoreboard`); it
+The report is built from one snapshot of the scoreboard (see `microsvc.observe.scoreboard`); it
 needs no network port and no `--metrics`, only the file in this user's runtime
 directory.
 """
@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from microsvc.errors import MicrosvcError, UsageError
-from microsvc.scoreboard import Scoreboard, ScoreboardError, Snapshot, find_instances, runtime_dir
+from microsvc.observe.scoreboard import (
+    Scoreboard,
+    ScoreboardError,
+    Snapshot,
+    find_instances,
+    runtime_dir,
+)
 
 #: A scoreboard whose master has not written it for this long is reported as stale.
 STALE_AFTER = 5.0

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from microsvc.errors import AppImportError, AppLoadError, MicrosvcError
-
-WSGIApp = Callable[..., Any]
+from microsvc.wsgi import WSGIApp
 
 #: Attribute names tried, in order, when the string names only a module.
 DEFAULT_NAMES = ("app", "application")
@@ -223,7 +222,7 @@ def check_in_subprocess(
     raise (AppImportError if name == "AppImportError" else AppLoadError)(message)
 
 
-_CHILD_CODE = "import microsvc.appload as m; m._report_load()"
+_CHILD_CODE = "import microsvc.serving.appload as m; m._report_load()"
 
 
 def _read_status(fd: int, child: subprocess.Popen[bytes], timeout: float | None) -> str | None:

@@ -1,7 +1,7 @@
 """Reading what limits this process from /proc and /sys (cgroup v1 and v2).
 
 Every function takes `root`, the directory that stands for `/`, so tests can point it
-at a fixture tree; the arithmetic on what is read lives in `microsvc.planning`.
+at a fixture tree; the arithmetic on what is read lives in `microsvc.planning.plan`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import psutil
 
-from microsvc.planning import SystemFacts
+from microsvc.planning.plan import SystemFacts
 
 T = TypeVar("T", int, float)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
+from microsvc.config.options import DEFAULTS, OPTIONS, OPTIONS_BY_NAME, OptionSpec, Settings
+from microsvc.config.values import split_bind
 from microsvc.errors import UsageError
-from microsvc.options import DEFAULTS, OPTIONS, OPTIONS_BY_NAME, OptionSpec, Settings
-from microsvc.values import split_bind
 
 #: Options the manifest sets itself rather than copying from the settings.
 OWN_OPTIONS = ("bind", "workers")

@@ -7,8 +7,8 @@ import importlib.util
 import sys
 import warnings
 
+from microsvc.config.options import WorkerClass
 from microsvc.errors import MissingExtraError
-from microsvc.options import WorkerClass
 
 #: Packages each worker class imports, and the extra that installs them.
 REQUIRED_PACKAGES: dict[WorkerClass, tuple[str, ...]] = {

@@ -32,10 +32,12 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 MAGIC = b"MSVCSB01"
 #: Why a worker ended, in order: counted in the header, and the metrics' exit reasons.
@@ -694,10 +696,6 @@ def listen_queue(listener: Any) -> Listener:
 
 
 # the per-request wrapper
-
-Environ = dict[str, Any]
-StartResponse = Callable[..., Any]
-WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 
 
 class _Body:

@@ -1,0 +1,4 @@
+"""What runs the server: the `Launcher` that embeds gunicorn (`launcher`), microsvc's
+arbiter (`arbiter`), loading the application (`appload`), binding sockets (`binding`),
+gevent/eventlet monkey-patching (`patching`) and the WSGI middleware for proxies,
+request ids and health (`middleware`)."""
