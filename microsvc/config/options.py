@@ -354,6 +354,41 @@ class Settings:
         help="Add a random 0..DURATION to --max-worker-lifetime per worker, so workers do "
         "not restart together.",
     )
+    request_timeout: float | None = _option(
+        None,
+        "--request-timeout",
+        parse=_optional(values.parse_duration),
+        show=values.format_duration,
+        metavar="DURATION",
+        help="A request running longer (e.g. 30s) is logged with its stack and ended: its "
+        "client gets 503 (or a closed connection once the response started). Off by default.",
+    )
+    max_queue_time: float | None = _option(
+        None,
+        "--max-queue-time",
+        parse=_optional(values.parse_duration),
+        show=values.format_duration,
+        metavar="DURATION",
+        help="Answer 503 with Retry-After, without running the app, to a request that has "
+        "already waited this long (e.g. 1s) behind a proxy's X-Request-Start or in the "
+        "listen queue. Off by default; health and readiness are never shed.",
+    )
+    autoscale: bool = _option(
+        False,
+        "--autoscale",
+        parse=values.parse_bool,
+        is_flag=True,
+        help="Follow the load: run between --min-workers and the planned count (or "
+        "--max-workers) workers, adding workers when they are busy or requests queue, "
+        "retiring idle ones after a cool-down.",
+    )
+    min_workers: int = _option(
+        1,
+        "--min-workers",
+        parse=values.parse_positive_int,
+        metavar="N",
+        help="With --autoscale, the fewest workers kept running.",
+    )
     drain_period: float = _option(
         0.0,
         "--drain-period",

@@ -62,7 +62,7 @@ def test_choices_are_the_enum_values() -> None:
 
 def test_flag_options_parse_booleans() -> None:
     flag_options = [spec for spec in OPTIONS if spec.is_flag]
-    assert {spec.name for spec in flag_options} == {"preload", "reload", "metrics"}
+    assert {spec.name for spec in flag_options} == {"preload", "reload", "metrics", "autoscale"}
     for spec in flag_options:
         assert spec.parse("true") is True
         assert isinstance(DEFAULTS[spec.name], bool)
