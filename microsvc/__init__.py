@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from microsvc._version import __version__
+from microsvc.config.keywords import LauncherOptions
 from microsvc.config.options import HttpEngine, Settings, WorkerClass
 from microsvc.errors import (
     AppImportError,
@@ -40,6 +41,7 @@ __all__ = [
     "BindError",
     "HttpEngine",
     "Launcher",
+    "LauncherOptions",
     "MicrosvcError",
     "MissingExtraError",
     "ServerError",

@@ -74,6 +74,16 @@ def _choice(enum_type: type[enum.Enum]) -> Callable[[object], Any]:
     return parse
 
 
+def _auto_or_size(value: object) -> int | Auto:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return values.parse_size(value)
+
+
+def _show_auto_or_size(value: int | Auto) -> str:
+    return value if value == "auto" else values.format_size(value)
+
+
 def _optional(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     def parse_optional(value: object) -> Any:
         return None if value is None else parse(value)
@@ -137,6 +147,9 @@ class OptionSpec:
     env_fallback: Callable[[Mapping[str, str]], tuple[str, str] | None] | None = None
     show: Callable[[Any], str] = str
     to_gunicorn: Callable[[Any], Any] = lambda value: value
+    #: gunicorn's value comes from the worker plan (`microsvc.planning.plan`), which
+    #: reads this option among others, not from the option itself.
+    planned: bool = False
     name: str = ""
 
     @property
@@ -155,7 +168,7 @@ def _option(default: Any, *flags: str, parse: Callable[[object], Any], help: str
 
 @dataclass(frozen=True)
 class Settings:
-    """The effective options of one server. Build it with `resolve_settings`."""
+    """The effective options of one server. `microsvc.config.pipeline.build` makes it."""
 
     worker_class: WorkerClass = _option(
         WorkerClass.SYNC,
@@ -165,6 +178,7 @@ class Settings:
         choices=tuple(c.value for c in WorkerClass),
         metavar="CLASS",
         gunicorn="worker_class",
+        planned=True,
         help="Worker class: sync (one request at a time per worker), gthread (a thread pool "
         "per worker), gevent or eventlet (many concurrent requests per worker, for I/O-bound "
         "apps; eventlet is unmaintained, prefer gevent).",
@@ -186,6 +200,7 @@ class Settings:
         metavar="auto|N",
         env_fallback=_web_concurrency,
         gunicorn="workers",
+        planned=True,
         help="Number of worker processes; 'auto' plans it from the CPUs and memory this "
         "process may use and the worker class. WEB_CONCURRENCY is honoured.",
     )
@@ -195,6 +210,7 @@ class Settings:
         parse=values.parse_auto_or_positive_int,
         metavar="auto|N",
         gunicorn="threads",
+        planned=True,
         help="Threads per gthread worker; 'auto' gives 4. Only gthread runs threads.",
     )
     max_workers: int | None = _option(
@@ -204,14 +220,16 @@ class Settings:
         metavar="N",
         help="Upper bound on the number of workers, whatever planned or asked for it.",
     )
-    memory_per_worker: int = _option(
+    memory_per_worker: int | Auto = _option(
         128 * 1024**2,
         "--memory-per-worker",
-        parse=values.parse_size,
-        show=values.format_size,
-        metavar="SIZE",
-        help="Memory budget of one worker (e.g. 128MiB, 1GB); with --workers auto, the "
-        "container's memory limit divided by it caps the worker count.",
+        parse=_auto_or_size,
+        show=_show_auto_or_size,
+        metavar="auto|SIZE",
+        help="Memory budget of one worker (e.g. 128MiB, 1GB), or 'auto': the own memory "
+        "(USS) of a process that has imported the app, measured at start in a child "
+        "process; with --workers auto, the container's memory limit divided by it caps "
+        "the worker count.",
     )
     bind: tuple[str, ...] = _option(
         ("127.0.0.1:5000",),
@@ -333,8 +351,9 @@ class Settings:
         parse=_optional(values.parse_size),
         show=values.format_size,
         metavar="SIZE",
-        help="Restart a worker whose resident memory stays above SIZE (e.g. 512MB), after "
-        "it finishes the requests in flight. Off by default.",
+        help="Restart a worker whose own memory (USS: the pages no other process shares, "
+        "so not the app shared after --preload) stays above SIZE (e.g. 512MB), after it "
+        "finishes the requests in flight. Off by default.",
     )
     max_worker_lifetime: float | None = _option(
         None,

@@ -1,12 +1,16 @@
-"""Turning what the user gave (arguments, environment, config file) into `Settings`.
+"""Turning what the user gave (arguments, environment, config file) into `Settings`:
+the first step of `microsvc.config.pipeline.build`.
 
 Precedence, highest first: explicit values (command line, or `Launcher` arguments),
 the environment (`MICROSVC_*`, then conventions such as WEB_CONCURRENCY, PORT),
-the config file, the defaults. Every effective value remembers where it came from.
+the config file, the defaults. Every effective value remembers where it came from, and
+every value is parsed once, by its option's parser (the command line's click types parse
+theirs; see `Caller.parsed`).
 """
 
 from __future__ import annotations
 
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +22,39 @@ from microsvc.errors import UsageError
 
 #: gunicorn settings that microsvc owns or sets itself and that cannot be passed through.
 RESERVED_GUNICORN = frozenset(GUNICORN_NAMES) | {"config", "wsgi_app", "daemon"}
+
+_NO_VALUE: Any = object()
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who gave the explicit options: the source their values are credited to, how an
+    option is spelled in messages to them (`--threads 8` or `threads=8`), and whether
+    their values arrive parsed (the command line's click types parse with the option's
+    own parser, so the value is not parsed again)."""
+
+    source: str
+    command_line: bool
+    parsed: bool = False
+
+    def spell(self, name: str, value: object = _NO_VALUE) -> str:
+        """The option `name` (with `value`, when given) as this caller writes it."""
+        spec = OPTIONS_BY_NAME[name]
+        if self.command_line:
+            if value is _NO_VALUE or spec.is_flag:
+                return spec.flag
+            return f"{spec.flag} {spec.show(value)}"
+        if value is _NO_VALUE:
+            return f"{name}="
+        if isinstance(value, enum.Enum):
+            value = value.value
+        return f"{name}={list(value) if isinstance(value, tuple) else value!r}"
+
+
+#: `Launcher(workers=3)`: text or typed values, parsed here.
+LAUNCHER = Caller("Launcher argument", command_line=False)
+#: `microsvc run --workers 3`: values parsed by the click types (`microsvc.cli`).
+COMMAND_LINE = Caller("command line", command_line=True, parsed=True)
 
 
 @dataclass(frozen=True)
@@ -54,7 +91,10 @@ def _parse(name: str, value: object, where: str) -> Any:
 
 
 def check_gunicorn_settings(
-    settings: Mapping[str, object], where: str, cwd: str | None = None
+    settings: Mapping[str, object],
+    where: str,
+    cwd: str | None = None,
+    caller: Caller = LAUNCHER,
 ) -> dict[str, Any]:
     """Check names and values of pass-through settings with gunicorn's own validators.
 
@@ -68,8 +108,8 @@ def check_gunicorn_settings(
     checked: dict[str, Any] = {}
     for name, value in settings.items():
         if name in GUNICORN_NAMES:
-            flag = OPTIONS_BY_NAME[GUNICORN_NAMES[name]].flag
-            raise UsageError(f"{where}: {name!r} is a microsvc option, use {flag}")
+            option = caller.spell(GUNICORN_NAMES[name])
+            raise UsageError(f"{where}: {name!r} is a microsvc option, use {option}")
         if name in RESERVED_GUNICORN:
             raise UsageError(f"{where}: the gunicorn setting {name!r} is managed by microsvc")
         if name not in known:
@@ -106,12 +146,14 @@ def resolve_settings(
     explicit: Mapping[str, object],
     environ: Mapping[str, str],
     config: ConfigFile | None = None,
-    explicit_source: str = "command line",
+    caller: Caller = LAUNCHER,
     gunicorn: Mapping[str, object] | None = None,
     cwd: str | None = None,
 ) -> Resolved:
     """Merge the layers into `Settings`; raise UsageError naming the bad value's origin.
-    `cwd`: where relative paths among the gunicorn settings are read from."""
+    An explicit None means "not given" unless the caller's values arrive parsed (then
+    `--health-path off` is a given None). `cwd`: where relative paths among the gunicorn
+    settings are read from."""
     for name in explicit:
         if name not in OPTIONS_BY_NAME:
             raise unknown_option_error(name)
@@ -119,10 +161,10 @@ def resolve_settings(
     sources: dict[str, str] = {}
     for spec in OPTIONS:
         name = spec.name
-        if name in explicit and explicit[name] is not None:
-            where = spec.flag if explicit_source == "command line" else f"{name}="
-            chosen[name] = _parse(name, explicit[name], where)
-            sources[name] = explicit_source
+        if name in explicit and (caller.parsed or explicit[name] is not None):
+            value = explicit[name]
+            chosen[name] = value if caller.parsed else _parse(name, value, caller.spell(name))
+            sources[name] = caller.source
         elif environ.get(spec.envvar, "") != "":
             chosen[name] = _parse(name, environ[spec.envvar], spec.envvar)
             sources[name] = f"environment ({spec.envvar})"
@@ -137,7 +179,7 @@ def resolve_settings(
             chosen[name] = DEFAULTS[name]
             sources[name] = "default"
     settings = Settings(**chosen)
-    _check_combinations(settings, sources)
+    _check_combinations(settings, sources, caller)
 
     passthrough: dict[str, Any] = {}
     passthrough_sources: dict[str, str] = {}
@@ -154,43 +196,51 @@ def resolve_settings(
         from_env = parse_assignments(environ["MICROSVC_SET"].split(), "MICROSVC_SET")
         layers.append((from_env, "MICROSVC_SET", "environment (MICROSVC_SET)"))
     if gunicorn:
-        where = "--set" if explicit_source == "command line" else "gunicorn_settings"
-        layers.append((gunicorn, where, explicit_source))
+        where = "--set" if caller.command_line else "gunicorn_settings"
+        layers.append((gunicorn, where, caller.source))
     for layer, where, source in layers:
-        passthrough.update(check_gunicorn_settings(layer, where, cwd))
+        passthrough.update(check_gunicorn_settings(layer, where, cwd, caller))
         passthrough_sources.update(dict.fromkeys(layer, source))
     if settings.log_format != "text" and "logger_class" in passthrough:
         raise UsageError(
-            f"--log-format {settings.log_format} replaces gunicorn's logger_class "
-            f"({passthrough_sources['logger_class']}); use one of them"
+            f"{caller.spell('log_format', settings.log_format)} replaces gunicorn's "
+            f"logger_class ({passthrough_sources['logger_class']}); use one of them"
         )
     return Resolved(settings, sources, passthrough, passthrough_sources, tuple(warnings))
 
 
-def _check_combinations(settings: Settings, sources: Mapping[str, str]) -> None:
+def _check_combinations(settings: Settings, sources: Mapping[str, str], caller: Caller) -> None:
+    """Options that contradict each other, named the way `caller` spells them."""
+    spell = caller.spell
     threads = settings.threads
     if isinstance(threads, int) and threads > 1 and settings.worker_class != "gthread":
         raise UsageError(
-            f"--threads {threads} ({sources['threads']}) needs --worker-class gthread; "
+            f"{spell('threads', threads)} ({sources['threads']}) needs "
+            f"{spell('worker_class', 'gthread')}; "
             f"{settings.worker_class} workers run no thread pool"
         )
     if settings.health_path is not None and settings.health_path == settings.ready_path:
-        raise UsageError(f"--health-path and --ready-path are both {settings.health_path}")
+        raise UsageError(
+            f"{spell('health_path')} and {spell('ready_path')} are both {settings.health_path}"
+        )
     if settings.max_worker_lifetime_jitter and not settings.max_worker_lifetime:
-        raise UsageError("--max-worker-lifetime-jitter needs --max-worker-lifetime")
+        raise UsageError(
+            f"{spell('max_worker_lifetime_jitter')} needs {spell('max_worker_lifetime')}"
+        )
     if settings.max_requests_jitter and not settings.max_requests:
-        raise UsageError("--max-requests-jitter needs --max-requests")
+        raise UsageError(f"{spell('max_requests_jitter')} needs {spell('max_requests')}")
     if sources["metrics_bind"] != "default" and not settings.metrics:
         raise UsageError(
-            f"--metrics-bind ({sources['metrics_bind']}) needs --metrics; "
-            "metrics are off without it"
+            f"{spell('metrics_bind')} ({sources['metrics_bind']}) needs "
+            f"{spell('metrics', True)}; metrics are off without it"
         )
     if settings.metrics and settings.metrics_bind in settings.bind:
         raise UsageError(
-            f"--metrics-bind {settings.metrics_bind} is also an app address (--bind); "
-            "give the metrics endpoint an address of its own"
+            f"{spell('metrics_bind', settings.metrics_bind)} is also an app address "
+            f"({spell('bind')}); give the metrics endpoint an address of its own"
         )
     if settings.preload and settings.reload:
         raise UsageError(
-            "--reload cannot pick up code imported in the master by --preload; use one of them"
+            f"{spell('reload', True)} cannot pick up code imported in the master by "
+            f"{spell('preload', True)}; use one of them"
         )

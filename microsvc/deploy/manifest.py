@@ -1,5 +1,7 @@
 """Kubernetes manifests for `microsvc manifest`: a Deployment, a Service, a
 HorizontalPodAutoscaler and a PodDisruptionBudget that run one app with given settings.
+The autoscaler follows CPU, or (`hpa`) microsvc's busy ratio or queue time through the
+Prometheus adapter.
 
 The container runs `microsvc run APP --bind 0.0.0.0:PORT --workers auto` plus every
 option whose value differs from its default, derived from the option registry, so the
@@ -52,8 +54,10 @@ def render(
     port: int,
     settings: Settings,
     app: str | None,
+    hpa: str = "cpu",
 ) -> str:
-    """The manifests as one multi-document YAML text; UsageError for bad input."""
+    """The manifests as one multi-document YAML text; UsageError for bad input. `hpa`:
+    what the HorizontalPodAutoscaler follows, one of `HPA_SIGNALS`."""
     check_name(name)
     check_image(image)
     check_cpu(cpu)
@@ -62,11 +66,15 @@ def render(
         raise UsageError(f"--replicas: {replicas!r} is not an integer >= 1")
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise UsageError(f"--port: {port!r} is not a port from 1 to 65535")
+    if hpa not in HPA_SIGNALS:
+        raise UsageError(f"--hpa: {hpa!r} is not one of {', '.join(HPA_SIGNALS)}")
+    if hpa != "cpu" and not settings.metrics:
+        raise UsageError(f"--hpa {hpa} reads microsvc's metrics: add --metrics")
     settings = pod_settings(settings)
     documents = [
         deployment(name, image, replicas, cpu, memory, port, settings, app),
         service(name),
-        autoscaler(name, replicas),
+        autoscaler(name, replicas) if hpa == "cpu" else signal_autoscaler(name, replicas, hpa),
         disruption_budget(name),
     ]
     return to_yaml(documents)
@@ -350,6 +358,35 @@ def autoscaler(name: str, replicas: int) -> dict[str, Any]:
             ],
         },
     }
+
+
+#: What the HorizontalPodAutoscaler can follow: CPU, or a signal of microsvc's metrics
+#: served to Kubernetes' custom metrics API by the Prometheus adapter (docs/overload.md
+#: has its rules).
+HPA_SIGNALS = ("cpu", "busy-ratio", "queue-time")
+#: The pod metric each signal reads, and the average per pod the autoscaler keeps.
+HPA_TARGETS = {
+    "busy-ratio": ("microsvc_workers_busy_ratio", "700m"),  # 0.7 of the workers busy
+    "queue-time": ("microsvc_http_request_queue_seconds_average", "100m"),  # 100 ms
+}
+
+
+def signal_autoscaler(name: str, replicas: int, signal: str) -> dict[str, Any]:
+    """A HorizontalPodAutoscaler that follows a pod metric of microsvc's (`HPA_TARGETS`)
+    rather than CPU: CPU is the wrong signal for gevent workers and I/O-bound sync
+    workers, which are full long before their CPU is."""
+    metric, average = HPA_TARGETS[signal]
+    document = autoscaler(name, replicas)
+    document["spec"]["metrics"] = [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": metric},
+                "target": {"type": "AverageValue", "averageValue": average},
+            },
+        }
+    ]
+    return document
 
 
 def disruption_budget(name: str) -> dict[str, Any]:

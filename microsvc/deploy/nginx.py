@@ -9,12 +9,17 @@
   never reuses a connection the server is about to close;
 - a `server` block that proxies everything to it with the headers microsvc's proxy trust
   reads (Host, X-Real-IP, X-Forwarded-For as `$proxy_add_x_forwarded_for`,
-  X-Forwarded-Proto, X-Forwarded-Host), a short connect timeout, read/send timeouts that
-  match microsvc's default `--timeout` (30 s), `client_max_body_size`, and retries: a
-  request that fails with a connection error, a timeout or a 502/503/504 goes to the next
-  instance (`proxy_next_upstream`, bounded by `proxy_next_upstream_tries` and
-  `proxy_next_upstream_timeout`). nginx never retries a non-idempotent request (POST,
-  LOCK, PATCH) once it was sent to an instance; that default is kept on purpose.
+  X-Forwarded-Proto, X-Forwarded-Host), X-Request-Start `t=${msec}` (when nginx passed the
+  request on, for microsvc's queue time and `--max-queue-time`), a short connect timeout,
+  read/send timeouts that match microsvc's default `--timeout` (30 s),
+  `client_max_body_size`, and retries: a request that fails with a connection error, a
+  timeout or a 502/503/504 goes to the next instance (`proxy_next_upstream`, bounded by
+  `proxy_next_upstream_tries` and `proxy_next_upstream_timeout`). nginx never retries a
+  non-idempotent request (POST, LOCK, PATCH) once it was sent to an instance; that default
+  is kept on purpose. A request an instance shed (`--max-queue-time`, 503) is retried on
+  the next instance too; nginx counts it toward that instance's `max_fails` (it cannot
+  retry on a 503 without doing so), and when every instance is marked failed it resets
+  them all.
 
 microsvc believes the X-Forwarded-* headers only from `--forwarded-allow-ips` (loopback
 by default): run it with nginx's address there when nginx is on another machine.
@@ -177,6 +182,8 @@ server {{
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
         proxy_set_header X-Forwarded-Proto $scheme;
         proxy_set_header X-Forwarded-Host $host;
+        # When nginx passed the request on: microsvc's queue time (--max-queue-time).
+        proxy_set_header X-Request-Start "t=${{msec}}";
 
         proxy_connect_timeout {CONNECT_TIMEOUT_S}s;
         proxy_send_timeout {READ_TIMEOUT_S}s;

@@ -2,7 +2,10 @@
 
 `serve_connection` uses only the blocking socket API, so one function serves a plain
 thread, and a greenlet under gevent's or eventlet's monkey-patching alike. A worker that
-parks idle keep-alive connections in a poller (gthread) uses `HTTPConnection.serve` with
+serves connections in green threads also gives its `GreenIO` (see `green`): the engine
+then reads and writes the socket under the green socket directly, with no timer per wait,
+and yields to the other connections after each response. A worker that parks idle
+keep-alive connections in a poller (gthread) uses `HTTPConnection.serve` with
 `hand_back=True`: it returns as soon as no further request is buffered, and is called
 again when the socket turns readable."""
 
@@ -14,13 +17,14 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from microsvc.http.body import FileWrapper, RequestBody
 from microsvc.http.config import HTTPConfig
 from microsvc.http.environ import connection_environ, request_environ
 from microsvc.http.errors import ConnectionLost, InvalidBody, RequestError, ResponseError
+from microsvc.http.green import GreenIO
 from microsvc.http.parser import Message, RequestStream
 from microsvc.http.response import Response
 from microsvc.wsgi import Environ, WSGIApp
@@ -33,7 +37,6 @@ log = logging.getLogger("microsvc.http")
 TAKEN_OVER_KEY = "microsvc.taken_over"
 
 
-@dataclass(frozen=True)
 class RequestRecord:
     """What an access log and a post-request hook need about one served request.
 
@@ -41,18 +44,47 @@ class RequestRecord:
     `response_bytes` the body bytes sent (framing excluded), `duration` in seconds from
     the complete request head to the end of the response. `request_headers` are the
     request's (upper-case names, as parsed), `response_headers` the ones the application
-    gave to start_response."""
+    gave to start_response. A plain slotted object: one is made for every request."""
 
-    request_line: str
-    method: str
-    target: str
-    status: str
-    status_code: int
-    response_bytes: int
-    duration: float
-    client: Any
-    request_headers: list[tuple[str, str]] = field(default_factory=list)
-    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    __slots__ = (
+        "client",
+        "duration",
+        "method",
+        "request_headers",
+        "request_line",
+        "response_bytes",
+        "response_headers",
+        "status",
+        "status_code",
+        "target",
+    )
+
+    def __init__(
+        self,
+        request_line: str,
+        method: str,
+        target: str,
+        status: str,
+        status_code: int,
+        response_bytes: int,
+        duration: float,
+        client: Any,
+        request_headers: list[tuple[str, str]] | None = None,
+        response_headers: list[tuple[str, str]] | None = None,
+    ) -> None:
+        self.request_line = request_line
+        self.method = method
+        self.target = target
+        self.status = status
+        self.status_code = status_code
+        self.response_bytes = response_bytes
+        self.duration = duration
+        self.client = client
+        self.request_headers: list[tuple[str, str]] = request_headers or []
+        self.response_headers: list[tuple[str, str]] = response_headers or []
+
+    def __repr__(self) -> str:
+        return f"RequestRecord({self.request_line!r}, {self.status!r}, {self.duration:.6f})"
 
 
 BeforeRequest = Callable[[Environ, Message], None]
@@ -87,23 +119,31 @@ def serve_connection(
     app: WSGIApp,
     config: HTTPConfig,
     hooks: Hooks = NO_HOOKS,
+    green: GreenIO | None = None,
 ) -> None:
     """Serves requests from a connected socket until the connection is to close, then
     returns; closing the socket is the caller's. `client` and `server` are the peer's and
-    the listener's addresses as `getpeername()` and `getsockname()` give them."""
-    HTTPConnection(sock, client, server, app, config, hooks).serve()
+    the listener's addresses as `getpeername()` and `getsockname()` give them. A worker
+    that serves connections in green threads gives its `green` (see `green`)."""
+    HTTPConnection(sock, client, server, app, config, hooks, green).serve()
 
 
 class HTTPConnection:
     """One connection's state between requests, for a caller that serves it in turns."""
 
     __slots__ = (
+        "_after",
         "_app",
         "_base",
+        "_before",
+        "_channel",
         "_client",
         "_config",
         "_first",
+        "_green",
         "_hooks",
+        "_io",
+        "_keep_serving",
         "_plain",
         "_server_header",
         "sock",
@@ -118,13 +158,22 @@ class HTTPConnection:
         app: WSGIApp,
         config: HTTPConfig,
         hooks: Hooks = NO_HOOKS,
+        green: GreenIO | None = None,
     ) -> None:
         self.sock = sock
-        self.stream = RequestStream(sock, config, client)
+        self._green = green
+        self._channel = channel = green.channel(sock) if green is not None else None
+        # What requests are read from and responses written to: the socket, or its channel.
+        io: Any = channel if channel is not None else sock
+        self._io = io
+        self.stream = RequestStream(io, config, client)
         self._client = client
         self._app = app
         self._config = config
         self._hooks = hooks
+        self._before = hooks.before
+        self._after = hooks.after
+        self._keep_serving = hooks.keep_serving
         self._base = connection_environ(config, client, server)
         self._base["gunicorn.socket"] = sock
         self._server_header = f"Server: {config.server_software}\r\n".encode("latin-1")
@@ -139,14 +188,15 @@ class HTTPConnection:
         watch; call `serve(hand_back=True)` again when it turns readable (the wait for
         the rest of a request that has started is bounded by the header timeout)."""
         stream = self.stream
-        hooks = self._hooks
-        sock = self.sock
+        io = self._io
         client = self._client
+        green = self._green
+        channel = self._channel
         while True:
             try:
                 message = stream.next_message(self._first)
             except RequestError as exc:
-                _refuse(sock, client, exc)
+                _refuse(io, client, exc)
                 return False
             except OSError:  # a timeout, or the client went away
                 return False
@@ -154,97 +204,91 @@ class HTTPConnection:
                 return False
             self._first = False
             try:
-                keep_alive = _serve_request(
-                    sock,
-                    stream,
-                    message,
-                    self._base,
-                    self._app,
-                    self._server_header,
-                    self._plain,
-                    client,
-                    hooks,
-                    self._config,
-                )
+                keep_alive = self._serve_request(message)
             except ConnectionLost:
                 return False  # the client went away while the response was written
             if not keep_alive:
                 return False
-            if hand_back and not stream.has_pending():
+            if green is not None:
+                # The yield to the other connections (see `green`): the wait for the next
+                # request, or an explicit one when it is already read.
+                if channel is not None and not stream.has_pending():
+                    channel.idle = True
+                else:
+                    green.yield_()
+            elif hand_back and not stream.has_pending():
                 return True
 
-
-def _serve_request(
-    sock: socket.socket,
-    stream: RequestStream,
-    message: Message,
-    base: Environ,
-    app: WSGIApp,
-    server_header: bytes,
-    plain: bool,
-    client: Any,
-    hooks: Hooks,
-    config: HTTPConfig,
-) -> bool:
-    started = time.perf_counter()
-    response = Response(sock, message, server_header)
-    try:
-        environ = request_environ(base, message)
-    except RequestError as exc:
-        _refuse(sock, client, exc)
-        return False
-
-    body = RequestBody(stream, message, response.send_continue if message.expect_continue else None)
-    environ["wsgi.input"] = body
-    keep_alive = False
-    try:
-        if hooks.before is not None:
-            hooks.before(environ, message)
-        if hooks.keep_serving is not None and not hooks.keep_serving():
-            message.close_after = True  # the response says Connection: close
-            response.keep_alive = False
-        keep_alive = _run_app(app, environ, response, plain)
-    except InvalidBody as exc:
-        log.warning("Invalid request body from ip=%s: %s", _peer(client), exc)
-        if not response.headers_sent:
-            _refuse(sock, client, exc, logged=True)
-    except ResponseError as exc:
-        log.error("Error handling request %s: %s", message.request_line, exc)
-        _fail(response)
-    except ConnectionLost:
-        raise
-    except Exception:
-        log.exception("Error handling request %s", message.request_line)
-        _fail(response)
-    finally:
-        if hooks.after is not None:
-            record = RequestRecord(
-                request_line=message.request_line,
-                method=message.method,
-                target=message.target,
-                status=response.status if response.headers_sent else "",
-                status_code=response.status_code if response.headers_sent else 0,
-                response_bytes=response.sent,
-                duration=time.perf_counter() - started,
-                client=client,
-                request_headers=message.headers,
-                response_headers=response.app_headers,
-            )
-            try:
-                hooks.after(environ, record)
-            except Exception:
-                log.exception("Error in the after-request hook")
-                keep_alive = False
-    if not keep_alive or message.error is not None:
-        return False
-    if not body.finished:
-        if body.continue_pending:
-            return False  # the client may still be waiting before it sends the body
+    def _serve_request(self, message: Message) -> bool:
+        started = _perf_counter()
+        io = self._io
+        response = Response(io, message, self._server_header)
         try:
-            return body.drain(config.drain_limit)
-        except InvalidBody:
+            environ = request_environ(self._base, message)
+        except RequestError as exc:
+            _refuse(io, self._client, exc)
             return False
-    return True
+
+        stream = self.stream
+        body = environ["wsgi.input"] = RequestBody(
+            stream, message, response.send_continue if message.expect_continue else None
+        )
+        keep_alive = False
+        try:
+            before = self._before
+            if before is not None:
+                before(environ, message)
+            keep_serving = self._keep_serving
+            if keep_serving is not None and not keep_serving():
+                message.close_after = True  # the response says Connection: close
+                response.keep_alive = False
+            keep_alive = _run_app(self._app, environ, response, self._plain)
+        except InvalidBody as exc:
+            log.warning("Invalid request body from ip=%s: %s", _peer(self._client), exc)
+            if not response.headers_sent:
+                _refuse(io, self._client, exc, logged=True)
+        except ResponseError as exc:
+            log.error("Error handling request %s: %s", message.request_line, exc)
+            _fail(response)
+        except ConnectionLost:
+            raise
+        except Exception:
+            log.exception("Error handling request %s", message.request_line)
+            _fail(response)
+        finally:
+            after = self._after
+            if after is not None:
+                sent = response.headers_sent
+                record = RequestRecord(
+                    message.request_line,
+                    message.method,
+                    message.target,
+                    response.status if sent else "",
+                    response.status_code if sent else 0,
+                    response.sent,
+                    _perf_counter() - started,
+                    self._client,
+                    message.headers,
+                    response.app_headers,
+                )
+                try:
+                    after(environ, record)
+                except Exception:
+                    log.exception("Error in the after-request hook")
+                    keep_alive = False
+        if not keep_alive or message.error is not None:
+            return False
+        if not body.finished:
+            if body.continue_pending:
+                return False  # the client may still be waiting before it sends the body
+            try:
+                return body.drain(self._config.drain_limit)
+            except InvalidBody:
+                return False
+        return True
+
+
+_perf_counter = time.perf_counter
 
 
 def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) -> bool:
@@ -253,17 +297,11 @@ def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) ->
         if environ.get(TAKEN_OVER_KEY):
             return False  # the app answered on the socket itself: write nothing more
         if type(result) is list and len(result) == 1:
-            data = result[0]
-            if type(data) is bytes:
-                response.set_length(len(data))
-            response.finish(data)
+            response.finish_one(result[0])
         elif _one_block(result):
             # PEP 3333: an iterable whose len() is 1 (a middleware's wrapper of a list)
             # gets a Content-Length too, and goes out in one write.
-            data = next(iter(result), b"")
-            if type(data) is bytes:
-                response.set_length(len(data))
-            response.finish(data)
+            response.finish_one(next(iter(result), b""))
         elif isinstance(result, FileWrapper) and response.send_file(result.filelike, plain):
             pass
         else:

@@ -48,24 +48,7 @@ def request_environ(base: Environ, message: Message) -> Environ:
     environ["RAW_URI"] = message.target
     environ["SERVER_PROTOCOL"] = "HTTP/1.1" if message.version == (1, 1) else "HTTP/1.0"
     environ["wsgi.url_scheme"] = message.scheme
-    host: str | None = None
-    repeated: dict[str, list[str]] = {}
-    for name, value in message.headers:
-        if name == "CONTENT-TYPE":
-            environ["CONTENT_TYPE"] = value
-            continue
-        if name == "CONTENT-LENGTH":
-            environ["CONTENT_LENGTH"] = value
-            continue
-        if name == "HOST":
-            host = value
-        key = "HTTP_" + name.replace("-", "_")
-        if key in environ:
-            repeated.setdefault(key, [environ[key]]).append(value)
-        else:
-            environ[key] = value
-    for key, values in repeated.items():
-        environ[key] = ",".join(values)
+    environ.update(message.environ_headers)
 
     path = message.path
     environ["QUERY_STRING"] = message.query
@@ -80,7 +63,7 @@ def request_environ(base: Environ, message: Message) -> Environ:
         path = path[len(script_name) :]
     environ["PATH_INFO"] = unquote_to_bytes(path).decode("latin-1") if "%" in path else path
     if "SERVER_NAME" not in environ:
-        _server_from_host(environ, host, message.scheme)
+        _server_from_host(environ, environ.get("HTTP_HOST"), message.scheme)
     return environ
 
 

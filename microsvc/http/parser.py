@@ -52,48 +52,71 @@ def split_target(target: str) -> tuple[str, str]:
 
 
 class Message:
-    """One request as it is parsed: its head, then its body in chunks as they arrive."""
+    """One request as it is parsed: its head, then its body in chunks as they arrive.
 
-    __slots__ = (
-        "body",
-        "close_after",
-        "complete",
-        "error",
-        "expect_continue",
-        "head_complete",
-        "headers",
-        "method",
-        "path",
-        "query",
-        "raw_headers",
-        "scheme",
-        "script_name",
-        "target",
-        "url",
-        "version",
-    )
+    The fields most requests leave at their default are class attributes, so that a
+    message costs little to make."""
+
+    url = b""
+    head_complete = False
+    complete = False
+    error: RequestError | None = None
+    method = ""
+    target = ""
+    path = ""
+    query = ""
+    version: tuple[int, int] = (1, 1)
+    close_after = False
+    expect_continue = False
+    scheme = "http"
+    script_name: str | None = None
 
     def __init__(self) -> None:
-        self.url = bytearray()
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers: list[tuple[str, str]] = []
-        self.head_complete = False
-        self.complete = False
+        # The headers as the environ has them (HTTP_*, CONTENT_TYPE, CONTENT_LENGTH),
+        # repeats joined with ",".
+        self.environ_headers: dict[str, str] = {}
         self.body: deque[bytes] = deque()
-        self.error: RequestError | None = None
-        self.method = ""
-        self.target = ""
-        self.path = ""
-        self.query = ""
-        self.version: tuple[int, int] = (1, 1)
-        self.close_after = False
-        self.expect_continue = False
-        self.scheme = "http"
-        self.script_name: str | None = None
 
     @property
     def request_line(self) -> str:
         return f"{self.method} {self.target} HTTP/{self.version[0]}.{self.version[1]}"
+
+
+# Caches of what requests repeat, bounded in size: method names, header names (raw ->
+# upper-case text and environ key), and origin-form targets already checked (raw ->
+# text, path, query).
+_METHODS: dict[bytes, str] = {}
+_HEADER_NAMES: dict[bytes, tuple[str, str]] = {}
+_TARGETS: dict[bytes, tuple[str, str, str]] = {}
+_CACHE_SIZE = 4096
+_CACHED_TARGET_LENGTH = 256
+
+
+def _origin_target(url: bytes) -> tuple[str, str, str]:
+    """(target, path, query) of an origin-form target; raises RequestError for one with
+    a character that is not printable ASCII."""
+    target = url.decode("latin-1")
+    if _TARGET_INVALID.search(target):
+        raise RequestError("invalid request target")
+    path, _, query = target.partition("#")[0].partition("?")
+    checked = (target, path, query)
+    if len(url) <= _CACHED_TARGET_LENGTH and len(_TARGETS) < _CACHE_SIZE:
+        _TARGETS[url] = checked
+    return checked
+
+
+def _header_name(name: bytes) -> tuple[str, str]:
+    """The upper-case name of a header, and its key in the environ."""
+    key = name.upper().decode("latin-1")
+    if key in ("CONTENT-TYPE", "CONTENT-LENGTH"):
+        names = (key, key.replace("-", "_"))
+    else:
+        names = (key, "HTTP_" + key.replace("-", "_"))
+    if len(_HEADER_NAMES) < _CACHE_SIZE and len(name) <= 64:
+        _HEADER_NAMES[name] = names
+    return names
 
 
 class RequestStream:
@@ -110,6 +133,9 @@ class RequestStream:
         self._trusted = config.peer_is_trusted(peer)
         self._watched = _WATCHED | set(config.upper_scheme_headers) if self._trusted else _WATCHED
         self._field_limit = config.limit_request_field_size - 4
+        self._fields_limit = config.limit_request_fields
+        self._pending = getattr(sock, "pending", None)  # TLS: bytes held by the TLS layer
+        self._is_ssl = config.is_ssl
         self._parser = httptools.HttpRequestParser(self)
         # llhttp's defaults are strict; say so, so that no default can change under us.
         self._parser.set_dangerous_leniencies(
@@ -141,7 +167,7 @@ class RequestStream:
 
     def on_message_begin(self) -> None:
         message = Message()
-        if self._config.is_ssl:
+        if self._is_ssl:
             message.scheme = "https"
         self._current = message
         self._messages.append(message)
@@ -150,8 +176,8 @@ class RequestStream:
     def on_url(self, url: bytes) -> None:
         message = self._current
         assert message is not None
-        message.url += url
-        if len(message.url) > self._config.limit_request_line:
+        message.url = url = message.url + url if message.url else url
+        if len(url) > self._config.limit_request_line:
             limit = self._config.limit_request_line
             raise RequestError(f"request target is longer than {limit}", 414)
 
@@ -165,7 +191,7 @@ class RequestStream:
                 raise InvalidBody(f"header {name.decode('latin-1')} is not allowed in trailers")
             return
         raw = message.raw_headers
-        if len(raw) >= self._config.limit_request_fields:
+        if len(raw) >= self._fields_limit:
             raise RequestError("too many header fields", 431)
         raw.append((name, value))
 
@@ -173,31 +199,44 @@ class RequestStream:
         message = self._current
         assert message is not None
         parser = self._parser
-        message.method = method = parser.get_method().decode("ascii")
-        version_text = parser.get_http_version()
-        version = _VERSIONS.get(version_text)
-        if version is None:
-            raise RequestError(f"HTTP version {version_text} is not supported")
-        self._check_request_line(method, message.url, version_text)
-        message.version = version
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method)
+        if method is None:
+            method = raw_method.decode("ascii")
+            if len(_METHODS) < _CACHE_SIZE:
+                _METHODS[raw_method] = method
+        message.method = method
+        url = message.url
+        message.version = self._check_request_line(raw_method, url)
         message.close_after = not parser.should_keep_alive()
-        message.target = target = message.url.decode("latin-1")
-        if target[:1] == "/" and target[:2] != "//" and method != "CONNECT":
+        if url[:1] == b"/" and url[:2] != b"//" and method != "CONNECT":
             # origin-form, nearly every request
-            if _TARGET_INVALID.search(target):
-                raise RequestError("invalid request target")
-            message.path, _, message.query = target.partition("#")[0].partition("?")
+            checked = _TARGETS.get(url)
+            if checked is None:
+                checked = _origin_target(url)
+            message.target, message.path, message.query = checked
         else:
+            message.target = url.decode("latin-1")
             self._check_target(message)
         headers = message.headers
+        environ = message.environ_headers
         watched = self._watched
-        seen: set[str] = set()
+        seen: set[str] | None = None
+        names = _HEADER_NAMES
         for name, value in message.raw_headers:
-            key = name.upper().decode("latin-1")
+            known = names.get(name)
+            key, environ_key = known if known is not None else _header_name(name)
             text = value.rstrip(b" \t").decode("latin-1")
-            if (key in watched or "_" in key) and not self._check_header(message, key, text, seen):
-                continue
+            if key in watched or "_" in key:
+                if seen is None:
+                    seen = set()
+                if not self._check_header(message, key, text, seen):
+                    continue
             headers.append((key, text))
+            if environ_key in environ and environ_key[0] == "H":
+                environ[environ_key] += "," + text  # a repeat: joined, as gunicorn does
+            else:
+                environ[environ_key] = text
         message.head_complete = True
 
     def on_body(self, body: bytes) -> None:
@@ -216,15 +255,23 @@ class RequestStream:
 
     # --- checks llhttp does not make -----------------------------------------------------
 
-    def _check_request_line(self, method: str, url: bytearray, version: str) -> None:
-        """The request line must be exactly METHOD SP TARGET SP HTTP/x.y CRLF: llhttp
-        skips repeated spaces between its parts, gunicorn refuses them."""
-        line = b"%s %s HTTP/%s\r\n" % (method.encode("ascii"), url, version.encode("ascii"))
+    def _check_request_line(self, method: bytes, url: bytes) -> tuple[int, int]:
+        """The HTTP version of the request line, which must be exactly METHOD SP TARGET
+        SP HTTP/x.y CRLF: llhttp skips repeated spaces between its parts, gunicorn
+        refuses them."""
+        line = b"%s %s HTTP/1." % (method, url)
         raw = self._raw
         found = raw.find(line, self._raw_pos)
-        if found < 0:
-            raise RequestError("invalid request line: repeated or stray whitespace")
-        self._raw_pos = found + len(line)
+        if found >= 0:
+            end = found + len(line)
+            minor = raw[end : end + 3]
+            if minor == b"1\r\n" or minor == b"0\r\n":
+                self._raw_pos = end + 3
+                return (1, 1) if minor[0] == 0x31 else (1, 0)
+        version_text = self._parser.get_http_version()
+        if version_text not in _VERSIONS:
+            raise RequestError(f"HTTP version {version_text} is not supported")
+        raise RequestError("invalid request line: repeated or stray whitespace")
 
     @staticmethod
     def _check_target(message: Message) -> None:
@@ -327,7 +374,7 @@ class RequestStream:
         the TLS layer's buffer): its socket may not turn readable for them."""
         if self._messages or self._current is not None:
             return True
-        pending = getattr(self._sock, "pending", None)
+        pending = self._pending
         return bool(pending is not None and pending())
 
     def next_body_chunk(self, message: Message) -> bytes:

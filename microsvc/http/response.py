@@ -38,35 +38,57 @@ _HOP_BY_HOP = frozenset(
     )
 )
 
-_date_cache: list[Any] = [0, b""]
+_date_cache: list[Any] = [0, b"", b""]
 
 
 def http_date() -> bytes:
     """The Date header's value, formatted once a second."""
     now = int(time.time())
     if _date_cache[0] != now:
-        _date_cache[0] = now
-        _date_cache[1] = formatdate(now, usegmt=True).encode("ascii")
+        _set_date(now)
     value: bytes = _date_cache[1]
     return value
 
 
-_CHECKED_STATUSES: set[str] = set()
-# Validated (name, value) pairs, by the lower-case name: most responses repeat them.
-_CHECKED_HEADERS: dict[tuple[str, str], str] = {}
+def _date_line() -> bytes:
+    """The whole Date header line."""
+    now = int(_time())
+    if _date_cache[0] != now:
+        _set_date(now)
+    line: bytes = _date_cache[2]
+    return line
+
+
+def _set_date(now: int) -> None:
+    value = formatdate(now, usegmt=True).encode("ascii")
+    _date_cache[1] = value
+    _date_cache[2] = b"Date: " + value + b"\r\n"
+    _date_cache[0] = now
+
+
+_time = time.time
+
+# Validated status lines: status -> (code, the status line as sent).
+_STATUSES: dict[str, tuple[int, bytes]] = {}
+# Validated (name, value) pairs -> (lower-case name, the header line as sent): most
+# responses repeat them.
+_CHECKED_HEADERS: dict[tuple[str, str], tuple[str, bytes]] = {}
 _CACHE_SIZE = 4096
 _FRAMING = _HOP_BY_HOP | {"content-length"}
 
 
-def _check_status(status: object) -> None:
+def _check_status(status: object) -> tuple[int, bytes]:
     if type(status) is not str or not _STATUS.fullmatch(status):
         raise ResponseError(f"invalid status line {status!r}")
-    if len(_CHECKED_STATUSES) < _CACHE_SIZE:
-        _CHECKED_STATUSES.add(status)
+    checked = (int(status[:3]), f"HTTP/1.1 {status}\r\n".encode("latin-1"))
+    if len(_STATUSES) < _CACHE_SIZE:
+        _STATUSES[status] = checked
+    return checked
 
 
-def _check_header(header: object) -> str:
-    """The header's lower-case name; raises ResponseError for an invalid name or value."""
+def _check_header(header: object) -> tuple[str, bytes]:
+    """The header's lower-case name and its line; raises ResponseError for an invalid
+    name or value."""
     if not isinstance(header, (tuple, list)) or len(header) != 2:
         raise ResponseError(f"a response header is not a (name, value) pair: {header!r}")
     name, value = header
@@ -75,10 +97,10 @@ def _check_header(header: object) -> str:
     if type(value) is not str or not _FIELD_VALUE.fullmatch(value):
         # The value may be a secret: name the header only.
         raise ResponseError(f"invalid value of response header {name!r}")
-    lower = name.lower()
+    checked = (name.lower(), f"{name}: {value}\r\n".encode("latin-1"))
     if type(header) is tuple and len(value) <= 256 and len(_CHECKED_HEADERS) < _CACHE_SIZE:
-        _CHECKED_HEADERS[header] = lower
-    return lower
+        _CHECKED_HEADERS[header] = checked
+    return checked
 
 
 def _as_bytes(data: object) -> bytes:
@@ -91,12 +113,14 @@ class Response:
     """The response to one request, written to the socket as the application produces it."""
 
     __slots__ = (
+        "_app_close",
+        "_lines",
         "_server_header",
         "_sock",
+        "_status_line",
         "app_headers",
         "chunked",
         "content_length",
-        "headers",
         "headers_sent",
         "keep_alive",
         "message",
@@ -112,7 +136,6 @@ class Response:
         self.message = message
         self.status = ""
         self.status_code = 0
-        self.headers: list[tuple[str, str]] = []
         self.app_headers: list[tuple[str, str]] = []  # as given, for the access log
         self.headers_sent = False
         self.content_length: int | None = None
@@ -136,15 +159,15 @@ class Response:
                 exc_info = None
         elif self.status:
             raise AssertionError("start_response called twice without exc_info")
-        if status not in _CHECKED_STATUSES:
-            _check_status(status)
-        kept: list[tuple[str, str]] = []
+        checked = _STATUSES.get(status) if type(status) is str else None
+        code, self._status_line = checked if checked is not None else _check_status(status)
+        lines: list[bytes] = []
         content_length: int | None = None
-        keep_alive = not self.message.close_after
+        app_close = False
+        cache = _CHECKED_HEADERS
         for header in headers:
-            lower = _CHECKED_HEADERS.get(header) if type(header) is tuple else None
-            if lower is None:
-                lower = _check_header(header)
+            known = cache.get(header) if type(header) is tuple else None
+            lower, line = known if known is not None else _check_header(header)
             if lower in _FRAMING:
                 value = header[1].strip(" \t")
                 if lower == "content-length":
@@ -152,23 +175,29 @@ class Response:
                         raise ResponseError(f"invalid Content-Length {value!r}")
                     content_length = int(value)
                 elif lower == "connection" and "close" in value.lower():
-                    keep_alive = False
+                    app_close = True
                 continue
-            kept.append(header)
+            lines.append(line)
+        message = self.message
         self.status = status
-        self.status_code = code = int(status[:3])
-        self.headers = kept
+        self.status_code = code
+        self._lines = lines
         self.app_headers = headers
-        method = self.message.method
-        self.omits_body = method == "HEAD" or code in (204, 304) or 100 <= code < 200
-        if self.omits_body and (code == 204 or code < 200):
+        self._app_close = app_close
+        omits_body = message.method == "HEAD" or code in (204, 304) or 100 <= code < 200
+        if omits_body and (code == 204 or code < 200):
             content_length = None
+        self.omits_body = omits_body
         self.content_length = content_length
-        self.chunked = (
-            content_length is None and not self.omits_body and self.message.version >= (1, 1)
-        )
-        if content_length is None and not self.chunked and not self.omits_body:
-            keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+        keep_alive = not (app_close or message.close_after)
+        if content_length is None and not omits_body:
+            if message.version >= (1, 1):
+                self.chunked = True
+            else:
+                keep_alive = False  # HTTP/1.0 without a length: the close ends the body
+                self.chunked = False
+        else:
+            self.chunked = False
         self.keep_alive = keep_alive
         return self.write
 
@@ -186,27 +215,23 @@ class Response:
     def _head(self) -> bytes:
         if not self.status:
             raise AssertionError("the application returned before calling start_response")
-        lines = [
-            f"HTTP/1.1 {self.status}\r\n".encode("latin-1"),
-            self._server_header,
-            b"Date: " + http_date() + b"\r\n",
-        ]
+        parts = [self._status_line, self._server_header, _date_line()]
         if self.content_length is not None:
-            lines.append(b"Content-Length: %d\r\n" % self.content_length)
+            parts.append(b"Content-Length: %d\r\n" % self.content_length)
         elif self.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         message = self.message
         if message.expect_continue and not message.complete:
             # The body was not asked for: the client may still be waiting to send it.
             self.keep_alive = False
         if not self.keep_alive:
-            lines.append(b"Connection: close\r\n")
+            parts.append(b"Connection: close\r\n")
         elif message.version < (1, 1):
-            lines.append(b"Connection: keep-alive\r\n")
-        lines.append("".join(f"{k}: {v}\r\n" for k, v in self.headers).encode("latin-1"))
-        lines.append(b"\r\n")
+            parts.append(b"Connection: keep-alive\r\n")
+        parts += self._lines
+        parts.append(b"\r\n")
         self.headers_sent = True
-        return b"".join(lines)
+        return b"".join(parts)
 
     def _frame(self, data: bytes) -> bytes:
         if self.omits_body:
@@ -233,6 +258,13 @@ class Response:
         if payload:
             self._send(payload)
 
+    def finish_one(self, data: bytes) -> None:
+        """Sends a body given as one block (a list of one item): with a Content-Length
+        when the application gave none, head and body in one write."""
+        if type(data) is bytes:
+            self.set_length(len(data))
+        self.finish(data)
+
     def finish(self, last: bytes = b"") -> None:
         """Sends what is left: the head if nothing was sent, `last`, the final chunk."""
         if type(last) is not bytes:
@@ -257,7 +289,7 @@ class Response:
             self.content_length = length
             if self.chunked:
                 self.chunked = False
-            elif not self.message.close_after:
+            elif not (self.message.close_after or self._app_close):
                 self.keep_alive = True
 
     def send_file(self, filelike: Any, plain_socket: bool) -> bool:

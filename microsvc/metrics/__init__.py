@@ -67,8 +67,9 @@ class MetricsService:
 
     def worker_exited(self, pid: int, stopped_for: str | None) -> str:
         """Count a reaped worker's exit and fold its files away; returns the reason:
-        the one the worker noted, else why the master stopped it, else crash."""
-        reason = self.store.take_exit_note(pid) or stopped_for or "crash"
+        `stopped_for` (what the master knows: the reason the worker gave in its
+        scoreboard slot, or why the master stopped it), else crash."""
+        reason = stopped_for or "crash"
         self.server.worker_exited(reason)
         self.store.compact(keep=frozenset((self._master_pid,)))
         return reason
@@ -92,7 +93,3 @@ class MetricsService:
     def in_worker(self) -> None:
         """After fork: the worker has no use for the metrics listener."""
         self.exporter.close_in_child()
-
-    def worker_stopping(self, reason: str) -> None:
-        """A worker stops on its own (recycling): tell the master why."""
-        self.store.note_exit(os.getpid(), reason)

@@ -8,8 +8,9 @@ asks for it, gzip when accepted; it sums the files of the metrics store under th
 store's shared lock. It exits when the master is gone, and then removes the store.
 
 The process writes nothing to the output it shares with the master, whose log may be
-JSON lines: when it fails, it leaves the reason in the store (an exit note, as workers
-do) and exits with status 1, and the master logs the reason with the exit status.
+JSON lines: when it fails, it leaves the reason in the store (an exit note, the only
+one: workers leave none) and exits with status 1, and the master logs the reason with
+the exit status.
 
 `Exporter` is the master's side: it starts the process, restarts it if it dies, and
 stops it.

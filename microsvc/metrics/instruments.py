@@ -76,6 +76,19 @@ class RequestMetrics:
             registry=registry,
             multiprocess_mode="livesum",
         )
+        self.queue_time = prometheus_client.Histogram(
+            "microsvc_http_request_queue_seconds",
+            "Time a request waited before a worker took it up: from a trusted proxy's "
+            "X-Request-Start, else since the kernel received it.",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.shed = prometheus_client.Counter(
+            "microsvc_http_requests_shed",
+            "Requests answered 503 without running the app: they had waited longer than "
+            "--max-queue-time.",
+            registry=registry,
+        )
 
 
 class ServerMetrics:
@@ -106,9 +119,30 @@ class ServerMetrics:
             registry=None,
             multiprocess_mode="livemax",
         )
+        self.workers_target = prometheus_client.Gauge(
+            "microsvc_workers_target",
+            "With --autoscale, the worker count it keeps now (0 without --autoscale).",
+            registry=None,
+            multiprocess_mode="livemax",
+        )
+        self.scaled = prometheus_client.Counter(
+            "microsvc_autoscale_changes",
+            "Changes of the worker count by --autoscale, by direction (up, down).",
+            ("direction",),
+            registry=None,
+        )
         for reason in EXIT_REASONS:
             self.exits.labels(reason)
+        for direction in ("up", "down"):
+            self.scaled.labels(direction)
         self.info.labels(version, worker_class).set(1)
+
+    def worker_count_set(self, count: int, direction: str | None = None) -> None:
+        """--autoscale keeps `count` workers now; `direction` (up, down) when it changed
+        the count."""
+        self.workers_target.set(count)
+        if direction is not None:
+            self.scaled.labels(direction).inc()
 
     def worker_started(self) -> None:
         self.starts.inc()

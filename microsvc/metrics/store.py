@@ -26,19 +26,31 @@ often workers are replaced. Compaction holds an exclusive lock on the directory 
 scrape holds a shared one (`reading()`), so a scrape never sees a value both in the
 archive and in its original file.
 
-A worker that stops on its own (recycling) leaves a note with the reason
-(`note_exit`), which the master takes when it reaps the worker (`take_exit_note`).
+The metrics exporter process, which shares no log with the master, leaves a note with
+the reason when it fails (`note_exit`); the master takes it when it restarts the
+exporter (`take_exit_note`). Workers leave none: the master decides memory and lifetime
+recycles itself, and reads a worker's own reason (max-requests) from its scoreboard
+slot.
+
+Values a process writes on every request (the request metrics) skip prometheus_client's
+per-value path (a lock, a fork check and a struct packed per write): `InPlaceValues`
+maps the process's own files a second time and hands out each value's place there, so
+a write is one float added in shared memory. prometheus_client still creates every
+key (it owns the layout of the files); the values are in the files the moment they are
+written, so a process killed with SIGKILL loses none it wrote.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import mmap
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.mmap_dict import MmapedDict
 
@@ -115,14 +127,14 @@ class MetricsStore:
     # exit reasons
 
     def note_exit(self, pid: int, reason: str) -> None:
-        """Called in a worker that is about to stop on its own, with the reason."""
+        """Called in the exporter process that is about to fail, with the reason."""
         final = self.path / f"{pid}{_NOTE_SUFFIX}"
         partial = self.path / f"{pid}{_NOTE_SUFFIX}.tmp"
         partial.write_text(reason)
         os.replace(partial, final)
 
     def take_exit_note(self, pid: int) -> str | None:
-        """The reason a worker noted before it stopped, once (None when it left none)."""
+        """The reason a process noted before it stopped, once (None when it left none)."""
         note = self.path / f"{pid}{_NOTE_SUFFIX}"
         try:
             reason = note.read_text().strip()
@@ -206,3 +218,55 @@ class MetricsStore:
             name = f"{prefix}_{ARCHIVE}.db"
             archive = self._archives[prefix] = MmapedDict(str(self.path / name))
         return archive
+
+
+class InPlaceValues:
+    """Values of this process's prometheus_client multiprocess files, to write in place.
+
+    `place(value)` takes a value object of prometheus_client's multiprocess mode (the
+    `_value` of a counter or gauge, the `_sum` or one of the `_buckets` of a histogram)
+    and returns a view of its file as doubles and the index of the value in it, so that
+    `view[index] += amount` is the write. Only the process that owns the file may
+    write it, and only while nothing else writes the same value: the metric object
+    keeps its own copy of the value and would write that back on its next `inc()`.
+
+    A view stays valid while the file grows: it maps the part that existed when it was
+    made, and a value never moves. Views made before a fork map the parent's files:
+    drop them (and the places handed out) in the child. `place` returns None for a
+    value it cannot place (prometheus_client without multiprocess mode, or with a
+    layout this module does not know); write that one through its metric.
+    """
+
+    def __init__(self) -> None:
+        self._views: dict[str, memoryview[float]] = {}
+
+    def place(self, value: Any) -> tuple[memoryview[float], int] | None:
+        try:
+            value.get()  # after a fork, prometheus_client moves to this process's files here
+            values = value._file
+            position = values._positions[value._key]
+            path = values._fname
+        except (AttributeError, KeyError, TypeError):
+            return None
+        if not isinstance(path, str) or not isinstance(position, int) or position % 8:
+            return None
+        view = self._views.get(path)
+        if view is None or len(view) * 8 < position + 8:
+            view = self._views[path] = _map_doubles(path)
+        return view, position // 8
+
+    def forget(self) -> None:
+        """Drop every view (in a child after a fork); places handed out stay usable in
+        the parent only."""
+        self._views.clear()
+
+
+def _map_doubles(path: str) -> memoryview[float]:
+    """The whole file at `path`, mapped shared, as doubles."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        mapped = mmap.mmap(fd, size - size % 8, access=mmap.ACCESS_WRITE)
+    finally:
+        os.close(fd)  # the mapping keeps the file
+    return memoryview(mapped).cast("d")

@@ -3,8 +3,11 @@
 Each request is counted once, when its response ends (the server closes the response
 iterable), under its method, route and status:
 
-- route: a Flask app's URL rule (`/items/<int:id>`), read when Flask has matched the
-  request; any other app may put a route template in `environ["microsvc.route"]`.
+- route: a Flask app's URL rule (`/items/<int:id>`), read from Flask's request object
+  in the environ when the app starts its response (nothing runs inside Flask for it);
+  an exception Flask lets through (PROPAGATE_EXCEPTIONS, as in testing) starts none,
+  and the request counts under `(unmatched)`. Any other app may put a route template
+  in `environ["microsvc.route"]`.
   A request Flask matched no rule for is `(unmatched)`; a request of another app that
   named no route is `(unknown)`. Raw paths never become label values, so a client
   cannot make the number of series grow.
@@ -14,7 +17,12 @@ iterable), under its method, route and status:
   request with `TAKEN_OVER_KEY` (the app took the connection over and answered on the
   socket itself, as eventlet's websocket does for its 101 Switching Protocols).
 
-The duration runs from the call of the app to the end of the response body. A
+A request's queue time (`environ["microsvc.queue_time"]`, noted by the middleware) goes
+into a histogram of its own, and a request the middleware shed is counted as shed too
+(and under the route `(shed)`).
+
+The values are written by `recorder.RequestRecorder`, in place in the worker's metrics
+files. The duration runs from the call of the app to the end of the response body. A
 `wsgi.file_wrapper` response is returned as it is (the server may send it with
 sendfile) and recorded when the app returns it.
 """
@@ -26,34 +34,42 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from microsvc.metrics.instruments import METHODS, RequestMetrics
-from microsvc.serving.middleware import ROUTE_KEY
+from microsvc.metrics.recorder import RequestRecorder
+from microsvc.serving.middleware import QUEUE_TIME_KEY, ROUTE_KEY, SHED_KEY
 from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 UNMATCHED = "(unmatched)"
 UNKNOWN = "(unknown)"
+#: Where werkzeug keeps the request object of the environ (Flask's has `url_rule`) while
+#: Flask serves the request.
+_FLASK_REQUEST_KEY = "werkzeug.request"
 #: Set to True in the environ by a worker when the app took the connection over.
 TAKEN_OVER_KEY = "microsvc.taken_over"
 
+_new = object.__new__
+_now = time.perf_counter
+
 
 class _Request:
-    """One request being served, in one object: the start_response handed to the app
-    (it notes the status) and the response iterable handed back to the server (the
-    request is recorded when the server closes it)."""
+    """One request being served, in one object: its `start` is the start_response
+    handed to the app (it notes the status) and it is the response iterable handed back
+    to the server (the request is recorded when the server closes it).
+
+    `InstrumentedApp.__call__` makes it with `_new` and sets its attributes itself, and
+    hands the app the bound method `start`: a class call with `__init__` and a call of
+    an instance's `__call__` each cost a pass through C, about as much as the rest."""
 
     __slots__ = ("body", "closed", "environ", "meter", "start_response", "started", "status")
 
-    def __init__(
-        self, meter: InstrumentedApp, environ: Environ, start_response: StartResponse
-    ) -> None:
-        self.meter = meter
-        self.environ = environ
-        self.start_response = start_response
-        self.started = time.perf_counter()
-        self.status = "500"
-        self.closed = False
-        self.body: Iterable[bytes] = ()
+    meter: InstrumentedApp
+    environ: Environ
+    start_response: StartResponse
+    started: float
+    status: str
+    closed: bool
+    body: Iterable[bytes]
 
-    def __call__(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+    def start(self, status: str, headers: Any, exc_info: Any = None) -> Any:
         self.status = status[:3]
         if exc_info is None:
             return self.start_response(status, headers)
@@ -74,7 +90,24 @@ class _Request:
         if not self.closed:
             self.closed = True
             status = "101" if self.environ.get(TAKEN_OVER_KEY) else self.status
-            self.meter.record(self.environ, status, time.perf_counter() - self.started)
+            self.meter.record(self.environ, status, _now() - self.started)
+
+
+class _FlaskRequest(_Request):
+    """A request to a Flask app. Its route is read when the app starts the response:
+    Flask's request object, with the URL rule it matched, is in the environ until the
+    app returns."""
+
+    __slots__ = ()
+
+    def start(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        rule = getattr(self.environ.get(_FLASK_REQUEST_KEY), "url_rule", None)
+        if rule is not None:
+            self.environ[ROUTE_KEY] = rule.rule
+        self.status = status[:3]
+        if exc_info is None:
+            return self.start_response(status, headers)
+        return self.start_response(status, headers, exc_info)
 
 
 class InstrumentedApp:
@@ -90,15 +123,23 @@ class InstrumentedApp:
     ) -> None:
         self.app = app
         self.metrics = metrics or RequestMetrics()
-        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._recorder = RequestRecorder(self.metrics)
         self._default_route = UNKNOWN
+        self._request_type: type[_Request] = _Request
         _watch_flask_routes(routes_from or app, self)
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        request = _Request(self, environ, start_response)
-        self.metrics.in_flight.inc()
+        request = _new(self._request_type)
+        request.meter = self
+        request.environ = environ
+        request.start_response = start_response
+        request.status = "500"
+        request.closed = False
+        request.body = ()
+        self._recorder.started()
+        request.started = _now()
         try:
-            body = self.app(environ, request)
+            body = self.app(environ, request.start)
         except BaseException:
             request.finish()
             raise
@@ -116,17 +157,13 @@ class InstrumentedApp:
         route = environ.get(ROUTE_KEY)
         if not isinstance(route, str):
             route = self._default_route
-        key = (method, route, status)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series.setdefault(
-                key,
-                (self.metrics.requests.labels(*key), self.metrics.duration.labels(*key)),
-            )
-        counter, histogram = series
-        counter.inc()
-        histogram.observe(seconds)
-        self.metrics.in_flight.dec()
+        waited = environ.get(QUEUE_TIME_KEY)
+        self._recorder.finished(
+            (method, route, status),
+            seconds,
+            waited if isinstance(waited, float) else None,
+            bool(environ.get(SHED_KEY)),
+        )
 
 
 def _watch_flask_routes(app: WSGIApp, meter: InstrumentedApp) -> None:
@@ -138,10 +175,4 @@ def _watch_flask_routes(app: WSGIApp, meter: InstrumentedApp) -> None:
     if not isinstance(app, flask.Flask):
         return
     meter._default_route = UNMATCHED
-
-    def remember_route(sender: flask.Flask, **_: Any) -> None:
-        rule = flask.request.url_rule
-        if rule is not None:
-            flask.request.environ[ROUTE_KEY] = rule.rule
-
-    flask.request_started.connect(remember_route, app, weak=False)
+    meter._request_type = _FlaskRequest

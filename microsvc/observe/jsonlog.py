@@ -14,8 +14,10 @@ any `extra={...}` attributes of the record.
 
 Access log entries: `timestamp`, `level`, `logger`, `pid`, `message` (`GET /path?q 200`),
 `method`, `path`, `query`, `status`, `duration` (seconds), `bytes`, `client`,
-`request_id`, `protocol`, `user_agent`, `referer`; every key is always present, null when
-the request did not have it. gunicorn's `access_log_format` is not used.
+`request_id`, `protocol`, `user_agent`, `referer`, `queue_time` (seconds the request waited
+before a worker took it up: see `microsvc.serving.middleware`), `shed` (true when it was
+answered 503 for waiting longer than `--max-queue-time`); every key is always present,
+null when the request did not have it. gunicorn's `access_log_format` is not used.
 
 A line is at most `MAX_LINE_LENGTH` bytes (newline not counted; syslog tag included), so
 that Docker and other collectors never split it. A longer entry has its longest values cut
@@ -43,6 +45,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from gunicorn.glogging import Logger
+
+from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
 
 __all__ = [
     "ACCESS_FIELDS",
@@ -90,6 +94,8 @@ ACCESS_FIELDS = (
     "protocol",
     "user_agent",
     "referer",
+    "queue_time",
+    "shed",
 )
 
 #: The record attribute that carries an access entry's fields.
@@ -378,7 +384,13 @@ def access_fields(
         "protocol": environ.get("SERVER_PROTOCOL") or None,
         "user_agent": _text(environ.get("HTTP_USER_AGENT"), MAX_HEADER_LENGTH),
         "referer": _text(environ.get("HTTP_REFERER"), MAX_HEADER_LENGTH),
+        "queue_time": _queue_time(environ.get(QUEUE_TIME_KEY)),
+        "shed": environ.get(SHED_KEY) is True,
     }
+
+
+def _queue_time(value: object) -> float | None:
+    return round(value, 6) if isinstance(value, float) else None
 
 
 class JsonLogger(Logger):  # type: ignore[misc]

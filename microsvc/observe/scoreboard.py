@@ -6,11 +6,15 @@ metrics exporter and `microsvc status` map the same file by name. It holds:
 
 - a header the master writes: master pid, start time, worker class, HTTP engine, the
   listen addresses with their accept-queue length and limit (read from the kernel with
-  `TCP_INFO` once a second), workers recycled by reason;
+  `TCP_INFO` once a second), workers recycled by reason, and with `--autoscale` its
+  bounds, the worker count it keeps and the reason of its last change;
 - one fixed-size slot per worker. Each slot has a worker part, written only by the worker
   that owns it (pid, generation, state, requests served, requests in flight, the request
   in progress, why it is stopping), and a master part (pid, when the master asked it to
-  stop, the last memory sample, the last worker that left the slot and why).
+  stop and why, the last memory sample: own (USS), PSS, RSS, the last worker that left
+  the slot and why). The worker part has a queue part too: the queue time of the
+  worker's last request that had one, and how many requests it shed (see
+  `microsvc.serving.middleware`).
 
 Each part is guarded by a sequence counter (a seqlock): the writer makes the counter odd,
 writes, and makes it even again; a reader copies the part and retries when the counter
@@ -32,14 +36,15 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
 from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
-MAGIC = b"MSVCSB01"
+MAGIC = b"MSVCSB02"
 #: Why a worker ended, in order: counted in the header, and the metrics' exit reasons.
 REASONS = (
     "max-requests",
@@ -63,8 +68,9 @@ _SEQ = struct.Struct("=Q")
 _HEADER_FIXED = struct.Struct("=8sIIiId d 32s 16s 8Q")
 _LISTENER = struct.Struct("=96s i i")
 _HEADER_SIZE = 1024
+# after the listeners: --max-worker-memory (0: off)
 _HEADER_ALL = struct.Struct(
-    _HEADER_FIXED.format + "".join(_LISTENER.format.lstrip("=") for _ in range(MAX_LISTENERS))
+    _HEADER_FIXED.format + "".join(_LISTENER.format.lstrip("=") for _ in range(MAX_LISTENERS)) + "Q"
 )
 assert _SEQ.size + _HEADER_ALL.size <= _HEADER_SIZE
 # worker part: pid, generation, started, stop reason; then what changes with each
@@ -75,14 +81,26 @@ _W_DYN = struct.Struct("=B I Q d")
 _W_DYNREQ = struct.Struct("=B I Q d 16s 192s 64s")
 _WORKER = struct.Struct("=i I d 16s B I Q d 16s 192s 64s")
 _DYN_AT = _SEQ.size + _W_STATIC.size
-# master part: pid, generation, stop asked at, stop reason, own, shared, rss, sampled at,
-# last pid, last reason, last exit at
-_MASTER = struct.Struct("=i I d 16s Q Q Q d i 16s d")
+# master part: pid, generation, stop asked at, stop reason, own, pss (0: unknown), rss,
+# sampled at, last pid, last reason, last exit at, measure of own (USS, RSS)
+_MASTER = struct.Struct("=i I d 16s Q Q Q d i 16s d 4s")
 _WORKER_AT = 0
 _MASTER_AT = 512
 SLOT_SIZE = 1024
 assert _SEQ.size + _WORKER.size <= _MASTER_AT
 assert _MASTER_AT + _SEQ.size + _MASTER.size <= SLOT_SIZE
+# queue part, in the worker's half of its slot, written by the worker: pid, queue time of
+# its last request that had one, when (epoch seconds), requests it shed
+_QUEUE = struct.Struct("=i d d Q")
+_QUEUE_AT = 448
+assert _SEQ.size + _WORKER.size <= _QUEUE_AT
+assert _QUEUE_AT + _SEQ.size + _QUEUE.size <= _MASTER_AT
+# autoscale part, at the end of the header, written by the master (--autoscale; fewest 0:
+# off): fewest, most and target workers, last change at (epoch seconds), its reason
+_AUTOSCALE = struct.Struct("=i i i d 96s")
+_AUTOSCALE_AT = 896
+assert _SEQ.size + _HEADER_ALL.size <= _AUTOSCALE_AT
+assert _AUTOSCALE_AT + _SEQ.size + _AUTOSCALE.size <= _HEADER_SIZE
 
 #: How often a reader retries a part that is being written before it gives up on it.
 READ_ATTEMPTS = 1000
@@ -153,6 +171,9 @@ class WorkerView:
     stop_reason: str
     memory: dict[str, Any] | None
     last_exit: dict[str, Any] | None = None
+    #: The queue time of the worker's last request that had one: seconds, at, and how
+    #: many requests it shed (None: none yet).
+    queue: dict[str, Any] | None = None
 
 
 @dataclass
@@ -167,6 +188,10 @@ class Snapshot:
     unslotted: int
     workers: list[WorkerView] = field(default_factory=list)
     torn: int = 0
+    #: --max-worker-memory, compared with each worker's own memory (None: off).
+    max_worker_memory: int | None = None
+    #: --autoscale: fewest, most, target, changed (epoch seconds), reason (None: off).
+    autoscale: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,6 +227,8 @@ class Scoreboard:
         self._unslotted: set[int] = set()
         self._info: tuple[float, str, str] = (0.0, "", "")
         self._listeners: list[Listener] = []
+        #: --max-worker-memory as the master applies it (published with the header).
+        self.max_worker_memory: int | None = None
 
     @property
     def reserved(self) -> int | None:
@@ -320,6 +347,7 @@ class Scoreboard:
             queue = -1 if listener.queue is None else listener.queue
             limit = -1 if listener.queue_limit is None else listener.queue_limit
             values += [_field(listener.address, 96), queue, limit]
+        values.append(self.max_worker_memory or 0)
         self._write(0, _HEADER_ALL, *values)
 
     def reserve(self, generation: int) -> int | None:
@@ -328,7 +356,7 @@ class Scoreboard:
         for slot in range(self.slots):
             if slot not in taken:
                 self._pending = slot
-                self._write_master(slot, 0, generation, 0.0, b"", (0, 0, 0, 0.0))
+                self._write_master(slot, 0, generation, 0.0, b"", None)
                 return slot
         self._pending = None
         return None
@@ -343,7 +371,7 @@ class Scoreboard:
         self._by_pid[pid] = slot
         master = self._read(self._master_offset(slot), _MASTER)
         generation = master[1] if master else 0
-        self._write_master(slot, pid, generation, 0.0, b"", (0, 0, 0, 0.0))
+        self._write_master(slot, pid, generation, 0.0, b"", None)
 
     def stopping(self, pid: int, reason: str) -> None:
         """The master asked worker `pid` to stop."""
@@ -353,9 +381,8 @@ class Scoreboard:
         master = self._read(self._master_offset(slot), _MASTER)
         if master is None or master[2]:
             return
-        self._write_master(
-            slot, pid, master[1], time.time(), _field(reason, 16), tuple(master[4:8])
-        )
+        memory = (*master[4:8], master[11])
+        self._write_master(slot, pid, master[1], time.time(), _field(reason, 16), memory)
 
     def worker_reason(self, pid: int) -> str | None:
         """The reason worker `pid` gave for stopping on its own, if any."""
@@ -391,17 +418,23 @@ class Scoreboard:
                 pid,
                 _field(reason, 16),
                 time.time(),
+                b"",
             )
         self.publish_header()
 
-    def sample(self, listeners: Sequence[Any]) -> None:
-        """Once a second in the master: memory of each worker, the listen queues."""
+    def sample(
+        self,
+        listeners: Sequence[Any],
+        memory: Mapping[int, MemorySample | None] | None = None,
+    ) -> None:
+        """Once a second in the master: memory of each worker (`memory`, by pid, when the
+        master has read it already; else read here), the listen queues."""
         for pid, slot in list(self._by_pid.items()):
-            memory = read_memory(pid)
+            sample = memory.get(pid) if memory is not None else read_memory(pid)
             master = self._read(self._master_offset(slot), _MASTER)
-            if master is None or memory is None:
+            if master is None or sample is None:
                 continue
-            self._write_master(slot, pid, master[1], master[2], master[3], memory)
+            self._write_master(slot, pid, master[1], master[2], master[3], sample)
         self._listeners = [listen_queue(listener) for listener in listeners]
         self.publish_header()
 
@@ -412,12 +445,33 @@ class Scoreboard:
         generation: int,
         stop_at: float,
         reason: bytes,
-        memory: tuple[int, int, int, float],
+        memory: MemorySample | tuple[int, int, int, float, bytes] | None,
     ) -> None:
+        """`memory`: a new sample, the fields of the last one, or None (no sample)."""
         offset = self._master_offset(slot)
         last = self._read(offset, _MASTER)
         last_exit = tuple(last[8:11]) if last else (0, b"", 0.0)
-        self._write(offset, _MASTER, pid, generation, stop_at, reason, *memory, *last_exit)
+        if memory is None:
+            own, pss, rss, sampled, measure = 0, 0, 0, 0.0, b""
+        elif isinstance(memory, MemorySample):
+            own, pss, rss = memory.own, memory.pss or 0, memory.rss
+            sampled, measure = memory.sampled, _field(memory.measure, 4)
+        else:
+            own, pss, rss, sampled, measure = memory
+        self._write(
+            offset,
+            _MASTER,
+            pid,
+            generation,
+            stop_at,
+            reason,
+            own,
+            pss,
+            rss,
+            sampled,
+            *last_exit,
+            measure,
+        )
 
     # a worker
 
@@ -566,6 +620,27 @@ class Scoreboard:
             self._seq += 1
             _SEQ.pack_into(buffer, offset, self._seq)
 
+    # queue time (a worker) and the worker count (the master, --autoscale)
+
+    _shed_total = 0
+
+    def note_queue(self, seconds: float, shed: bool) -> None:
+        """In a worker: a request waited `seconds` before it was taken up (`shed`: and was
+        answered 503 for it)."""
+        if self._slot is None:
+            return
+        with self._lock:
+            if shed:
+                self._shed_total += 1
+            offset = self._worker_offset(self._slot) + _QUEUE_AT
+            self._write(offset, _QUEUE, self._pid, seconds, time.time(), self._shed_total)
+
+    def publish_autoscale(self, minimum: int, maximum: int, target: int, reason: str) -> None:
+        """In the master: the bounds and the count --autoscale keeps, and why."""
+        self._write(
+            _AUTOSCALE_AT, _AUTOSCALE, minimum, maximum, target, time.time(), _field(reason, 96)
+        )
+
     # reading
 
     def snapshot(self) -> Snapshot:
@@ -595,7 +670,18 @@ class Scoreboard:
             listeners,
             recycled,
             unslotted,
+            max_worker_memory=header[-1] or None,
         )
+        scaling = self._read(_AUTOSCALE_AT, _AUTOSCALE)
+        if scaling is not None and scaling[0] > 0:
+            fewest, most, target, changed, why = scaling
+            snapshot.autoscale = {
+                "min_workers": fewest,
+                "max_workers": most,
+                "target": target,
+                "changed": changed,
+                "reason": _text(why),
+            }
         now = time.time()
         for slot in range(self.slots):
             view = self._slot_view(slot, now)
@@ -611,7 +697,7 @@ class Scoreboard:
         worker = self._read(self._worker_offset(slot), _WORKER)
         if master is None:
             return "torn"
-        m_pid, generation, stop_at, stop_reason, own, shared, rss, sampled, *last = master
+        m_pid, generation, stop_at, stop_reason, own, pss, rss, sampled, *last, measure = master
         last_exit = (
             {"pid": last[0], "reason": _text(last[1]), "ended": last[2]} if last[0] else None
         )
@@ -640,7 +726,14 @@ class Scoreboard:
             }
         memory = None
         if sampled:
-            memory = {"own": own, "shared": shared, "rss": rss, "sampled": sampled}
+            memory = {
+                "own": own,
+                "shared": max(0, rss - own),
+                "pss": pss or None,
+                "rss": rss,
+                "measure": _text(measure) or "USS",
+                "sampled": sampled,
+            }
         return WorkerView(
             slot=slot,
             pid=pid,
@@ -653,29 +746,79 @@ class Scoreboard:
             stop_reason=_text(reason) or _text(stop_reason),
             memory=memory,
             last_exit=last_exit,
+            queue=self._queue_view(slot, pid),
         )
+
+    def _queue_view(self, slot: int, pid: int) -> dict[str, Any] | None:
+        part = self._read(self._worker_offset(slot) + _QUEUE_AT, _QUEUE)
+        if part is None or part[0] != pid or not part[2]:
+            return None
+        return {"seconds": part[1], "at": part[2], "shed": part[3]}
 
 
 # what the master measures
 
 
-def read_memory(pid: int) -> tuple[int, int, int, float] | None:
-    """(own, shared, rss, when) of process `pid`, in bytes: own is USS (private pages),
-    shared is RSS minus own, from /proc/PID/smaps_rollup; None when it cannot be read."""
+@dataclass(frozen=True)
+class MemorySample:
+    """One reading of a process's memory, in bytes.
+
+    `own`: what the process alone holds, its USS (unique set size: private pages, freed
+    when it exits); RSS where the platform gives no USS, and then `measure` says "RSS".
+    `pss`: its proportional set size (each shared page split among the processes that
+    map it), None where the platform gives none. `shared`: resident pages others map
+    too (RSS minus own)."""
+
+    own: int
+    pss: int | None
+    rss: int
+    measure: str
+    sampled: float
+
+    @property
+    def shared(self) -> int:
+        return max(0, self.rss - self.own)
+
+
+def read_memory(pid: int) -> MemorySample | None:
+    """The memory of process `pid`: from /proc/PID/smaps_rollup (Linux 4.14 and later),
+    else from psutil (which reads /proc/PID/smaps on older Linux, and knows other
+    platforms); None when it cannot be read (the process is gone, or not ours)."""
     try:
         with open(f"/proc/{pid}/smaps_rollup", "rb") as file:
             text = file.read()
     except OSError:
-        return None
+        return _read_memory_psutil(pid)
     values: dict[bytes, int] = {}
     for line in text.splitlines():
         name, _, rest = line.partition(b":")
         parts = rest.split()
         if parts and parts[0].isdigit():
             values[name] = int(parts[0]) * 1024
-    rss = values.get(b"Rss", 0)
+    if b"Rss" not in values:
+        return _read_memory_psutil(pid)
     own = values.get(b"Private_Clean", 0) + values.get(b"Private_Dirty", 0)
-    return own, max(0, rss - own), rss, time.time()
+    pss = values.get(b"Pss")
+    return MemorySample(own, pss, values[b"Rss"], "USS", time.time())
+
+
+def _read_memory_psutil(pid: int) -> MemorySample | None:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        try:
+            full = process.memory_full_info()
+        except psutil.AccessDenied:
+            rss = int(process.memory_info().rss)
+            return MemorySample(rss, None, rss, "RSS", time.time())
+    except psutil.Error:
+        return None
+    uss = getattr(full, "uss", None)
+    pss = getattr(full, "pss", None)
+    if uss is None:
+        return MemorySample(int(full.rss), pss, int(full.rss), "RSS", time.time())
+    return MemorySample(int(uss), pss, int(full.rss), "USS", time.time())
 
 
 def listen_queue(listener: Any) -> Listener:
@@ -755,6 +898,9 @@ class ScoreboardApp:
         except BaseException:
             board.request_ended(token)
             raise
+        waited = environ.get(QUEUE_TIME_KEY)
+        if isinstance(waited, float):
+            board.note_queue(waited, environ.get(SHED_KEY) is True)
         wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(wrapper, type) and isinstance(body, wrapper):
             board.request_ended(token)  # sent by the server with sendfile; close() is its

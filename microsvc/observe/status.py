@@ -89,6 +89,7 @@ def build_report(snapshot: Snapshot, now: float) -> dict[str, Any]:
                 "stop_reason": worker.stop_reason or None,
                 "memory": worker.memory,
                 "previous_worker": worker.last_exit,
+                "queue": worker.queue,
             }
         )
     serving = [worker for worker in workers if worker["state"] != "stopping"]
@@ -110,10 +111,46 @@ def build_report(snapshot: Snapshot, now: float) -> dict[str, Any]:
         "busy_ratio": round(busy / len(serving), 4) if serving else 0.0,
         "in_flight": sum(worker["in_flight"] for worker in workers),
         "requests_served": sum(worker["requests"] for worker in workers),
+        "queue_time_seconds": _queue_time(workers, now),
+        "requests_shed": sum(view.queue["shed"] for view in snapshot.workers if view.queue),
+        "autoscale": snapshot.autoscale,
         "recycled": snapshot.recycled,
+        "max_worker_memory": snapshot.max_worker_memory,
+        "memory_measure": _measure(workers),
         "workers_without_slot": snapshot.unslotted,
         "workers": workers,
     }
+
+
+def _measure(workers: list[dict[str, Any]]) -> str:
+    """What "own" memory is: USS, or RSS where the platform gives no USS."""
+    measures = {worker["memory"]["measure"] for worker in workers if worker["memory"]}
+    return "RSS" if "RSS" in measures else "USS"
+
+
+#: A worker's queue time noted longer ago than this is not shown as the current one.
+QUEUE_TIME_FRESH = 10.0
+
+
+def _queue_time(workers: list[dict[str, Any]], now: float) -> float | None:
+    """The longest queue time of the workers' last requests, noted in the last
+    QUEUE_TIME_FRESH seconds (None: none)."""
+    recent = [
+        worker["queue"]["seconds"]
+        for worker in workers
+        if worker["queue"] and now - worker["queue"]["at"] <= QUEUE_TIME_FRESH
+    ]
+    return round(max(recent), 4) if recent else None
+
+
+def _scaling_line(data: dict[str, Any]) -> list[str]:
+    auto = data.get("autoscale")
+    if not auto:
+        return []
+    return [
+        f"autoscale: {auto['target']} workers (between {auto['min_workers']} and "
+        f"{auto['max_workers']}); last change: {auto['reason']}"
+    ]
 
 
 def _duration(seconds: float | None) -> str:
@@ -157,15 +194,26 @@ def render(data: dict[str, Any]) -> str:
         f"workers {data['workers_running']}, busy {data['workers_busy']} "
         f"({data['busy_ratio']:.0%}), requests in flight {data['in_flight']}, "
         f"served {data['requests_served']}",
+        "queue time "
+        + ("-" if data["queue_time_seconds"] is None else f"{data['queue_time_seconds']:.3f}s")
+        + f" (the longest of the workers' last requests), shed {data['requests_shed']}",
+        *_scaling_line(data),
         f"workers ended: {recycled or 'none'}"
         + (
             f"; {data['workers_without_slot']} without a scoreboard slot"
             if data["workers_without_slot"]
             else ""
         ),
+        f"memory per worker: OWN = {data['memory_measure']} (its own pages), PSS = "
+        "proportional share, SHARED = resident pages shared with others; "
+        + (
+            f"--max-worker-memory {_size(data['max_worker_memory'])} (of OWN)"
+            if data["max_worker_memory"]
+            else "no --max-worker-memory"
+        ),
         "",
         f"{'PID':>7} {'GEN':>4} {'STATE':<9} {'AGE':>7} {'REQS':>7} {'OWN':>7} "
-        f"{'SHARED':>7} {'TIME':>7}  REQUEST",
+        f"{'PSS':>7} {'SHARED':>7} {'TIME':>7}  REQUEST",
     ]
     for worker in data["workers"]:
         memory = worker["memory"] or {}
@@ -184,7 +232,8 @@ def render(data: dict[str, Any]) -> str:
         lines.append(
             f"{worker['pid']:>7} {worker['generation']:>4} {worker['state']:<9} "
             f"{_duration(worker['age_seconds']):>7} {worker['requests']:>7} "
-            f"{_size(memory.get('own')):>7} {_size(memory.get('shared')):>7} "
+            f"{_size(memory.get('own')):>7} {_size(memory.get('pss')):>7} "
+            f"{_size(memory.get('shared')):>7} "
             f"{elapsed:>7}  {shown}".rstrip()
         )
     return "\n".join(lines)

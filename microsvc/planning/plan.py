@@ -14,6 +14,8 @@ from microsvc.config.values import Auto, format_size
 
 #: Threads per gthread worker when --threads is auto.
 GTHREAD_THREADS = 4
+#: --memory-per-worker by default, and with `auto` when the app was not measured.
+DEFAULT_MEMORY_PER_WORKER = 128 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,13 @@ class SystemFacts:
     memory_limit: int | None = None
     memory_limit_source: str | None = None
     host_memory: int | None = None
+    #: What a worker's own memory is on this platform: USS (its private pages), or RSS
+    #: where the platform gives no USS. --max-worker-memory compares it.
+    memory_measure: str = "USS"
+    #: The own memory of a process that has imported the app (`microsvc plan --measure`,
+    #: `--memory-per-worker auto`), and how it was measured; None: not measured.
+    app_memory: int | None = None
+    app_memory_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,11 @@ class WorkerPlan:
     memory: int | None = None
     memory_source: str = ""
     memory_per_worker: int | None = None
+    #: Where memory_per_worker came from: "--memory-per-worker", "measured: ...", or
+    #: "auto, not measured: ...".
+    memory_per_worker_from: str = "--memory-per-worker"
+    #: What a worker's own memory is here (USS, or RSS where there is no USS).
+    memory_measure: str = "USS"
 
     def summary(self) -> str:
         """One line for the start-up log."""
@@ -92,6 +106,18 @@ class WorkerPlan:
                 f"{format_size(self.memory)} ({self.memory_source}) / "
                 f"{format_size(self.memory_per_worker)} per worker"
             )
+        if self.memory_per_worker:
+            lines.append(
+                f"memory per worker: {format_size(self.memory_per_worker)} "
+                f"({self.memory_per_worker_from})"
+            )
+        lines.append(
+            f"worker memory measure: {self.memory_measure} (a worker's own pages; "
+            "--max-worker-memory compares it, pages shared after --preload do not count)"
+            if self.memory_measure == "USS"
+            else f"worker memory measure: {self.memory_measure} (this platform gives no "
+            "USS; --max-worker-memory compares resident memory)"
+        )
         for cap in self.caps:
             lines.append(f"  capped: {cap}")
         lines.append(f"threads per worker: {self.threads}")
@@ -155,13 +181,17 @@ def plan_workers(
     workers: int | Auto = "auto",
     threads: int | Auto = "auto",
     max_workers: int | None = None,
-    memory_per_worker: int = 128 * 1024**2,
+    memory_per_worker: int | Auto = DEFAULT_MEMORY_PER_WORKER,
     workers_from: str = "default",
 ) -> WorkerPlan:
-    """Decide workers and threads. `workers_from` says where an explicit count came from."""
+    """Decide workers and threads. `workers_from` says where an explicit count came from.
+    `memory_per_worker="auto"` takes the app's measured memory (`facts.app_memory`)."""
     cpus, limited_by, sources = usable_cpus(facts)
     caps: list[str] = []
     notes: list[str] = []
+    memory_per_worker, per_worker_from = _memory_per_worker(facts, memory_per_worker)
+    if per_worker_from.startswith("auto, not measured"):
+        notes.append(f"--memory-per-worker auto: {per_worker_from}")
 
     memory, memory_source = _memory_limit(facts)
     memory_cap = max(1, memory // memory_per_worker) if memory else None
@@ -210,6 +240,20 @@ def plan_workers(
         memory=memory,
         memory_source=memory_source,
         memory_per_worker=memory_per_worker,
+        memory_per_worker_from=per_worker_from,
+        memory_measure=facts.memory_measure,
+    )
+
+
+def _memory_per_worker(facts: SystemFacts, setting: int | Auto) -> tuple[int, str]:
+    """The memory budget of one worker, and where it came from."""
+    if setting != "auto":
+        return setting, "--memory-per-worker"
+    if facts.app_memory:
+        return facts.app_memory, f"measured: {facts.app_memory_source}"
+    return DEFAULT_MEMORY_PER_WORKER, (
+        f"auto, not measured: the app could not be imported to measure it; "
+        f"{format_size(DEFAULT_MEMORY_PER_WORKER)} assumed"
     )
 
 

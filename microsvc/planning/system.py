@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -155,11 +155,30 @@ def read_affinity() -> int | None:
         return None
 
 
+def read_memory_measure() -> str:
+    """What a worker's own memory is here: USS, or RSS where the platform gives no USS."""
+    from microsvc.observe.scoreboard import read_memory
+
+    sample = read_memory(os.getpid())
+    return sample.measure if sample is not None else "RSS"
+
+
+def with_app_memory(facts: SystemFacts, own: int, measure: str) -> SystemFacts:
+    """`facts` with the measured own memory of a process that imported the app (the
+    budget of one worker for `--memory-per-worker auto`)."""
+    return replace(
+        facts,
+        app_memory=own,
+        app_memory_source=f"own memory ({measure}) of a process that imported the app",
+    )
+
+
 def read_system_facts(root: Path = Path("/")) -> SystemFacts:
     """Everything planning needs about this process, read from the live system."""
     quota, quota_source = read_cpu_quota(root)
     memory, memory_source = read_memory_limit(root)
     return SystemFacts(
+        memory_measure=read_memory_measure(),
         host_cpus=psutil.cpu_count(logical=True) or os.cpu_count() or 1,
         affinity_cpus=read_affinity(),
         cpu_quota=quota,

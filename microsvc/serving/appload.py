@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import importlib
+import json
 import os
 import select
 import subprocess
@@ -12,11 +13,16 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
+from microsvc.config.values import format_size
 from microsvc.errors import AppImportError, AppLoadError, MicrosvcError
+from microsvc.observe.scoreboard import MemorySample, read_memory
 from microsvc.wsgi import WSGIApp
+
+if TYPE_CHECKING:
+    from microsvc.planning.plan import SystemFacts
 
 #: Attribute names tried, in order, when the string names only a module.
 DEFAULT_NAMES = ("app", "application")
@@ -159,6 +165,83 @@ def load_app(ref: AppRef) -> WSGIApp:
 CHECK_TIMEOUT = 30.0
 
 
+@dataclass(frozen=True)
+class AppMemory:
+    """The memory of a fresh Python process before and after it imported the app (see
+    `measure_in_subprocess`). `own`: its own memory after the import (USS, or RSS where
+    the platform gives no USS), the least a worker that imports the app holds."""
+
+    before: MemorySample
+    after: MemorySample
+
+    @property
+    def own(self) -> int:
+        return self.after.own
+
+    @property
+    def measure(self) -> str:
+        return self.after.measure
+
+    @property
+    def imported(self) -> int:
+        """What the import added to the process's own memory."""
+        return max(0, self.after.own - self.before.own)
+
+    def describe(self) -> str:
+        """One line: `app memory after import: own (USS) 211.2MiB, PSS ..., RSS ...`."""
+        pss = f", PSS {format_size(self.after.pss)}" if self.after.pss else ""
+        return (
+            f"app memory after import: own ({self.measure}) {format_size(self.own)}{pss}, "
+            f"RSS {format_size(self.after.rss)}; the import added "
+            f"{format_size(self.imported)}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "measure": self.measure,
+            "own": self.after.own,
+            "pss": self.after.pss,
+            "rss": self.after.rss,
+            "imported": self.imported,
+            "own_before_import": self.before.own,
+        }
+
+
+def measure_in_subprocess(
+    ref: AppRef,
+    *,
+    timeout: float | None = CHECK_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    pythonpath: Sequence[str] = (),
+) -> AppMemory:
+    """Load the app as `check_in_subprocess` does, and return that process's memory
+    before and after the import. Raises AppLoadError (or AppImportError)."""
+    memory = check_in_subprocess(
+        ref, timeout=timeout, env=env, cwd=cwd, pythonpath=pythonpath, measure=True
+    )
+    if memory is None:
+        raise AppLoadError(f"loading {ref.text!r}: its process could not read its memory")
+    return memory
+
+
+def measured_facts(
+    ref: AppRef,
+    facts: SystemFacts | None = None,
+    *,
+    timeout: float | None = CHECK_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+) -> tuple[SystemFacts, AppMemory]:
+    """`facts` (default: read from this machine) with the own memory of a process that
+    imported the app (`--memory-per-worker auto` plans with it), and that measurement.
+    Raises AppLoadError when the app cannot be loaded."""
+    from microsvc.planning.system import read_system_facts, with_app_memory
+
+    memory = measure_in_subprocess(ref, timeout=timeout, env=env, cwd=cwd)
+    return with_app_memory(facts or read_system_facts(), memory.own, memory.measure), memory
+
+
 def check_in_subprocess(
     ref: AppRef,
     *,
@@ -166,8 +249,11 @@ def check_in_subprocess(
     env: Mapping[str, str] | None = None,
     cwd: str | None = None,
     pythonpath: Sequence[str] = (),
-) -> None:
+    measure: bool = False,
+) -> AppMemory | None:
     """Load the app in a short-lived Python process and raise its error here, if any.
+    With `measure`, return the process's memory before and after the import (None when
+    it could not be read).
 
     The master then fails with one clear line before any worker starts, and keeps none
     of the app's import-time state (connections, threads) that forked workers would share.
@@ -188,7 +274,10 @@ def check_in_subprocess(
     read_end, write_end = os.pipe()
     try:
         child = subprocess.Popen(
-            [sys.executable, "-c", _CHILD_CODE, ref.text, str(write_end)],
+            [
+                *(sys.executable, "-c", _CHILD_CODE, ref.text, str(write_end)),
+                *(("measure",) if measure else ()),
+            ],
             env=environ,
             cwd=directory,
             stdin=subprocess.DEVNULL,
@@ -211,9 +300,9 @@ def check_in_subprocess(
             f"loading {ref.text!r} did not finish within {timeout:g} s (the worker boot "
             "timeout, --timeout)"
         )
-    if status == "ok":
-        return
     name, _, message = status.partition("\t")
+    if name == "ok":
+        return _memory_report(message) if measure else None
     if not message:
         raise AppLoadError(
             f"loading {ref.text!r} ended its process with status "
@@ -223,6 +312,14 @@ def check_in_subprocess(
 
 
 _CHILD_CODE = "import microsvc.serving.appload as m; m._report_load()"
+
+
+def _memory_report(text: str) -> AppMemory | None:
+    try:
+        before, after = (MemorySample(**sample) for sample in json.loads(text))
+    except (ValueError, TypeError):
+        return None
+    return AppMemory(before, after)
 
 
 def _read_status(fd: int, child: subprocess.Popen[bytes], timeout: float | None) -> str | None:
@@ -268,12 +365,17 @@ def _report_load() -> None:
     """Entry point of `check_in_subprocess`'s child: load, write one status line on the
     status pipe, and end without waiting for the app's threads or exit handlers."""
     ref_text, fd = sys.argv[1], int(sys.argv[2])
+    measure = sys.argv[3:] == ["measure"]
     os.set_inheritable(fd, False)  # processes the app starts do not get the pipe
     status = "ok"
     try:
         ref = parse_app_string(ref_text)
         try:
+            before = read_memory(os.getpid()) if measure else None
             load_app(ref)
+            after = read_memory(os.getpid()) if measure else None
+            if before is not None and after is not None:
+                status = "ok\t" + json.dumps([asdict(before), asdict(after)])
         except MicrosvcError as exc:
             status = f"{type(exc).__name__}\t{exc}"
         except BaseException as exc:  # whatever the app does is reported, never a traceback

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import gc
 import multiprocessing
 import os
 import signal
@@ -16,8 +17,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from microsvc._gunicorn import Arbiter
+from microsvc.observe.scoreboard import MemorySample, read_memory
+from microsvc.serving.autoscale import ArbiterAutoscaler
+from microsvc.serving.context import settings_of
+from microsvc.workers.recycling import LOG_FORMAT, MEMORY_READ_INTERVAL, Recycler
 
 if TYPE_CHECKING:
+    from microsvc.config.options import Settings
     from microsvc.metrics import MetricsService
     from microsvc.observe.scoreboard import Scoreboard
 
@@ -98,11 +104,18 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
     and keeps serving for that period, then stops gracefully. A second TERM, INT or
     QUIT stops at once, as in gunicorn.
 
+    It recycles workers by memory and lifetime (`microsvc.workers.recycling.Recycler`):
+    once a second it reads each worker's memory, and stops a worker to recycle with
+    SIGTERM, as TTOU does, logging the reason once. With `--preload` it calls
+    `gc.freeze()` before it forks the first worker with the app loaded, so the garbage
+    collector never touches (and so never copies) the objects the workers share.
+
     With `metrics`, it counts the workers it starts and, for each worker that ends, the
-    reason: the one the worker gave (recycling), else why the master stopped it
-    (reload, shutdown, scale-down, timeout), else a crash. With `scoreboard`, it gives
-    each worker a slot, marks the workers it stops, clears the slot of each worker that
-    ends, and once a second samples workers' memory and the listen queues into it.
+    reason: the one the worker gave (max-requests, read from its scoreboard slot), else
+    why the master stopped it (memory, lifetime, reload, shutdown, scale-down, timeout),
+    else a crash. With `scoreboard`, it gives each worker a slot, marks the workers it
+    stops and why, clears the slot of each worker that ends, and once a second writes
+    workers' memory and the listen queues into it.
     """
 
     def __init__(
@@ -121,7 +134,10 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         self._drain_deadline: float | None = None
         self._stopping_for = "scale-down"
         self._stopped_for: dict[int, str] = {}
+        self.recycler = Recycler()
+        self._frozen = False
         super().__init__(app)
+        self.autoscaler = ArbiterAutoscaler.for_app(app)  # acts with --autoscale only
 
     # why workers end
 
@@ -158,7 +174,13 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
             super().murder_workers()
 
     def spawn_worker(self) -> Any:
+        if self.cfg.preload_app and not self._frozen:
+            # The app is loaded in this process: what exists now is shared with every
+            # worker. Frozen, the collector leaves it alone, so the pages stay shared.
+            gc.freeze()
+            self._frozen = True
         pid = super().spawn_worker()  # returns in the master only
+        self.recycler.started(pid, self._settings())
         if self.scoreboard is not None:
             self.scoreboard.started(pid)
         if self.metrics is not None:
@@ -176,6 +198,7 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
                 self._worker_gone(pid)
 
     def _worker_gone(self, pid: int) -> None:
+        self.recycler.gone(pid)
         stopped_for = self._stopped_for.pop(pid, None)
         board = self.scoreboard
         if board is not None:
@@ -188,6 +211,32 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
                 self.log.warning("Metrics: cannot account for worker %s: %s", pid, exc)
         if board is not None:
             board.gone(pid, reason)
+
+    # recycling by memory and lifetime
+
+    def _settings(self) -> Settings | None:
+        return settings_of(self.app)
+
+    def _sample_and_recycle(self) -> None:
+        """Once a second: read the workers' memory (when the scoreboard shows it or a
+        limit needs it), publish it, and recycle the workers past their limits."""
+        board = self.scoreboard
+        memory: dict[int, MemorySample | None] = {}
+        if board is not None or self.recycler.reads_memory:
+            memory = {pid: read_memory(pid) for pid in list(self.WORKERS)}
+        if board is not None:
+            settings = self._settings()
+            board.max_worker_memory = settings.max_worker_memory if settings else None
+            board.sample(self.LISTENERS, memory)
+        for decision in self.recycler.check(memory):
+            pid = decision.pid
+            if pid not in self.WORKERS or pid in self._stopped_for:
+                continue  # already ending
+            if board is not None and board.worker_reason(pid):
+                continue  # stopping on its own (max-requests), with its reason logged
+            self.log.info(LOG_FORMAT, pid, decision.reason)
+            with self._stopping(decision.kind):
+                self.kill_worker(pid, signal.SIGTERM)
 
     def handle_term(self) -> None:
         if self.drain_period > 0 and self._drain_deadline is None:
@@ -246,12 +295,14 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         super().maybe_promote_master()
         if self.metrics is not None:
             self.metrics.check(self.log)
-        if self.scoreboard is not None and time.monotonic() - self._sampled_at >= 1.0:
+        if time.monotonic() - self._sampled_at >= MEMORY_READ_INTERVAL:
             self._sampled_at = time.monotonic()
-            self.scoreboard.sample(self.LISTENERS)
+            self._sample_and_recycle()
         if not self.state.ready and self.state.booted >= self.num_workers:
             self.state.ready = True
             self.log.info("Ready: %d workers booted", self.num_workers)
+        if self.autoscaler is not None and self.state.ready and not self.state.draining:
+            self.autoscaler.tick(self)
         if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
             self.log.info("Drain period over, shutting down gracefully")
             raise StopIteration

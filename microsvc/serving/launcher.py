@@ -10,139 +10,44 @@ import stat
 import sys
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from microsvc._gunicorn import BaseApplication, Config, ConfigError
+from microsvc._gunicorn import BaseApplication, Config
 from microsvc._version import __version__
-from microsvc.config.options import OPTIONS, HttpEngine, LogFormat, Settings, WorkerClass
-from microsvc.config.resolve import Resolved, load_config, resolve_settings
+from microsvc.config.options import Settings, WorkerClass
+from microsvc.config.pipeline import HEARTBEAT_DIR as HEARTBEAT_DIR
+from microsvc.config.pipeline import JSON_LOGGER as JSON_LOGGER
+from microsvc.config.pipeline import Configuration, build, replan
+from microsvc.config.resolve import LAUNCHER, Caller
 from microsvc.errors import BindError, MicrosvcError, ServerError, UsageError
 from microsvc.observe.scoreboard import Scoreboard, ScoreboardApp, slot_count
-from microsvc.planning.plan import SystemFacts, WorkerPlan, plan_workers
-from microsvc.planning.system import read_system_facts
+from microsvc.planning.plan import SystemFacts, WorkerPlan
 from microsvc.serving import middleware, patching
 from microsvc.serving.appload import (
     AppRef,
     check_in_subprocess,
     load_app,
+    measured_facts,
     parse_app_string,
 )
 from microsvc.serving.arbiter import MicrosvcArbiter, ServerState
 from microsvc.serving.binding import bind_tcp, check_overlaps, inherited_listeners
-from microsvc.workers import worker_class_path
 from microsvc.wsgi import WSGIApp
 
 if TYPE_CHECKING:
+    if sys.version_info >= (3, 11):
+        from typing import Unpack
+    else:
+        from typing_extensions import Unpack
+
+    from microsvc.config.keywords import LauncherOptions
     from microsvc.metrics import MetricsService
 
 DEMO_APP = "microsvc.demo:app"
 
-#: gunicorn's HTTP parser. Its default, `auto`, switches to the C parser (gunicorn_h1c)
-#: whenever that package is importable; the only release installable today accepts
-#: request lines with repeated spaces that the Python parser refuses, so microsvc uses
-#: the Python parser unless `--set http_parser=...` asks otherwise.
-HTTP_PARSER = "python"
-
-#: gunicorn's logger_class for --log-format json.
-JSON_LOGGER = "microsvc.observe.jsonlog.JsonLogger"
-
-#: Workers touch a heartbeat file every second; on RAM, a slow disk cannot make them look
-#: hung to the master.
-HEARTBEAT_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
-
 
 class UnpatchedAppWarning(RuntimeWarning):
     """A gevent/eventlet app object was imported before microsvc could monkey-patch."""
-
-
-def control_socket_path(pid: int) -> str:
-    """A control socket of this instance's own, so instances never unlink each other's."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path.home() / ".microsvc"
-    return str(base / f"microsvc-{pid}.ctl")
-
-
-def resolve(
-    options: Mapping[str, Any],
-    config: str | None,
-    gunicorn_settings: Mapping[str, Any] | None,
-    environ: Mapping[str, str],
-    explicit_source: str,
-    cwd: str | None = None,
-) -> Resolved:
-    """Settings from every layer. Relative paths (the config file, gunicorn's chdir) are
-    read from `cwd` when given, else from the current directory."""
-    if config and cwd:
-        config = os.path.join(cwd, config)
-    return resolve_settings(
-        options,
-        environ,
-        load_config(config) if config else None,
-        explicit_source=explicit_source,
-        gunicorn=gunicorn_settings,
-        cwd=cwd,
-    )
-
-
-def make_plan(resolved: Resolved, facts: SystemFacts | None = None) -> WorkerPlan:
-    settings = resolved.settings
-    return plan_workers(
-        facts or read_system_facts(),
-        settings.worker_class,
-        workers=settings.workers,
-        threads=settings.threads,
-        max_workers=settings.max_workers,
-        memory_per_worker=settings.memory_per_worker,
-        workers_from=resolved.sources["workers"],
-    )
-
-
-def gunicorn_config(
-    settings: Settings, plan: WorkerPlan, passthrough: Mapping[str, Any], pid: int
-) -> dict[str, Any]:
-    """The gunicorn settings for these microsvc settings and plan."""
-    config: dict[str, Any] = {}
-    for spec in OPTIONS:
-        if spec.gunicorn:
-            config[spec.gunicorn] = spec.to_gunicorn(getattr(settings, spec.name))
-    config.update(
-        workers=plan.workers,
-        threads=plan.threads,
-        worker_class=worker_class_path(settings.worker_class, settings.http_engine),
-        control_socket=control_socket_path(pid),
-        proc_name="microsvc",
-        http_parser=HTTP_PARSER,
-    )
-    if settings.worker_class == WorkerClass.GTHREAD and settings.http_engine == HttpEngine.GUNICORN:
-        # gunicorn's gthread accepts while it holds fewer connections than this; microsvc's
-        # engine accepts only while a thread is free, and parks idle connections.
-        config["worker_connections"] = plan.threads
-    if settings.log_format == LogFormat.JSON:
-        config["logger_class"] = JSON_LOGGER
-    if HEARTBEAT_DIR and os.access(HEARTBEAT_DIR, os.W_OK):
-        config["worker_tmp_dir"] = HEARTBEAT_DIR
-    config.update(passthrough)
-    return config
-
-
-def build_gunicorn_config(values: Mapping[str, Any]) -> Config:
-    """A new gunicorn Config holding `values`, checked as gunicorn checks a configuration
-    before it serves: each value by its setting's validator, then the settings together
-    (`Config.validate()`, e.g. `http_protocols` with h2 needs the h2 package). Raises
-    UsageError naming what is wrong; nothing else is touched, so a running configuration
-    can be kept when this fails."""
-    cfg = Config(prog="microsvc")
-    for name, value in values.items():
-        try:
-            cfg.set(name, value)
-        except (AttributeError, ValueError, TypeError, ConfigError) as exc:
-            raise UsageError(f"gunicorn setting {name!r}: {exc}") from None
-    try:
-        cfg.validate()
-    except (ValueError, TypeError, ConfigError) as exc:
-        raise UsageError(f"gunicorn: {exc}") from None
-    return cfg
 
 
 def check_gunicorn_paths(cfg: Config) -> None:
@@ -161,11 +66,15 @@ class Launcher(BaseApplication):  # type: ignore[misc]
     """Gunicorn, configured by microsvc.
 
     `app` is a WSGI callable, an import string (`pkg.mod:app`, `pkg.mod:create_app()`),
-    or None for the demo service. Keyword options are those of `microsvc run`
-    (`workers="auto"`, `worker_class="gevent"`, `bind="127.0.0.1:5000"`, ...); any
-    other gunicorn setting goes in `gunicorn_settings`. `config` is a gunicorn-style
-    Python config file. The environment (`MICROSVC_*`, WEB_CONCURRENCY, HOST, PORT)
-    fills what the arguments leave out. Errors raise `microsvc.errors.MicrosvcError`.
+    or None for the demo service. Keyword options are those of `microsvc run`, typed by
+    `microsvc.config.keywords.LauncherOptions` (`workers="auto"`, `worker_class="gevent"`,
+    `bind="127.0.0.1:5000"`, ...); any other gunicorn setting goes in
+    `gunicorn_settings`. `config` is a gunicorn-style Python config file. The
+    environment (`MICROSVC_*`, WEB_CONCURRENCY, HOST, PORT) fills what the arguments
+    leave out. `caller` says who gave the options (`microsvc run` passes
+    `COMMAND_LINE`, so errors name `--flags`). Errors raise
+    `microsvc.errors.MicrosvcError`. Everything it runs with is `configuration`
+    (`microsvc.config.pipeline.build`).
     """
 
     def __init__(
@@ -176,17 +85,17 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         gunicorn_settings: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
         facts: SystemFacts | None = None,
-        explicit_source: str = "Launcher argument",
-        **options: Any,
+        caller: Caller = LAUNCHER,
+        **options: Unpack[LauncherOptions],
     ) -> None:
-        self._options = dict(options)
+        self._options: dict[str, object] = dict(options)
         self._config_path = config
         self._gunicorn_settings = dict(gunicorn_settings or {})
         self._environ = dict(os.environ if environ is None else environ)
-        self._explicit_source = explicit_source
+        self._caller = caller
         self._facts = facts
-        self.resolved = resolve(options, config, gunicorn_settings, self._environ, explicit_source)
-        self.plan = make_plan(self.resolved, facts)
+        self._master_pid = os.getpid()
+        self.configuration = self._build()
         self.app_ref: AppRef | None = None
         self.app_object: WSGIApp | None = None
         if app is None or isinstance(app, str):
@@ -198,7 +107,10 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             raise UsageError(
                 f"app must be a WSGI callable or an import string, not {type(app).__name__}"
             )
-        self._master_pid = os.getpid()
+        if self.app_ref is not None and self.settings.memory_per_worker == "auto":
+            # plan with the app's memory, measured in a child process (reloads keep it)
+            self._facts, _ = measured_facts(self.app_ref, self._facts)
+            self.configuration = replan(self.configuration, self._facts, pid=self._master_pid)
         self._user_post_worker_init: Any = None
         self._launch_dir = os.getcwd()
         self._loaded_app: WSGIApp | None = None
@@ -208,9 +120,28 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         self._scoreboard_error = ""
         super().__init__(prog="microsvc")
 
+    def _build(self, cwd: str | None = None) -> Configuration:
+        """The configuration from what this Launcher was given, the config file and the
+        environment as they are now; relative paths are read from `cwd` (default: the
+        current directory)."""
+        return build(
+            self._options,
+            self._environ,
+            self._config_path,
+            self._facts,
+            gunicorn_settings=self._gunicorn_settings,
+            caller=self._caller,
+            cwd=cwd,
+            pid=self._master_pid,
+        )
+
     @property
     def settings(self) -> Settings:
-        return self.resolved.settings
+        return self.configuration.settings
+
+    @property
+    def plan(self) -> WorkerPlan:
+        return self.configuration.plan
 
     def _warn_if_unpatched(self) -> None:
         worker_class = self.settings.worker_class
@@ -228,20 +159,16 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def do_load_config(self) -> None:
         # gunicorn's version turns every error into sys.exit(1); the library raises instead.
-        self.cfg, self._user_post_worker_init = self.load_config(self.resolved, self.plan)
+        self.cfg, self._user_post_worker_init = self.load_config(self.configuration)
 
-    def load_config(self, resolved: Resolved, plan: WorkerPlan) -> tuple[Config, Any]:
-        """A checked gunicorn Config for these settings, and the user's post_worker_init
-        hook (microsvc's own runs in its place and calls it). Raises UsageError."""
-        values = gunicorn_config(resolved.settings, plan, resolved.gunicorn, self._master_pid)
-        user_hook = values.get("post_worker_init")
-        values["post_worker_init"] = self._post_worker_init
-        cfg = build_gunicorn_config(values)
+    def load_config(self, configuration: Configuration) -> tuple[Config, Any]:
+        """gunicorn's Config for `configuration` (checked by `build`) with microsvc's
+        hooks in it, and the user's post_worker_init hook (microsvc's own runs in its
+        place and calls it)."""
+        cfg = configuration.gunicorn_config()
+        user_hook = configuration.gunicorn.get("post_worker_init")
+        cfg.set("post_worker_init", self._post_worker_init)
         self._install_scoreboard_hooks(cfg)
-        if resolved.settings.http_engine == HttpEngine.MICROSVC:
-            from microsvc.workers.engine import http_config
-
-            http_config(cfg)  # raises UsageError for what the engine cannot honour
         return cfg, user_hook
 
     def _install_scoreboard_hooks(self, cfg: Config) -> None:
@@ -309,9 +236,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             self._user_post_worker_init(worker)
 
     def worker_recycling(self, kind: str) -> None:
-        """In a worker that recycles itself (max-requests, memory, lifetime)."""
-        if self.metrics is not None:
-            self.metrics.worker_stopping(kind)
+        """In a worker that gunicorn recycles (max-requests): the master reads the reason
+        from its scoreboard slot when it reaps it."""
         if self.scoreboard is not None:
             self.scoreboard.worker_stopping(kind)
 
@@ -325,37 +251,29 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         with or without --preload."""
         log = logging.getLogger("gunicorn.error")
         try:
-            resolved = resolve(
-                self._options,
-                self._config_path,
-                self._gunicorn_settings,
-                self._environ,
-                self._explicit_source,
-                cwd=self._launch_dir,
-            )
-            plan = make_plan(resolved, self._facts)
-            cfg, user_hook = self.load_config(resolved, plan)
-            self._check_reload(resolved, cfg)
+            configuration = self._build(cwd=self._launch_dir)
+            cfg, user_hook = self.load_config(configuration)
+            self._check_reload(configuration, cfg)
         except MicrosvcError as exc:
             log.error("Reload kept the running configuration: %s", exc)
             return
         before = self.settings
-        after = resolved.settings
+        after = configuration.settings
         if (after.metrics, after.metrics_bind) != (before.metrics, before.metrics_bind):
             log.warning(
                 "Reload: --metrics and --metrics-bind take effect at the next start; "
                 "metrics stay as they were"
             )
-        self.resolved, self.plan = resolved, plan
+        self.configuration = configuration
         self.cfg, self._user_post_worker_init = cfg, user_hook
         if not after.preload:
             self._loaded_app = None  # workers import the app themselves
         self.callable = None  # wrapped again with the new settings
         self.enter_paths()
 
-    def _check_reload(self, resolved: Resolved, cfg: Config) -> None:
+    def _check_reload(self, configuration: Configuration, cfg: Config) -> None:
         """What could stop the master once a new configuration is in place."""
-        settings = resolved.settings
+        settings = configuration.settings
         patching.require_extra(settings.worker_class)
         metrics_bind = self.settings.metrics_bind if self.metrics is not None else None
         check_overlaps(settings.bind, metrics_bind)  # metrics keep their running address
@@ -369,7 +287,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             elif not cfg.reuse_port:
                 _check_tcp_bind(bind)
         check_gunicorn_paths(cfg)
-        if "chdir" in resolved.gunicorn and not os.access(cfg.chdir, os.X_OK):
+        if "chdir" in configuration.passthrough and not os.access(cfg.chdir, os.X_OK):
             raise UsageError(f"gunicorn setting 'chdir': cannot enter {cfg.chdir}")
         if settings.preload and self.app_ref is not None and self._loaded_app is None:
             self._loaded_app = load_app(self.app_ref)
@@ -380,12 +298,14 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         the `pythonpath` directories (comma-separated; relative ones are read from the new
         working directory) in front of it, in their order. Without `chdir` the working
         directory is the one microsvc started in."""
-        directory = self.cfg.chdir if "chdir" in self.resolved.gunicorn else self._launch_dir
+        directory = (
+            self.cfg.chdir if "chdir" in self.configuration.passthrough else self._launch_dir
+        )
         if os.getcwd() != directory:
             os.chdir(directory)
         entries = (entry.strip() for entry in (self.cfg.pythonpath or "").split(","))
         front = [os.path.abspath(entry) for entry in entries if entry]
-        if "chdir" in self.resolved.gunicorn:
+        if "chdir" in self.configuration.passthrough:
             front.append(directory)
         sys.path[:0] = [path for path in dict.fromkeys(front) if path not in sys.path]
 
@@ -409,6 +329,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             ready_path=settings.ready_path,
             is_ready=self.state.is_ready,
             trusted_proxies=settings.forwarded_allow_ips,
+            max_queue_time=settings.max_queue_time,
         )
         if self.metrics is not None:
             wrapped = self.metrics.instrument(wrapped, app)
@@ -514,7 +435,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                 metrics=self.metrics,
                 scoreboard=self.scoreboard,
             )
-            for warning in self.resolved.warnings:
+            for warning in self.configuration.warnings:
                 arbiter.log.warning("%s", warning)
             if self.scoreboard is None and self._scoreboard_error:
                 arbiter.log.warning("%s", self._scoreboard_error)

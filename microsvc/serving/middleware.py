@@ -30,6 +30,23 @@
   from its `secure_scheme_headers` (X-Forwarded-Proto `https`, ...) for the same peers.
   Forwarded (RFC 7239), X-Forwarded-Port and X-Forwarded-Prefix are not read.
 
+- Queue time, how long a request waited before a worker took it up, in
+  `environ["microsvc.queue_time"]` (seconds, a float) with its source in
+  `environ["microsvc.queue_source"]`: `proxy` when a trusted peer sent `X-Request-Start`
+  (nginx's `t=${msec}`: seconds with milliseconds; also plain seconds, milliseconds,
+  microseconds or nanoseconds since the epoch, with or without `t=`, told apart by their
+  size), the time from that moment to now; else `kernel` for a TCP connection the server
+  hands over (`gunicorn.socket`): the milliseconds since the kernel received the
+  request's last data (TCP_INFO `tcpi_last_data_recv`), which covers the listen queue
+  and any wait inside the worker. A header from an untrusted peer is ignored; a stamp in
+  the future (clocks apart) counts as 0, one more than `MAX_BELIEVED_QUEUE_TIME` old as
+  none. Without either source the keys are absent.
+- Load shedding, with `max_queue_time`: a request whose queue time is above it is
+  answered `503` with `Retry-After` at once and the app is not called;
+  `environ["microsvc.shed"]` is True and its route for the metrics is `(shed)`. The
+  health and readiness paths are answered before and never shed. Each worker logs the
+  requests it shed to `gunicorn.error`, at most once every `SHED_LOG_INTERVAL` seconds.
+
 Trust follows gunicorn's `forwarded_allow_ips`, so that gunicorn's scheme and this address
 come from the same decision: `*` trusts every peer, and a unix-socket peer (empty
 REMOTE_ADDR) is trusted unless `trust_socket_peers` is False. Unlike gunicorn, an
@@ -42,18 +59,29 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
+import logging
+import math
 import re
+import socket
+import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 
 from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 __all__ = [
     "PROXY_ADDR_KEY",
+    "QUEUE_SOURCE_KEY",
+    "QUEUE_TIME_KEY",
     "ROUTE_KEY",
+    "SHED_KEY",
+    "SHED_ROUTE",
     "Middleware",
     "StartResponse",
     "TrustedProxies",
     "WSGIApp",
+    "kernel_queue_time",
+    "parse_request_start",
     "wrap",
 ]
 
@@ -61,6 +89,18 @@ __all__ = [
 PROXY_ADDR_KEY = "microsvc.proxy_addr"
 #: Where the route of a request is named for the metrics (the endpoints name theirs).
 ROUTE_KEY = "microsvc.route"
+#: Seconds the request waited before a worker took it up (absent when unknown).
+QUEUE_TIME_KEY = "microsvc.queue_time"
+#: Where that figure came from: "proxy" (X-Request-Start) or "kernel" (TCP_INFO).
+QUEUE_SOURCE_KEY = "microsvc.queue_source"
+#: True for a request answered 503 because it had waited longer than the limit.
+SHED_KEY = "microsvc.shed"
+#: The route a shed request is counted under in the metrics.
+SHED_ROUTE = "(shed)"
+#: A stamp older than this says more about the clocks than about the queue: ignored.
+MAX_BELIEVED_QUEUE_TIME = 3600.0
+#: Shortest time between two log lines about shed requests, per worker.
+SHED_LOG_INTERVAL = 10.0
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -75,6 +115,55 @@ def _json(status: str) -> bytes:
 
 _OK, _READY, _NOT_READY = _json("ok"), _json("ready"), _json("not ready")
 _NOT_ALLOWED = json.dumps({"error": "method not allowed"}).encode()
+_OVERLOADED = json.dumps({"error": "overloaded, retry later"}).encode()
+_STAMP_RE = re.compile(r"(?:t=)?([0-9]{1,20}(?:\.[0-9]{1,9})?)")
+#: TCP_INFO up to tcpi_last_data_recv (milliseconds, a u32 at offset 52).
+_TCP_INFO_LENGTH = 56
+_LAST_DATA_RECV = struct.Struct("=I")
+_LAST_DATA_RECV_AT = 52
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+_log = logging.getLogger("gunicorn.error")
+
+
+def parse_request_start(value: str, now: float) -> float | None:
+    """Seconds from an `X-Request-Start` stamp to `now` (epoch seconds), or None.
+
+    `t=1732780800.123` (nginx `t=${msec}`), `1732780800` (seconds), `1732780800123`
+    (milliseconds), `1732780800123456` (microseconds) and nanoseconds, with or without
+    `t=`: the unit is told by the size of the number (seconds below 1e11, milliseconds
+    below 1e14, microseconds below 1e17). A stamp after `now` gives 0.0; one more than
+    `MAX_BELIEVED_QUEUE_TIME` before it, or text that is no stamp, gives None.
+    """
+    match = _STAMP_RE.fullmatch(value.strip())
+    if match is None:
+        return None
+    stamp = float(match.group(1))
+    if stamp >= 1e17:
+        stamp /= 1e9
+    elif stamp >= 1e14:
+        stamp /= 1e6
+    elif stamp >= 1e11:
+        stamp /= 1e3
+    waited = now - stamp
+    if waited > MAX_BELIEVED_QUEUE_TIME:
+        return None
+    return max(0.0, waited)
+
+
+def kernel_queue_time(sock: object) -> float | None:
+    """Seconds since the kernel received the last data on this TCP connection (Linux
+    TCP_INFO `tcpi_last_data_recv`, millisecond resolution at best), or None when `sock`
+    is not a TCP socket or the kernel does not say."""
+    tcp_info = getattr(socket, "TCP_INFO", None)
+    if tcp_info is None or getattr(sock, "family", None) not in _TCP_FAMILIES:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_LENGTH)  # type: ignore[attr-defined]
+    except (OSError, AttributeError, TypeError):
+        return None
+    if not isinstance(info, bytes) or len(info) < _LAST_DATA_RECV_AT + 4:
+        return None
+    return float(_LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_AT)[0]) / 1000.0
 
 
 class TrustedProxies:
@@ -183,7 +272,10 @@ class Middleware:
         ready_path: str | None,
         is_ready: Callable[[], bool],
         trusted: TrustedProxies,
+        max_queue_time: float | None = None,
     ) -> None:
+        if max_queue_time is not None and not max_queue_time > 0:
+            raise ValueError(f"max_queue_time must be above 0, not {max_queue_time!r}")
         for path in (health_path, ready_path):
             if path is not None and not (isinstance(path, str) and path.startswith("/")):
                 raise ValueError(f"{path!r} is not a path starting with '/'")
@@ -192,6 +284,10 @@ class Middleware:
         self.app = app
         self.is_ready = is_ready
         self.trusted = trusted
+        self.max_queue_time = max_queue_time
+        self._retry_after = str(max(1, math.ceil(max_queue_time or 1)))
+        self._shed_count = 0
+        self._shed_logged_at = -math.inf
         self._endpoints: dict[str, bool] = {}  # path -> is the readiness path
         if health_path is not None:
             self._endpoints[health_path] = False
@@ -204,11 +300,59 @@ class Middleware:
         if is_ready_path is not None:
             environ[ROUTE_KEY] = path
             return self._answer(is_ready_path, environ, start_response)
+        waited = self._queue_time(environ)
         if self.trusted.trusts_anyone and (
             "HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_HOST" in environ
         ):
             self._apply_forwarded(environ)
+        limit = self.max_queue_time
+        if limit is not None and waited is not None and waited > limit:
+            return self._shed(waited, environ, start_response)
         return self.app(environ, start_response)
+
+    def _queue_time(self, environ: Environ) -> float | None:
+        """The request's queue time, noted in the environ (see the module docstring)."""
+        waited = None
+        stamp = environ.get("HTTP_X_REQUEST_START")
+        if isinstance(stamp, str) and self.trusted.trusts_anyone:
+            peer = environ.get("REMOTE_ADDR")
+            if isinstance(peer, str) and self.trusted.peer_is_trusted(peer):
+                waited = parse_request_start(stamp, time.time())
+                source = "proxy"
+        if waited is None:
+            waited = kernel_queue_time(environ.get("gunicorn.socket"))
+            source = "kernel"
+        if waited is not None:
+            environ[QUEUE_TIME_KEY] = waited
+            environ[QUEUE_SOURCE_KEY] = source
+        return waited
+
+    def _shed(
+        self, waited: float, environ: Environ, start_response: StartResponse
+    ) -> Iterable[bytes]:
+        environ[SHED_KEY] = True
+        environ[ROUTE_KEY] = SHED_ROUTE
+        self._shed_count += 1
+        now = time.monotonic()
+        if now - self._shed_logged_at >= SHED_LOG_INTERVAL:
+            _log.warning(
+                "Shed %d request(s) with 503 since the last report: they had waited longer "
+                "than --max-queue-time %gs (the last one %.3fs)",
+                self._shed_count,
+                self.max_queue_time,
+                waited,
+            )
+            self._shed_count, self._shed_logged_at = 0, now
+        start_response(
+            "503 Service Unavailable",
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(_OVERLOADED))),
+                ("Cache-Control", "no-store"),
+                ("Retry-After", self._retry_after),
+            ],
+        )
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [_OVERLOADED]
 
     def _answer(
         self, is_ready_path: bool, environ: Environ, start_response: StartResponse
@@ -258,16 +402,24 @@ def wrap(
     is_ready: Callable[[], bool],
     trusted_proxies: Sequence[str],
     trust_socket_peers: bool = True,
+    max_queue_time: float | None = None,
 ) -> Middleware:
     """`app` behind microsvc's health and readiness endpoints and proxy trust.
 
     `health_path` and `ready_path` are answered in front of the app (None: off);
     `is_ready` is asked on each readiness request. `trusted_proxies` are the addresses and
     networks (or `*`) whose X-Forwarded-For and X-Forwarded-Host are believed;
-    `trust_socket_peers` whether unix-socket peers are too. Raises ValueError for a bad path
-    or address. The module docstring has the details.
+    `trust_socket_peers` whether unix-socket peers are too; the same peers' X-Request-Start
+    is believed. `max_queue_time` (seconds, None: off): shed requests that waited longer.
+    Raises ValueError for a bad path, address or limit. The module docstring has the
+    details.
     """
     trusted = TrustedProxies(trusted_proxies, socket_peers=trust_socket_peers)
     return Middleware(
-        app, health_path=health_path, ready_path=ready_path, is_ready=is_ready, trusted=trusted
+        app,
+        health_path=health_path,
+        ready_path=ready_path,
+        is_ready=is_ready,
+        trusted=trusted,
+        max_queue_time=max_queue_time,
     )

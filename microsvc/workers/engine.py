@@ -33,7 +33,9 @@ from gunicorn.http.wsgi import WSGIErrorsWrapper
 
 from microsvc.errors import UsageError
 from microsvc.http import Hooks, HTTPConfig, RequestRecord
+from microsvc.http.green import GreenIO
 from microsvc.http.parser import Message
+from microsvc.workers.deadlines import InFlightRequests
 from microsvc.wsgi import Environ
 
 #: gunicorn's largest request line and header count; its 0 means these.
@@ -194,6 +196,13 @@ class EngineWorker:
     http_config: HTTPConfig
     http_hooks: Hooks
 
+    # Provided by RequestDeadlines (`deadlines`): None while --request-timeout is off.
+    _deadlines: InFlightRequests | None = None
+    deadline_begin: Callable[[Environ, str, str], None]
+    deadline_end: Callable[[], None]
+    #: The green-thread library's waits (gevent, eventlet); None for threads.
+    http_green: GreenIO | None = None
+
     def run(self) -> None:
         self.setup_engine()
         super().run()  # type: ignore[misc]
@@ -224,11 +233,15 @@ class EngineWorker:
         from microsvc.http import serve_connection
 
         set_nodelay(client)
-        serve_connection(client, addr, server, self.wsgi, self.http_config, self.http_hooks)
+        serve_connection(
+            client, addr, server, self.wsgi, self.http_config, self.http_hooks, self.http_green
+        )
 
     # hooks
 
     def _before_request(self, environ: Environ, message: Message) -> None:
+        if self._deadlines is not None:  # --request-timeout (see `deadlines`)
+            self.deadline_begin(environ, message.method, message.path)
         self.nr += 1
         if self.nr >= self.max_requests and self.alive:
             self.log.info("Autorestarting worker after current request.")
@@ -245,6 +258,8 @@ class EngineWorker:
                 self._pre_request(self, request)
 
     def _after_request(self, environ: Environ, record: RequestRecord) -> None:
+        if self._deadlines is not None:
+            self.deadline_end()
         try:
             if self._log_access or self._post_request is not None:
                 response = EngineResponse(record)

@@ -29,10 +29,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import socket
 import ssl
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import eventlet
@@ -45,8 +46,10 @@ from eventlet.semaphore import Semaphore
 from gunicorn.sock import ssl_context
 from gunicorn.workers.base_async import AsyncWorker
 
+from microsvc.http.green import Channel, GreenIO
 from microsvc.metrics.wsgi import TAKEN_OVER_KEY
 from microsvc.workers.accepting import AcceptFailures
+from microsvc.workers.deadlines import EventletDeadlines
 from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
 from microsvc.wsgi import Environ, StartResponse, WSGIApp
@@ -76,7 +79,7 @@ class _ListenerName:
         return self._name
 
 
-class EventletWorker(Recycling, AsyncWorker):  # type: ignore[misc]
+class EventletWorker(Recycling, EventletDeadlines, AsyncWorker):  # type: ignore[misc]
     wsgi: WSGIApp
     _ssl_context: ssl.SSLContext | None = None
 
@@ -247,13 +250,43 @@ class EventletWorker(Recycling, AsyncWorker):  # type: ignore[misc]
                 self.log.debug("Closing a listening socket: %s", exc)
 
 
+class EventletIO(GreenIO):
+    """eventlet's waits for the HTTP engine's channels (see `microsvc.http.green`): a
+    channel parks with eventlet's trampoline on the socket under the GreenSocket."""
+
+    def __init__(self) -> None:
+        super().__init__(eventlet.greenthread.getcurrent)
+
+    def raw_socket(self, sock: Any) -> socket.socket | None:
+        if type(sock) is not GreenSocket:
+            return None  # TLS, or a socket this class does not know
+        raw: socket.socket | None = getattr(sock, "fd", None)  # non-blocking
+        return raw
+
+    def park(self, channel: Channel, write: bool) -> None:
+        eventlet.hubs.trampoline(channel.raw, read=not write, write=write)
+
+    def call_in_hub(self, function: Callable[..., None], *args: Any) -> None:
+        eventlet.hubs.get_hub().schedule_call_global(0, function, *args)
+
+    def spawn(self, function: Callable[[], None]) -> None:
+        eventlet.spawn_n(function)
+
+    def sleep(self, seconds: float) -> None:
+        eventlet.sleep(seconds)
+
+
 class EngineEventletWorker(EngineWorker, EventletWorker):
     """The eventlet worker on microsvc's HTTP engine (see `engine`): one greenthread per
-    connection, a yield after each response, TLS, websockets that take the connection
-    over (the engine writes nothing more and closes it), accept-error handling and the
-    stop as above."""
+    connection, a yield after each response (the engine's, see `microsvc.http.green`),
+    TLS, websockets that take the connection over (the engine writes nothing more and
+    closes it), accept-error handling and the stop as above."""
 
     engine_multithread = True
+
+    def setup_engine(self) -> None:
+        super().setup_engine()
+        self.http_green = EventletIO()
 
     def serve_accepted(self, listener: Any, client: Any, addr: Any) -> None:
         try:
@@ -264,15 +297,16 @@ class EngineEventletWorker(EngineWorker, EventletWorker):
             with contextlib.suppress(OSError):
                 client.close()
 
-    def after_response(self) -> None:
-        eventlet.sleep(0)  # fair between keep-alive connections
-
 
 def _noting_takeovers(app: WSGIApp) -> WSGIApp:
     """`app`, which marks in the environ each request whose connection the app took over
-    (eventlet.websocket sets `eventlet.wsgi.WSGI_LOCAL.already_handled`)."""
+    (eventlet.websocket sets `eventlet.wsgi.WSGI_LOCAL.already_handled`). Only a request
+    with an Upgrade header can be taken over: the others skip the green-thread-local
+    flag, which costs microseconds to read and to write."""
 
     def call(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        if "HTTP_UPGRADE" not in environ:
+            return app(environ, start_response)
         eventlet.wsgi.WSGI_LOCAL.already_handled = False
         body = app(environ, start_response)
         if getattr(eventlet.wsgi.WSGI_LOCAL, "already_handled", False):

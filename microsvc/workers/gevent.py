@@ -27,6 +27,8 @@ Importing this module imports gevent: only gevent mode loads it.
 from __future__ import annotations
 
 import contextlib
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -34,6 +36,8 @@ import gevent.socket
 import gunicorn.workers.ggevent as gunicorn_gevent
 from gevent.server import StreamServer
 
+from microsvc.http.green import Channel, GreenIO
+from microsvc.workers.deadlines import GeventDeadlines
 from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
 
@@ -76,7 +80,7 @@ class ListeningSocket(gevent.socket.socket):  # type: ignore[misc]
         return self._address
 
 
-class GeventWorker(Recycling, gunicorn_gevent.GeventWorker):  # type: ignore[misc]
+class GeventWorker(Recycling, GeventDeadlines, gunicorn_gevent.GeventWorker):  # type: ignore[misc]
     """Its run loop calls notify() every second, idle or not."""
 
     sockets: list[Any]  # gunicorn's listeners; ListeningSockets once `patch()` has run
@@ -100,12 +104,46 @@ class GeventWorker(Recycling, gunicorn_gevent.GeventWorker):  # type: ignore[mis
             gevent.sleep(0)  # let the other connections' greenlets run
 
 
+class GeventIO(GreenIO):
+    """gevent's waits for the HTTP engine's channels (see `microsvc.http.green`): a
+    channel parks on its gevent socket's own read and write watchers."""
+
+    def __init__(self) -> None:
+        super().__init__(gevent.getcurrent)
+        self._hub = gevent.get_hub()
+
+    def raw_socket(self, sock: Any) -> socket.socket | None:
+        if type(sock) is not gevent.socket.socket:
+            return None  # TLS (gevent's SSLSocket), or a socket this class does not know
+        raw: socket.socket | None = getattr(sock, "_sock", None)  # non-blocking
+        if getattr(sock, "_read_event", None) is None:
+            return None
+        return raw
+
+    def park(self, channel: Channel, write: bool) -> None:
+        sock = channel.sock
+        self._hub.wait(sock._write_event if write else sock._read_event)
+
+    def call_in_hub(self, function: Callable[..., None], *args: Any) -> None:
+        self._hub.loop.run_callback(function, *args)
+
+    def spawn(self, function: Callable[[], None]) -> None:
+        gevent.spawn(function)
+
+    def sleep(self, seconds: float) -> None:
+        gevent.sleep(seconds)
+
+
 class EngineGeventWorker(EngineWorker, GeventWorker):
     """The gevent worker on microsvc's HTTP engine (see `engine`): one greenlet per
-    connection, batch accept, TLS from gevent's server, a yield after each response, and
-    the stop as above."""
+    connection, batch accept, TLS from gevent's server, a yield after each response (the
+    engine's, see `microsvc.http.green`), and the stop as above."""
 
     engine_multithread = True
+
+    def setup_engine(self) -> None:
+        super().setup_engine()
+        self.http_green = GeventIO()
 
     def handle(self, listener: Any, client: Any, addr: Any) -> None:
         client.setblocking(1)
@@ -118,6 +156,3 @@ class EngineGeventWorker(EngineWorker, GeventWorker):
         finally:
             with contextlib.suppress(OSError):
                 client.close()
-
-    def after_response(self) -> None:
-        gevent.sleep(0)  # let the other connections' greenlets run

@@ -7,13 +7,25 @@ idle. With gunicorn's engine (`BalancedThreadWorker`), microsvc runs gthread wit
 has a free thread, so connections spread over all workers. The price is that such a
 worker does not keep idle connections open.
 
-On microsvc's HTTP engine (`EngineThreadWorker`) a worker accepts only while one of its
-threads is free, and an idle keep-alive connection does not hold a thread: once a
-response is sent and no further request is buffered, the connection is parked in the
-worker's poller (at most `worker_connections - threads` of them; beyond that a response
-says `Connection: close`) until its next request arrives or the keep-alive timeout
-closes it. A new connection whose first request has not arrived within
-`FIRST_DATA_WAIT` is parked the same way, for up to the engine's header timeout.
+On microsvc's HTTP engine (`EngineThreadWorker`) no connection holds a thread while it
+waits for a request. The main thread watches, in the worker's poller, the listening
+sockets, the idle keep-alive connections (parked once a response is sent and no further
+request is buffered: at most `worker_connections - threads` of them; beyond that a
+response says `Connection: close`) and new connections whose first request has not
+arrived yet. Whatever turns readable joins one first-in, first-out line: a connection
+with a request to serve, or a listener with a connection to accept. Each time a thread
+is free, the first in line gets it: a connection is served (until it turns idle or is to
+close), a listener accepts one connection and, as more may wait, takes its next turn
+right after the next one in line, so that accepting alternates with serving. So a worker
+accepts only while one of its threads is free, and a new client waits behind the
+requests that were ready before it, never behind every request that the busy
+connections keep sending. Idle connections close after the keep-alive timeout, new ones
+that send nothing after the engine's header timeout.
+
+The connections are `QuickSocket`s (see `quicksocket`): a request that is already there
+and a response that fits in the socket's buffer cost one system call each. A connection
+to close waits for its client's end (at most 2 s) in the main thread's
+`LingeringCloses`, not in a thread.
 
 Both recycle by memory and lifetime (see `recycling`).
 """
@@ -22,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import select
 import selectors
 import ssl
 import time
@@ -34,19 +45,24 @@ from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
 from microsvc.http import HTTPConnection
-from microsvc.workers.engine import EngineWorker, set_nodelay
+from microsvc.workers.accepting import AcceptFailures
+from microsvc.workers.deadlines import ThreadDeadlines
+from microsvc.workers.engine import EngineWorker
+from microsvc.workers.quicksocket import Acceptor, LingeringCloses, QuickSocket, has_data
 from microsvc.workers.recycling import Recycling
 
-#: How long a thread waits for a new connection's first bytes before parking it.
-FIRST_DATA_WAIT = 0.5
 #: How long a stopping worker keeps its parked connections open (at most), for a request
 #: a client may already be sending; such a request is answered with Connection: close.
 STOP_LINGER = 2.0
+#: The longest wait of the main loop between its checks (heartbeat, expired connections).
+LOOP_WAIT = 1.0
+#: The shortest time between two heartbeats (and recycling checks) of a busy worker.
+NOTIFY_INTERVAL = 0.1
 
-_PARK = "park"
+_GONE = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED)
 
 
-class BalancedThreadWorker(Recycling, ThreadWorker):  # type: ignore[misc]
+class BalancedThreadWorker(Recycling, ThreadDeadlines, ThreadWorker):  # type: ignore[misc]
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         if cfg.worker_connections > cfg.threads:
@@ -59,7 +75,7 @@ class BalancedThreadWorker(Recycling, ThreadWorker):  # type: ignore[misc]
 
 
 class _Connection:
-    """One client connection of an EngineThreadWorker: busy in a thread, or parked."""
+    """One client connection of an EngineThreadWorker: in a thread, in line, or parked."""
 
     __slots__ = ("client", "http", "server", "sock", "timeout")
 
@@ -77,16 +93,36 @@ class _Connection:
             util.close(self.sock)
 
 
+class _Listener:
+    """A listening socket of an EngineThreadWorker: watched in the poller, in line
+    (a connection waits to be accepted), or neither (the worker takes no more now)."""
+
+    __slots__ = ("acceptor", "failures", "in_line", "resume", "sock", "watched")
+
+    def __init__(self, sock: Any, failures: AcceptFailures) -> None:
+        self.sock = sock
+        self.acceptor = Acceptor(sock)
+        self.failures = failures
+        self.watched = False
+        self.in_line = False
+        self.resume = 0.0  # after a failed accept: not watched again before this time
+
+
 class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
     """gthread on microsvc's HTTP engine (see the module docstring)."""
 
     engine_multithread = True
+
+    _lingering: LingeringCloses  # made in the worker process (run)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.busy = 0  # connections handed to a thread and not yet back (main thread only)
         self.parked: deque[_Connection] = deque()  # idle, waiting for their next request
         self.waiting: deque[_Connection] = deque()  # new, waiting for their first request
+        self.ready: deque[_Connection | _Listener] = deque()  # in line for a free thread
+        self.listeners: list[_Listener] = []
+        self._next_notify = 0.0
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -101,18 +137,84 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
     def keep_serving(self) -> bool:
         return super().keep_serving() and len(self.parked) < self.max_keepalived
 
+    def notify(self) -> None:
+        # The main loop turns about once per request: a heartbeat (a system call), the
+        # recycling checks and the parent check at most every NOTIFY_INTERVAL are enough.
+        now = time.monotonic()
+        if now >= self._next_notify:
+            self._next_notify = now + NOTIFY_INTERVAL
+            super().notify()
+
     # main thread
 
-    def accept(self, listener: Any) -> None:
-        try:
-            client, addr = listener.accept()
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
-                raise
+    def _watch_listeners(self) -> float:
+        """Watch each listener that is not in line while the worker may take more
+        connections; returns how long until a paused listener may be watched again."""
+        taking = self.alive and self.nr_conns < self.worker_connections
+        now = 0.0
+        pause = LOOP_WAIT
+        for listener in self.listeners:
+            if listener.in_line:
+                continue
+            want = taking
+            if want and listener.resume:
+                now = now or time.monotonic()
+                if listener.resume > now:
+                    want = False
+                    pause = min(pause, listener.resume - now)
+                else:
+                    listener.resume = 0.0
+            if want != listener.watched:
+                if want:
+                    self.poller.register(
+                        listener.sock, selectors.EVENT_READ, (self._in_line, listener, None)
+                    )
+                else:
+                    self.poller.unregister(listener.sock)
+                listener.watched = want
+        return pause
+
+    def _in_line(self, listener: _Listener, _: None) -> None:
+        self.poller.unregister(listener.sock)
+        listener.watched = False
+        listener.in_line = True
+        self.ready.append(listener)
+
+    def _accept(self, listener: _Listener) -> None:
+        """Accepts one connection (a thread is free): serves it at once if its request
+        is there, parks it until it is; puts the listener back in line."""
+        if not self.alive or self.nr_conns >= self.worker_connections:
             return
-        client.setblocking(True)
+        try:
+            sock, addr = listener.acceptor.accept()
+        except OSError as exc:
+            if exc.errno not in _GONE:
+                # Out of file descriptors or memory: pause this listener, log the run once.
+                listener.resume = time.monotonic() + listener.failures.failed(exc)
+            return
+        listener.failures.succeeded()
         self.nr_conns += 1
-        self.enqueue_req(_Connection(client, addr, listener.getsockname()))
+        conn = _Connection(sock, addr, listener.acceptor.name)
+        if has_data(sock):
+            self.enqueue_req(conn)
+        else:
+            self._park(conn, self.waiting, self.http_config.header_timeout)
+        # More connections may wait: accepting them alternates with serving the line
+        # (the listener's next turn is after the first one in line).
+        listener.in_line = True
+        self.ready.insert(min(1, len(self.ready)), listener)
+
+    def _dispatch(self) -> None:
+        """Gives each free thread the first in line."""
+        ready = self.ready
+        threads = self.cfg.threads
+        while ready and self.busy < threads:
+            first = ready.popleft()
+            if isinstance(first, _Connection):
+                self.enqueue_req(first)
+            else:
+                first.in_line = False
+                self._accept(first)
 
     def enqueue_req(self, conn: Any) -> None:
         self.busy += 1
@@ -128,7 +230,7 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
     def _readable(self, conn: _Connection, queue: deque[_Connection]) -> None:
         self.poller.unregister(conn.sock)
         queue.remove(conn)
-        self.enqueue_req(conn)
+        self.ready.append(conn)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         try:
@@ -151,15 +253,21 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         except Exception:
             result = False
         try:
-            if result is _PARK and self.alive:
-                self._park(conn, self.waiting, self.http_config.header_timeout)
-            elif result is True:
+            if result is True:
                 self._park(conn, self.parked, self.http_config.keepalive_timeout)
             else:
                 self.nr_conns -= 1
-                conn.close()
+                self._close(conn)
         except Exception:
             self.nr_conns -= 1
+            conn.close()
+
+    def _close(self, conn: _Connection) -> None:
+        """Closes a connection whose last response is sent: after its client's end (in
+        `LingeringCloses`, without holding a thread)."""
+        if type(conn.sock) is QuickSocket:
+            self._lingering.close(conn.sock)
+        else:
             conn.close()
 
     def _expire(self, queue: deque[_Connection], everything: bool = False) -> None:
@@ -176,21 +284,28 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         self.poller.register(
             self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks
         )
-        threads = self.cfg.threads
+        lingering = self._lingering = LingeringCloses()
+        self.poller.register(lingering.fileno(), selectors.EVENT_READ, lambda _: lingering.reap())
+        for sock in self.sockets:
+            sock.setblocking(False)
+            self.listeners.append(_Listener(sock, AcceptFailures(self.log, self.pid, str(sock))))
         while self.alive:
-            self.notify()
-            can_accept = self.busy < threads and self.nr_conns < self.worker_connections
-            if can_accept != self._accepting:
-                self.set_accept_enabled(can_accept)
-            self.wait_for_and_dispatch_events(timeout=self.check_interval(1.0))
-            if not self.is_parent_alive():
-                break
+            if time.monotonic() >= self._next_notify:
+                self.notify()
+                if not self.is_parent_alive():
+                    break
+            pause = self._watch_listeners()
+            self.wait_for_and_dispatch_events(timeout=self.check_interval(pause))
+            self._dispatch()
             self._expire(self.parked)
             self._expire(self.waiting)
+            lingering.expire()
 
-        # Stopping: accept no more; serve what is in flight, and requests that arrive on
-        # parked connections within STOP_LINGER (answered with Connection: close).
-        self.set_accept_enabled(False)
+        # Stopping: accept no more; serve what is in flight or in line, and requests that
+        # arrive on parked connections within STOP_LINGER (answered with Connection: close).
+        self.alive = False
+        self._watch_listeners()
+        self.ready = deque(conn for conn in self.ready if isinstance(conn, _Connection))
         linger = time.monotonic() + STOP_LINGER
         for queue in (self.parked, self.waiting):
             for conn in queue:
@@ -198,11 +313,21 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.nr_conns > 0 and time.monotonic() < deadline:
             self.notify()
-            self.wait_for_and_dispatch_events(timeout=0.1 if self.parked else 1.0)
+            self.wait_for_and_dispatch_events(
+                timeout=0.1 if self.parked or self.waiting else LOOP_WAIT
+            )
+            self._dispatch()
             self._expire(self.parked)
             self._expire(self.waiting)
+            lingering.expire()
         self._expire(self.parked, everything=True)
         self._expire(self.waiting, everything=True)
+        for left in self.ready:  # not served within the graceful timeout
+            if isinstance(left, _Connection):
+                self.nr_conns -= 1
+                left.close()
+        self.poller.unregister(lingering.fileno())
+        lingering.close_all()
         self.tpool.shutdown(wait=False)
         self.poller.close()
         self.method_queue.close()
@@ -214,12 +339,9 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
     def handle(self, conn: _Connection) -> Any:
         try:
             if conn.http is None:
-                if not _readable_within(conn.sock, FIRST_DATA_WAIT):
-                    return _PARK
                 sock = conn.sock
                 if self.cfg.is_ssl:
                     sock = conn.sock = gunicorn_sock.ssl_wrap_socket(sock, self.cfg)
-                set_nodelay(sock)
                 conn.http = HTTPConnection(
                     sock, conn.client, conn.server, self.wsgi, self.http_config, self.http_hooks
                 )
@@ -232,11 +354,6 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
                 self.log.exception("Socket error processing request.")
         except Exception:
             self.log.exception("Error serving a connection")
-        conn.close(graceful=True)
-        return False
-
-
-def _readable_within(sock: Any, timeout: float) -> bool:
-    poll = select.poll()
-    poll.register(sock, select.POLLIN)
-    return bool(poll.poll(timeout * 1000))
+        if type(conn.sock) is not QuickSocket:
+            conn.close(graceful=True)  # TLS: the close_notify and the wait, in this thread
+        return False  # the main thread closes it

@@ -1,27 +1,36 @@
-"""Worker recycling by resident memory and by age, for every worker class.
+"""Worker recycling: by memory and by age in the master, by request count in the worker.
 
-`Recycling` is a mixin placed before a gunicorn worker class. It reads microsvc's
-settings from `worker.app.settings` (a worker under a plain gunicorn app, which has no
-`.settings`, runs with recycling off) and checks:
+The master decides on memory and age (`Recycler`, which `MicrosvcArbiter` runs once a
+second):
 
-- `--max-worker-memory`: the worker's resident memory (RSS), read at most once a
-  second; above the limit on two consecutive reads, the worker is recycled, so one
-  transient spike is not enough.
-- `--max-worker-lifetime` (+ `--max-worker-lifetime-jitter`): each worker draws its own
-  lifetime, the setting plus a uniform 0..jitter, when it starts; once it has run that
-  long, it is recycled.
+- `--max-worker-memory`: each worker's own memory, its USS (the pages no other process
+  maps, which the kernel gives back when the worker exits), read by the master from
+  /proc/PID/smaps_rollup (`microsvc.observe.scoreboard.read_memory`). Pages a worker
+  shares with the master and its siblings, such as the app imported once with
+  `--preload`, do not count, so they never recycle it. USS and not PSS: a worker's PSS
+  adds a share of every page it shares, and that share grows when a sibling exits
+  (fewer processes split the page), so one recycle could push the others over the
+  limit; USS depends on the worker alone and is what recycling it frees. Where the
+  platform gives no USS the limit applies to RSS, and the log line says which. Above
+  the limit on MEMORY_STRIKES consecutive reads, the worker is recycled: one transient
+  spike is not enough.
+- `--max-worker-lifetime` (+ `--max-worker-lifetime-jitter`): the master draws each
+  worker's lifetime, the setting plus a uniform 0..jitter, when it starts the worker;
+  once the worker has run that long, it is recycled.
 
-Checks run on `notify()`, which every worker loop calls about once a second even when
-idle, and after each request, so a busy leaking worker is caught promptly. Recycling
-is gunicorn's graceful way, the one `--max-requests` uses: `alive = False`; the worker
-stops accepting, finishes the requests in flight and exits, and the arbiter starts a
-replacement. Each recycle is logged once, at info level:
+A recycle is gunicorn's graceful stop of one worker, the one TTOU uses: SIGTERM to that
+worker, which stops accepting, finishes the requests in flight and exits, and the
+master starts a replacement. The master logs each recycle once, at info level, and
+counts its reason as the worker's exit reason (metrics, scoreboard):
 
-    Recycling worker (pid: 1234): memory 612.3MiB above --max-worker-memory 512MiB
+    Recycling worker (pid: 1234): memory (USS) 612.3MiB above --max-worker-memory 512MiB
     Recycling worker (pid: 1234): lifetime 3712s reached (--max-worker-lifetime 1h + jitter 112s)
     Recycling worker (pid: 1234): served 1037 requests (--max-requests 1000 + jitter 37)
 
-The last one is only a log line: gunicorn itself recycles on `--max-requests`.
+The last one is the worker's own: gunicorn stops a worker itself after `--max-requests`.
+`Recycling`, a mixin placed before a gunicorn worker class, logs that line and tells the
+app (microsvc's Launcher writes the reason in the worker's scoreboard slot, where the
+master reads it when it reaps the worker).
 """
 
 from __future__ import annotations
@@ -29,19 +38,19 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
+from microsvc.config.options import Settings
 from microsvc.config.values import format_duration, format_size
+from microsvc.observe.scoreboard import MemorySample
 
-#: Resident memory is read at most once per this many seconds.
+#: The master reads each worker's memory once per this many seconds.
 MEMORY_READ_INTERVAL = 1.0
 #: Consecutive reads above --max-worker-memory that recycle a worker.
 MEMORY_STRIKES = 2
-#: While recycling is on, a worker loop waits at most this long between checks.
+#: Kept for worker loops that ask `check_interval`: recycling no longer shortens it.
 CHECK_INTERVAL = 1.0
 
 #: Every recycle line starts with this (followed by the reason).
@@ -68,17 +77,18 @@ class RecyclePolicy:
 
 
 def recycle_policy(
-    settings: object, draw: Callable[[float, float], float] = random.uniform
+    settings: Settings | None, draw: Callable[[float, float], float] = random.uniform
 ) -> RecyclePolicy | None:
     """The policy for microsvc `Settings` (None when recycling by memory and by lifetime
-    are both off, or there are no settings). `draw(a, b)` picks the jitter."""
-    if settings is None:
+    are both off, or there are no settings: `microsvc.serving.context.settings_of`).
+    `draw(a, b)` picks the jitter."""
+    if not isinstance(settings, Settings):
         return None
-    max_memory = getattr(settings, "max_worker_memory", None) or None
-    lifetime = getattr(settings, "max_worker_lifetime", None) or None
+    max_memory = settings.max_worker_memory or None
+    lifetime = settings.max_worker_lifetime or None
     if max_memory is None and lifetime is None:
         return None
-    jitter_setting = float(getattr(settings, "max_worker_lifetime_jitter", 0.0) or 0.0)
+    jitter_setting = float(settings.max_worker_lifetime_jitter or 0.0)
     if lifetime is None:
         jitter_setting = 0.0
     jitter = draw(0.0, jitter_setting) if jitter_setting > 0 else 0.0
@@ -96,8 +106,9 @@ def _seconds(value: float) -> str:
     return text + "s"
 
 
-def memory_reason(rss: int, limit: int) -> str:
-    return f"memory {rss / _MiB:.1f}MiB above --max-worker-memory {format_size(limit)}"
+def memory_reason(own: int, limit: int, measure: str = "USS") -> str:
+    """`measure`: what `own` is, USS (or RSS where the platform gives no USS)."""
+    return f"memory ({measure}) {own / _MiB:.1f}MiB above --max-worker-memory {format_size(limit)}"
 
 
 def lifetime_reason(policy: RecyclePolicy) -> str:
@@ -115,9 +126,96 @@ def max_requests_reason(served: int, max_requests: int, jitter_setting: int, jit
     return f"served {served} requests ({setting})"
 
 
+# the master's side
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Recycle worker `pid`: `kind` (memory, lifetime) and the reason to log."""
+
+    pid: int
+    kind: str
+    reason: str
+
+
+@dataclass
+class _Tracked:
+    policy: RecyclePolicy
+    started: float
+    strikes: int = 0
+
+
+class Recycler:
+    """In the master: which workers to recycle for memory and lifetime.
+
+    `started(pid, settings)` when a worker is forked fixes its policy (and draws its
+    lifetime); `check(memory)` once a second, with the workers' latest memory samples,
+    returns the workers to recycle now, each once; `gone(pid)` when a worker is reaped.
+    `clock` (monotonic seconds) and `draw(a, b)` are replaceable for tests."""
+
+    def __init__(
+        self,
+        draw: Callable[[float, float], float] = random.uniform,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._draw = draw
+        self._clock = clock
+        self._workers: dict[int, _Tracked] = {}
+
+    def started(self, pid: int, settings: Settings | None) -> None:
+        policy = recycle_policy(settings, self._draw)
+        if policy is not None:
+            self._workers[pid] = _Tracked(policy, self._clock())
+
+    def gone(self, pid: int) -> None:
+        self._workers.pop(pid, None)
+
+    def policy(self, pid: int) -> RecyclePolicy | None:
+        tracked = self._workers.get(pid)
+        return None if tracked is None else tracked.policy
+
+    @property
+    def reads_memory(self) -> bool:
+        """Whether some worker has a memory limit (the master then reads memory)."""
+        return any(t.policy.max_memory is not None for t in self._workers.values())
+
+    def check(self, memory: Mapping[int, MemorySample | None]) -> list[Decision]:
+        """The workers to recycle now; each worker is returned at most once. `memory`:
+        each worker's latest sample (a missing or None sample counts as no reading)."""
+        now = self._clock()
+        decisions = []
+        for pid, tracked in list(self._workers.items()):
+            decision = self._decide(pid, tracked, now, memory.get(pid))
+            if decision is not None:
+                del self._workers[pid]
+                decisions.append(decision)
+        return decisions
+
+    def _decide(
+        self, pid: int, tracked: _Tracked, now: float, sample: MemorySample | None
+    ) -> Decision | None:
+        policy = tracked.policy
+        lifetime = policy.lifetime
+        if lifetime is not None and now - tracked.started >= lifetime:
+            return Decision(pid, "lifetime", lifetime_reason(policy))
+        if policy.max_memory is None or sample is None:
+            return None
+        if sample.own <= policy.max_memory:
+            tracked.strikes = 0
+            return None
+        tracked.strikes += 1
+        if tracked.strikes < MEMORY_STRIKES:
+            return None
+        return Decision(pid, "memory", memory_reason(sample.own, policy.max_memory, sample.measure))
+
+
+# the worker's side
+
+
 class Recycling:
-    """Mixin for a gunicorn worker class: recycle by memory and by lifetime, and name
-    the reason of every recycle in the log. Put it first: `class W(Recycling, Base)`."""
+    """Mixin for a gunicorn worker class: name the reason when gunicorn recycles the
+    worker after --max-requests (logged once, told to the app). Put it first:
+    `class W(Recycling, Base)`. Memory and lifetime are the master's (`Recycler`)."""
 
     # Provided by gunicorn's Worker.
     alive: bool
@@ -128,21 +226,15 @@ class Recycling:
     cfg: Any
     log: Any
 
-    _recycle_policy: RecyclePolicy | None = None
-    _recycle_started: float = 0.0
     _recycle_reason: str | None = None
     _recycling_on: bool = False
 
     # gunicorn's hooks
 
     def init_process(self) -> None:
-        """In the worker, after fork: start the clock and draw the lifetime."""
+        """In the worker, after fork."""
         self.start_recycling()
         super().init_process()  # type: ignore[misc]
-
-    def notify(self) -> None:
-        super().notify()  # type: ignore[misc]
-        self.check_recycling()
 
     def handle_request(self, *args: Any, **kwargs: Any) -> Any:
         was_alive = self.alive
@@ -159,89 +251,22 @@ class Recycling:
         finally:
             self.after_request(was_alive)
 
-    # overridable: tests give a fake clock, memory reader and draw
-
-    def _now(self) -> float:
-        return time.monotonic()
-
-    def _rss(self) -> int:
-        process = getattr(self, "_recycle_process", None)
-        if process is None:
-            process = self._recycle_process = psutil.Process()
-        return int(process.memory_info().rss)
-
-    def _draw(self, low: float, high: float) -> float:
-        # After fork every worker has the master's random state; draw from the OS.
-        return random.SystemRandom().uniform(low, high)
-
     def _wake(self) -> None:
         """Make the worker loop see `alive = False` soon (a worker class may override)."""
 
     # the logic
 
     def start_recycling(self) -> None:
-        settings = getattr(getattr(self, "app", None), "settings", None)
-        self._recycle_policy = recycle_policy(settings, self._draw)
-        self._recycle_started = self._now()
         self._recycle_reason = None
-        self._next_memory_read = self._recycle_started
-        self._memory_strikes = 0
-        self._check_lock = threading.Lock()
         self._recycle_once = threading.Lock()
         self._recycling_on = True
 
-    @property
-    def recycling_policy(self) -> RecyclePolicy | None:
-        return self._recycle_policy
-
     def check_recycling(self) -> None:
-        """Recycle if this worker is past its lifetime or its memory stays too high."""
-        policy = self._recycle_policy
-        if policy is None or not self._recycling_on or not self.alive:
-            return
-        if self._recycle_reason is not None:
-            return
-        # Another thread checking right now does the work (gthread).
-        if not self._check_lock.acquire(blocking=False):
-            return
-        try:
-            self._check(policy)
-        finally:
-            self._check_lock.release()
-
-    def _check(self, policy: RecyclePolicy) -> None:
-        now = self._now()
-        lifetime = policy.lifetime
-        if lifetime is not None and now - self._recycle_started >= lifetime:
-            self.recycle(lifetime_reason(policy), "lifetime")
-            return
-        if policy.max_memory is None or now < self._next_memory_read:
-            return
-        self._next_memory_read = now + MEMORY_READ_INTERVAL
-        try:
-            rss = self._rss()
-        except (psutil.Error, OSError) as exc:
-            self.log.warning(
-                "Worker (pid: %s) cannot read its memory use (%s); "
-                "--max-worker-memory is off for it",
-                self.pid,
-                exc,
-            )
-            self._recycle_policy = RecyclePolicy(
-                lifetime_setting=policy.lifetime_setting,
-                jitter_setting=policy.jitter_setting,
-                jitter=policy.jitter,
-            )
-            return
-        if rss <= policy.max_memory:
-            self._memory_strikes = 0
-            return
-        self._memory_strikes += 1
-        if self._memory_strikes >= MEMORY_STRIKES:
-            self.recycle(memory_reason(rss, policy.max_memory), "memory")
+        """Nothing to check in the worker: the master recycles by memory and lifetime.
+        Kept for worker loops that call it."""
 
     def after_request(self, was_alive: bool) -> None:
-        """After each request: name gunicorn's --max-requests recycle, then check."""
+        """After each request: name gunicorn's --max-requests recycle."""
         if not self._recycling_on:
             return
         if was_alive and self.nr >= self.max_requests and self._recycle_reason is None:
@@ -253,13 +278,11 @@ class Recycling:
                 ),
                 "max-requests",
             )
-            return
-        self.check_recycling()
 
     def recycle(self, reason: str, kind: str) -> None:
         """Stop this worker gracefully, logging `reason` (once per worker). `kind`
-        (max-requests, memory, lifetime) goes to the app's `worker_recycling(kind)`
-        when it has one (microsvc's Launcher counts it in the metrics)."""
+        (max-requests) goes to the app's `worker_recycling(kind)` when it has one
+        (microsvc's Launcher writes it in the worker's scoreboard slot)."""
         if not self._recycle_once.acquire(blocking=False):
             return
         self._recycle_reason = reason
@@ -268,14 +291,12 @@ class Recycling:
         if callable(tell):
             try:
                 tell(kind)
-            except Exception as exc:  # the recycle goes on whatever the metrics say
+            except Exception as exc:  # the recycle goes on whatever the app says
                 self.log.warning("Worker (pid: %s) cannot record its recycle: %s", self.pid, exc)
         self.alive = False
         self._wake()
 
     def check_interval(self, timeout: float) -> float:
-        """How long a worker loop may wait before its next check: `timeout`, capped at
-        CHECK_INTERVAL while recycling by memory or lifetime is on."""
-        if self._recycle_policy is not None and self.alive:
-            return min(timeout, CHECK_INTERVAL)
+        """How long a worker loop may wait before its next check: `timeout` (the worker
+        has nothing of its own to check; kept for worker loops that ask)."""
         return timeout

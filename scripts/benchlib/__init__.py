@@ -1,4 +1,2 @@
-"""The parts of `scripts/bench`: options, the machine, wrk, servers, points, the report.
-
-`scripts/bench` puts `scripts/` on `sys.path` and calls `benchlib.cli.main`.
-"""
+"""The parts of `scripts/bench`: options, the machine, points, the engine section, the
+report. Servers and wrk come from the shared `harness` package."""

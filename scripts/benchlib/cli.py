@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import resource
-import shutil
 import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -21,11 +21,10 @@ from benchlib.engine import (
     check_engine_option,
     draw_engine,
     engine_markdown,
-    engine_pinning,
     engine_ratios,
     install_granian,
 )
-from benchlib.errors import BenchError, RunError
+from benchlib.errors import BenchError
 from benchlib.machine import Pinning, choose_pinning, machine_info, raise_open_files_limit
 from benchlib.options import Options, parse_options
 from benchlib.points import ASYNC_IO_CONNECTIONS, Plan, Point, Run, build_plan
@@ -34,18 +33,18 @@ from benchlib.report import (
     compute_ratios,
     ratio_table,
     render_markdown,
-    summarize,
     write_json,
     write_png,
 )
-from benchlib.servers import server_env, start_server, worker_uss
-from benchlib.wrk import LUA_SCRIPT, LoadSpec, find_wrk, run_wrk, wrk_version
+from harness import HarnessError, Wrk, clean_env, find_wrk, free_port, start_server, taskset
+from harness import wrk_version as read_wrk_version
 
 #: Seconds a run takes beyond warm-up and measurement (start, stop), for the estimate.
 RUN_OVERHEAD_S = 4
-
 #: Seconds to wait for a server's worker count to settle.
 WORKERS_DEADLINE_S = 15
+#: Seconds a server may take to stop after TERM before its group is killed.
+STOP_TIMEOUT_S = 20.0
 
 
 def _interrupted(signum: int, frame: FrameType | None) -> None:
@@ -88,27 +87,14 @@ def _check_environment(options: Options) -> str:
     return wrk
 
 
-def _prepare_out(out: Path) -> Path:
+def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BenchError(f"cannot create --out {out}: {exc.strerror}") from None
-    probe = out / ".bench-write-test"
-    try:
+        probe = out / ".bench-write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
         raise BenchError(f"cannot write to --out {out}: {exc.strerror}") from None
-    return out
-
-
-def _pinning(options: Options) -> Pinning:
-    if options.sections == ("engine",):
-        return engine_pinning(options.pin)
-    pinning = choose_pinning(options.pin)
-    if pinning.pinned and shutil.which("taskset") is None:
-        return Pinning(pinning.available, reason="taskset is not installed")
-    return pinning
 
 
 def _wrk_threads(pinning: Pinning) -> int:
@@ -120,8 +106,8 @@ def _wrk_threads(pinning: Pinning) -> int:
 def _main(argv: list[str]) -> int:
     options = parse_options(argv)
     wrk = _check_environment(options)
-    out = _prepare_out(options.out)
-    pinning = _pinning(options)
+    _prepare_out(options.out)
+    pinning = choose_pinning(options.pin, per_core=options.sections == ("engine",))
     nofile = raise_open_files_limit()
     try:
         plan = build_plan(options, pinning.server_cpus)
@@ -130,7 +116,7 @@ def _main(argv: list[str]) -> int:
     if "engine" in options.sections:
         granian = install_granian(say) if "granian" in options.peers else None
         add_engine_points(plan, options, granian)
-    machine = machine_info(pinning, wrk_version(wrk), nofile)
+    machine = machine_info(pinning, read_wrk_version(wrk), nofile)
     results = Results(options, plan, machine, _wrk_threads(pinning))
 
     runs = len(plan.points) * options.repeat
@@ -150,21 +136,13 @@ def _main(argv: list[str]) -> int:
     )
 
     with tempfile.TemporaryDirectory(prefix="msvc-bench-", dir="/tmp") as tmp:
-        workdir = Path(tmp)
-        runtime_dir = workdir / "run"
-        runtime_dir.mkdir(mode=0o700)
-        script = workdir / "bench.lua"
-        script.write_text(LUA_SCRIPT)
-        runner = _Runner(options, plan, pinning, wrk, script, workdir, runtime_dir, runs)
+        runner = _Runner(options, plan, pinning, Wrk(Path(tmp), wrk), Path(tmp), runs)
         runner.run_all()
 
-    for point in plan.points:
-        results.summaries[point.key] = summarize(point)
     results.ratios = compute_ratios(results) + engine_ratios(results)
 
-    md_path = out / f"{options.label}.md"
-    json_path = out / f"{options.label}.json"
-    png_path = out / f"{options.label}.png"
+    paths = [options.out / f"{options.label}.{ext}" for ext in ("md", "json", "png")]
+    md_path, json_path, png_path = paths
     write_json(results, json_path)
     md_path.write_text(
         render_markdown(results, png_path.name if options.plot else None, engine_markdown(results))
@@ -184,39 +162,29 @@ def _main(argv: list[str]) -> int:
     failed = sum(1 for point in plan.points for run in point.runs if not run.ok)
     missed = sum(1 for ratio in results.ratios if ratio.status == "MISS")
     say()
-    written = [md_path, json_path] + ([png_path] if options.plot else [])
-    say("wrote " + ", ".join(str(path) for path in written))
+    say("wrote " + ", ".join(str(path) for path in paths[: 3 if options.plot else 2]))
     if failed:
         say(f"{failed} of {runs} runs failed (see the Markdown file)")
     if missed:
         say(f"{missed} target(s) missed")
-    if options.strict and (failed or missed):
-        return 1
-    return 0
+    return 1 if options.strict and (failed or missed) else 0
 
 
+@dataclass
 class _Runner:
-    def __init__(
-        self,
-        options: Options,
-        plan: Plan,
-        pinning: Pinning,
-        wrk: str,
-        script: Path,
-        workdir: Path,
-        runtime_dir: Path,
-        total: int,
-    ) -> None:
-        self.options = options
-        self.plan = plan
-        self.pinning = pinning
-        self.wrk = wrk
-        self.script = script
-        self.workdir = workdir
-        self.runtime_dir = runtime_dir
-        self.env = server_env(runtime_dir)
-        self.total = total
-        self.done = 0
+    options: Options
+    plan: Plan
+    pinning: Pinning
+    wrk: Wrk
+    workdir: Path
+    total: int
+    done: int = 0
+
+    def __post_init__(self) -> None:
+        # Control sockets go to runtime_dir, so they never touch another instance's.
+        self.runtime_dir = self.workdir / "run"
+        self.runtime_dir.mkdir(mode=0o700)
+        self.env = clean_env({"XDG_RUNTIME_DIR": str(self.runtime_dir)})
 
     def run_all(self) -> None:
         """Group by group; in each, every point once per round (ABAB...)."""
@@ -230,56 +198,48 @@ class _Runner:
                     time.sleep(0.2)  # let the closed sockets settle between runs
 
     def run_point(self, point: Point, round_number: int) -> Run:
-        url = f"http://127.0.0.1:{{port}}{point.path}"
-        name = f"{point.section}-{point.worker_class}-{point.workers}"
+        """Start the server (pinned), wait until it answers 200 and has its workers, read
+        their memory, warm up, measure, stop."""
         pinning = point.pinning or self.pinning
+        port = free_port()
+        argv = point.command.render(port, self.workdir, self.runtime_dir)
+        name = f"{point.section}-{point.worker_class}-{point.workers}-{port}"
+        run = Run(round_number, ok=False)
         try:
             server = start_server(
-                point.command,
-                cpus=pinning.server_cpus,
+                taskset(pinning.server_cpus) + argv,
+                port=port,
+                log_path=self.workdir / f"{name}.log",
                 env=self.env,
-                workdir=self.workdir,
-                runtime_dir=self.runtime_dir,
-                expected_workers=point.workers,
-                start_timeout=self.options.start_timeout,
-                workers_deadline=WORKERS_DEADLINE_S,
-                name=name,
+                cwd=self.workdir,
             )
-        except RunError as exc:
-            return Run(round_number, ok=False, error=f"start: {exc}")
-        uss = worker_uss(server.proc.pid)
+        except HarnessError as exc:
+            run.error = f"start: {exc}"
+            return run
         try:
-            target = url.format(port=server.port)
-            if self.options.warmup:
-                run_wrk(
-                    self.wrk, self.script, self._load(pinning, point, target, self.options.warmup)
+            try:
+                server.wait_ready(point.command.ready_path, self.options.start_timeout, status=200)
+            except HarnessError as exc:  # its message holds the whole log: keep one line
+                run.error = f"start: {str(exc).partition(': ')[0]}: {server.log_tail()}"
+                return run
+            run.workers_seen = server.wait_workers(point.workers, 0.5, WORKERS_DEADLINE_S)
+            if run.workers_seen != point.workers:
+                run.notes.append(
+                    f"expected {point.workers} workers, the master had {run.workers_seen}"
                 )
-            result = run_wrk(
-                self.wrk, self.script, self._load(pinning, point, target, self.options.duration)
-            )
-        except RunError as exc:
-            return Run(
-                round_number,
-                ok=False,
-                error=f"load: {exc}",
-                workers_seen=server.workers_seen,
-                idle_uss_bytes=uss,
-                notes=server.notes,
-            )
+            run.idle_uss_bytes = server.worker_uss()
+            url = server.url + point.path
+            load = {"connections": point.connections, "threads": _wrk_threads(pinning)}
+            if self.options.warmup:
+                self.wrk.run(url, seconds=self.options.warmup, cpus=pinning.wrk_cpus, **load)
+            result = self.wrk.run(url, seconds=self.options.duration, cpus=pinning.wrk_cpus, **load)
+            run.ok, run.result = True, result.as_dict()
+        except HarnessError as exc:
+            run.error = f"load: {str(exc).splitlines()[0]}"
         finally:
-            server.stop()
-        return Run(
-            round_number,
-            ok=True,
-            result=result.as_dict(),
-            workers_seen=server.workers_seen,
-            idle_uss_bytes=uss,
-            notes=server.notes,
-        )
-
-    def _load(self, pinning: Pinning, point: Point, url: str, duration: int) -> LoadSpec:
-        threads = _wrk_threads(pinning)
-        return LoadSpec(url, point.connections, threads, duration, pinning.wrk_cpus)
+            if not server.kill_leftovers(STOP_TIMEOUT_S):
+                run.notes.append(f"did not stop within {STOP_TIMEOUT_S:.0f} s of TERM: killed")
+        return run
 
     def report(self, point: Point, run: Run) -> None:
         head = (

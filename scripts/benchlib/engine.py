@@ -16,29 +16,36 @@ once the server answers, before any load.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from benchlib.errors import BenchError, UsageError
-from benchlib.machine import Pinning, package_version
+from benchlib.machine import choose_pinning, package_version
 from benchlib.options import CLASSES, ROOT, Options
 from benchlib.points import (
     IO_WAIT_S,
     PATHS,
     Plan,
     Point,
+    ServerCommand,
     data_connections,
     io_connections,
-    microsvc_command,
+    microsvc_run,
     microsvc_setup,
     system_facts,
 )
-from benchlib.report import Ratio, Results, Summary, _ms, _ratio, _rps, _status, _target
-from benchlib.servers import ServerCommand
+from benchlib.report import (
+    Ratio,
+    Results,
+    against_ideal,
+    compare,
+    no_errors,
+    show_ms,
+    show_rps,
+    table,
+)
 
 ENGINES = ("microsvc", "gunicorn")
 APPS = {"data": "microsvc.demo:app", "bare": "microsvc.demo:bare"}
@@ -63,65 +70,38 @@ def check_engine_option(peers: tuple[str, ...], sections: tuple[str, ...]) -> No
         if peers:
             raise UsageError("--peers is for the engine section (add engine to --sections)")
         return
-    done = subprocess.run(
-        [sys.executable, "-m", "microsvc", "run", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if "--http-engine" not in done.stdout:
+    if "--http-engine" not in (_output([sys.executable, "-m", "microsvc", "run", "--help"]) or ""):
         raise BenchError(
             "the engine section needs `microsvc run --http-engine`, which this microsvc "
             "does not have (leave engine out of --sections)"
         )
 
 
-def engine_pinning(pin: bool) -> Pinning:
-    """The server on the first CPU, wrk on the second: figures per core."""
-    available = tuple(sorted(os.sched_getaffinity(0)))
-    if not pin:
-        return Pinning(available, reason="--no-pin was given")
-    if len(available) < 2:
-        return Pinning(available, reason="one CPU only: server and wrk share it")
-    if shutil.which("taskset") is None:
-        return Pinning(available, reason="taskset is not installed")
-    return Pinning(available, available[:1], available[1:2])
-
-
-def install_granian(say: Callable[[str], None]) -> str:
-    """granian (and the Flask the project uses) in PEER_VENV, made on first use; the path
-    of its `granian` command."""
-    python = PEER_VENV / "bin" / "python"
-    wanted = [GRANIAN, f"flask=={package_version('flask')}"]
-    probe = "import importlib.metadata as m; print(m.version('granian'), m.version('flask'))"
-    have = _output([str(python), "-c", probe]) if python.exists() else None
-    if have != " ".join(item.split("==")[1] for item in wanted):
-        say(f"installing {', '.join(wanted)} into {PEER_VENV.relative_to(ROOT)}")
-        if not python.exists():
-            _must([sys.executable, "-m", "venv", str(PEER_VENV)])
-        _must(
-            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *wanted]
-        )
-    return str(PEER_VENV / "bin" / "granian")
-
-
-def _output(argv: list[str]) -> str | None:
+def _output(argv: list[str], timeout: float = 120) -> str | None:
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _must(argv: list[str]) -> None:
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise BenchError(f"cannot install the peers: {exc}") from None
-    if done.returncode != 0:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise BenchError(f"cannot install the peers ({' '.join(argv[:4])} ...): {last[0]}")
+def install_granian(say: Callable[[str], None]) -> str:
+    """granian (and the Flask the project uses) in PEER_VENV, made on first use; the path
+    of its `granian` command."""
+    python = str(PEER_VENV / "bin" / "python")
+    wanted = [GRANIAN, f"flask=={package_version('flask')}"]
+    probe = "import importlib.metadata as m; print(m.version('granian'), m.version('flask'))"
+    if _output([python, "-c", probe]) != " ".join(item.split("==")[1] for item in wanted):
+        say(f"installing {', '.join(wanted)} into {PEER_VENV.relative_to(ROOT)}")
+        steps = [
+            [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *wanted]
+        ]
+        if not (PEER_VENV / "bin" / "python").exists():
+            steps.insert(0, [sys.executable, "-m", "venv", str(PEER_VENV)])
+        for argv in steps:
+            if _output(argv, timeout=600) is None:
+                raise BenchError(f"cannot install the peers ({' '.join(argv[:4])} ... failed)")
+    return str(PEER_VENV / "bin" / "granian")
 
 
 def granian_command(granian: str, endpoint: str) -> ServerCommand:
@@ -138,7 +118,7 @@ def granian_command(granian: str, endpoint: str) -> ServerCommand:
 
 def add_engine_points(plan: Plan, options: Options, granian: str | None) -> None:
     """Append the engine section's groups (one per endpoint) to `plan`."""
-    pinning = engine_pinning(options.pin)
+    pinning = choose_pinning(options.pin, per_core=True)
     facts = system_facts(pinning.server_cpus)
     setups = {cls: microsvc_setup(cls, 1, facts) for cls in options.classes}
     endpoints = (["data", "bare"] if "data" in options.endpoints else []) + (
@@ -148,35 +128,33 @@ def add_engine_points(plan: Plan, options: Options, granian: str | None) -> None
         group: list[Point] = []
         for cls, setup in setups.items():
             engines = ENGINES if endpoint != "io" else () if cls == "sync" else ("microsvc",)
+            conns = data_connections(options, 1)
+            if endpoint == "io":
+                conns = io_connections(options, cls, 1, setup.threads)
             for engine in engines:
                 flags = ("--http-engine", engine, APPS.get(endpoint, APPS["data"]))
-                command = microsvc_command(cls, 1, {}, *flags)
-                conns = io_connections(options, cls, 1, setup.threads)
-                if endpoint != "io":
-                    conns = data_connections(options, 1)
+                command = microsvc_run(cls, 1, *flags)
                 group.append(
                     _point(endpoint, f"{engine} engine", cls, setup.threads, conns, command)
                 )
         if granian and endpoint != "io":
             command = granian_command(granian, endpoint)
-            conns = data_connections(options, 1)
-            group.append(_point(endpoint, "granian", "-", 1, conns, command))
+            group.append(_point(endpoint, "granian", "-", 1, data_connections(options, 1), command))
         for point in group:
             point.pinning = pinning
-        if group:
-            plan.groups.append(group)
-            plan.points.extend(group)
+        plan.add(group)
     if not granian:
         plan.skipped.append(
             "engine: Granian skipped; --peers granian installs it into build/bench-peers/.venv"
         )
+    version = "import granian; print(granian.__version__)"
     plan.engine = {
         "pinning": pinning.describe(),
         "workers": {
             cls: "1 worker" + (f" x {s.threads} threads" if s.threads > 1 else "")
             for cls, s in setups.items()
         },
-        "granian": _granian_version() if granian else None,
+        "granian": _output([str(PEER_VENV / "bin" / "python"), "-c", version]) if granian else None,
     }
 
 
@@ -199,20 +177,15 @@ def _point(
     )
 
 
-def _granian_version() -> str | None:
-    python = PEER_VENV / "bin" / "python"
-    return _output([str(python), "-c", "import granian; print(granian.__version__)"])
-
-
 # --- ratios ------------------------------------------------------------------------------
 
-Found = dict[tuple[str, str, str], tuple[Point, Summary]]
+Found = dict[tuple[str, str, str], Point]
 
 
 def _found(results: Results) -> Found:
-    """(endpoint, class, microsvc|gunicorn|granian) -> point and medians."""
+    """(endpoint, class, microsvc|gunicorn|granian) -> point."""
     return {
-        (p.endpoint, p.worker_class, p.config.split()[0].rstrip(",")): (p, results.summary(p))
+        (p.endpoint, p.worker_class, p.config.split()[0].rstrip(",")): p
         for p in results.plan.points
         if p.section == "engine"
     }
@@ -222,7 +195,7 @@ def _at_most(kind: str, subject: str, a: float | None, b: float | None, limit: f
     """a / b (p99) or a - b in MB (memory), which must stay at most `limit`."""
     memory = kind.endswith("(MB)")
     value = None if a is None or not b else (a - b) / MB if memory else a / b
-    shown = f"USS {_mb(a)} MB / {_mb(b)} MB" if memory else f"p99 {_ms(a)} ms / {_ms(b)} ms"
+    shown = f"USS {_mb(a)} MB / {_mb(b)} MB" if memory else f"p99 {show_ms(a)} ms / {show_ms(b)} ms"
     target = f"<= {limit:.2f}" + (" MB" if memory else "")
     if value is None:
         return Ratio(kind, subject, None, target, "n/a", shown + " (a point failed)")
@@ -236,74 +209,65 @@ def engine_ratios(results: Results) -> list[Ratio]:
     def both(endpoint: str, cls: str) -> tuple[Any, Any]:
         return found.get((endpoint, cls, "microsvc")), found.get((endpoint, cls, "gunicorn"))
 
-    ratios: list[Ratio | None] = []
-    for kind, endpoint, target in (
-        ("engine / gunicorn engine, Flask", "data", TARGET_FLASK),
-        ("engine / gunicorn engine, bare", "bare", TARGET_BARE),
-    ):
-        for cls in CLASSES:
-            ratios.append(_ratio(kind, f"{cls} {_shown(endpoint)}", *both(endpoint, cls), target))
+    ratios: list[Ratio | None] = [
+        compare(kind, f"{cls} {_shown(endpoint)}", *both(endpoint, cls), target)
+        for kind, endpoint, target in (
+            ("engine / gunicorn engine, Flask", "data", TARGET_FLASK),
+            ("engine / gunicorn engine, bare", "bare", TARGET_BARE),
+        )
+        for cls in CLASSES
+    ]
     keepalive = "gthread keep-alive / today's"
-    ratios.append(_ratio(keepalive, "gthread /data", *both("data", "gthread"), TARGET_KEEPALIVE))
+    ratios.append(compare(keepalive, "gthread /data", *both("data", "gthread"), TARGET_KEEPALIVE))
     for endpoint, against in (("data", TARGET_GRANIAN), ("bare", None)):
-        ok = [v for k, v in found.items() if k[0] == endpoint and k[2] == "microsvc" and v[1].ok]
-        best = max(ok, key=lambda item: item[1].rps or 0.0, default=None)
-        subject = f"{best[0].worker_class if best else '-'} {_shown(endpoint)}"
+        ok = [
+            p for k, p in found.items() if k[0] == endpoint and k[2] == "microsvc" and p.summary.ok
+        ]
+        best = max(ok, key=lambda p: p.summary.rps or 0.0, default=None)
+        subject = f"{best.worker_class if best else '-'} {_shown(endpoint)}"
         granian = found.get((endpoint, "-", "granian"))
-        ratios.append(_ratio("best class / Granian", subject, best, granian, against))
+        ratios.append(compare("best class / Granian", subject, best, granian, against))
     for cls in ("gevent", "eventlet", "gthread"):
         if ("io", cls, "microsvc") in found:
             ratios += _io_ratios(cls, found)
-    for cls in ("gevent", "eventlet"):
-        ours, theirs = both("data", cls)
-        if ours and theirs:
-            p99 = "p99 engine / gunicorn engine"
-            ratios.append(_at_most(p99, f"{cls} /data", ours[1].p99_ms, theirs[1].p99_ms, 1.0))
-    for cls in CLASSES:
-        ours, theirs = both("data", cls)
-        if ours and theirs:
-            kind = "idle worker memory, engine - gunicorn engine (MB)"
-            a, b = ours[1].idle_uss_bytes, theirs[1].idle_uss_bytes
-            ratios.append(_at_most(kind, cls, a, b, TARGET_MEMORY_MB))
+    measured = [(cls, *both("data", cls)) for cls in CLASSES]
+    pairs = [
+        (cls, ours.summary, theirs.summary) for cls, ours, theirs in measured if ours and theirs
+    ]
+    p99, memory = (
+        "p99 engine / gunicorn engine",
+        "idle worker memory, engine - gunicorn engine (MB)",
+    )
+    ratios += [
+        _at_most(p99, f"{cls} /data", a.p99_ms, b.p99_ms, 1.0)
+        for cls, a, b in pairs
+        if cls in ("gevent", "eventlet")
+    ]
+    ratios += [
+        _at_most(memory, cls, a.idle_uss_bytes, b.idle_uss_bytes, TARGET_MEMORY_MB)
+        for cls, a, b in pairs
+    ]
     return [ratio for ratio in ratios if ratio]
 
 
 def _io_ratios(cls: str, found: Found) -> list[Ratio]:
     """gthread: against threads / 50 ms. gevent, eventlet: no error, and against
     connections / 50 ms, or the class's /data throughput where one CPU cannot serve that."""
-    point, s = found[("io", cls, "microsvc")]
-    ratios: list[Ratio] = []
-    ideal, how, target = (
-        point.threads / IO_WAIT_S,
-        f"{point.threads} threads / 50 ms",
-        TARGET_GTHREAD_IO,
-    )
-    if cls != "gthread":
-        ideal, how, target = (
-            point.connections / IO_WAIT_S,
-            f"{point.connections} connections / 50 ms",
-            TARGET_ASYNC_IO,
-        )
-        data = found.get(("data", cls, "microsvc"))
-        if data and data[1].rps and data[1].rps < ideal:
-            ideal, how = data[1].rps, "its /data throughput: the CPU's bound"
-        status = "PASS" if s.errors == 0 and not s.failed else "MISS"
-        ratios.append(
-            Ratio(
-                "errors at 1000 connections",
-                f"{cls} /io, engine",
-                float(s.errors) if s.ok else None,
-                "0",
-                status if s.ok else "n/a",
-                f"socket errors {s.socket_errors}, non-2xx {s.non2xx} over {s.runs} runs "
-                f"at {point.connections} connections",
-            )
-        )
-    value = (s.rps or 0.0) / ideal if s.ok else None
-    status = _status(value, target) if value is not None else "n/a"
-    detail = f"{_rps(s.rps)} rps / {ideal:,.0f} ({how})"
-    ratios.append(Ratio("engine /io / ideal", f"{cls} /io", value, _target(target), status, detail))
-    return ratios
+    point = found[("io", cls, "microsvc")]
+    s = point.summary
+    kind, subject = "engine /io / ideal", f"{cls} /io"
+    if cls == "gthread":
+        ideal = point.threads / IO_WAIT_S
+        how = f"{ideal:,.0f} ({point.threads} threads / 50 ms)"
+        return [against_ideal(kind, subject, s, ideal, how, TARGET_GTHREAD_IO)]
+    ideal, how = point.connections / IO_WAIT_S, f"{point.connections} connections / 50 ms"
+    data = found.get(("data", cls, "microsvc"))
+    if data and data.summary.rps and data.summary.rps < ideal:
+        ideal, how = data.summary.rps, "its /data throughput: the CPU's bound"
+    return [
+        no_errors(f"{cls} /io, engine", point),
+        against_ideal(kind, subject, s, ideal, f"{ideal:,.0f} ({how})", TARGET_ASYNC_IO),
+    ]
 
 
 def _shown(endpoint: str) -> str:
@@ -326,9 +290,30 @@ def engine_markdown(results: Results) -> list[str]:
     workers = ", ".join(f"{cls} {what}" for cls, what in engine["workers"].items())
     granian = "no Granian"
     if engine["granian"]:
-        shown = " ".join(GRANIAN_ARGS)
-        granian = f"Granian {engine['granian']}, `granian --interface wsgi {shown}`"
-    lines = [
+        granian = (
+            f"Granian {engine['granian']}, `granian --interface wsgi {' '.join(GRANIAN_ARGS)}`"
+        )
+    rows: list[list[str]] = []
+    for cls, ours_name, label in [
+        *((c, "microsvc", c) for c in CLASSES),
+        ("-", "granian", "Granian"),
+    ]:
+        ours, theirs = found.get(("data", cls, ours_name)), found.get(("data", cls, "gunicorn"))
+        if not ours:
+            continue
+        cells = [label]
+        for endpoint in ("data", "bare"):
+            a, b = (found.get((endpoint, cls, name)) for name in (ours_name, "gunicorn"))
+            x, y = (a.summary.rps if a else None), (b.summary.rps if b else None)
+            cells += [show_rps(x), show_rps(y), f"{x / y:.2f}" if x and y else "-"]
+        mine, them = ours.summary, theirs.summary if theirs else None
+        cells.append(f"{show_ms(mine.p99_ms)} / {show_ms(them.p99_ms if them else None)}")
+        cells.append(f"{_mb(mine.idle_uss_bytes)} / {_mb(them.idle_uss_bytes if them else None)}")
+        rows.append(cells)
+    header = ["class", "Flask /data: engine", "gunicorn engine", "ratio", "bare: engine"]
+    header += ["gunicorn engine", "ratio", "/data p99 ms: engine / gunicorn"]
+    header += ["idle worker USS MB: engine / gunicorn"]
+    return [
         "## HTTP engine",
         "",
         f"`microsvc run -k CLASS --workers 1 --http-engine microsvc|gunicorn APP` ({workers}); "
@@ -338,29 +323,8 @@ def engine_markdown(results: Results) -> list[str]:
         "throughput where one CPU cannot serve that many. Memory: each worker's USS (private "
         "pages, `/proc/PID/smaps_rollup`) once the server answers, before load.",
         "",
-        "| class | Flask /data: engine | gunicorn engine | ratio | bare: engine | gunicorn engine "
-        "| ratio | /data p99 ms: engine / gunicorn | idle worker USS MB: engine / gunicorn |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table(header, rows),
     ]
-    for cls, ours_name, label in [
-        *((c, "microsvc", c) for c in CLASSES),
-        ("-", "granian", "Granian"),
-    ]:
-        ours, theirs = found.get(("data", cls, ours_name)), found.get(("data", cls, "gunicorn"))
-        if not ours:
-            continue
-        cells: list[str] = []
-        for endpoint in ("data", "bare"):
-            a, b = (found.get((endpoint, cls, name)) for name in (ours_name, "gunicorn"))
-            x, y = (a[1].rps if a else None), (b[1].rps if b else None)
-            cells += [_rps(x), _rps(y), f"{x / y:.2f}" if x and y else "-"]
-        them = theirs[1] if theirs else None
-        cells.append(f"{_ms(ours[1].p99_ms)} / {_ms(them.p99_ms if them else None)}")
-        cells.append(
-            f"{_mb(ours[1].idle_uss_bytes)} / {_mb(them.idle_uss_bytes if them else None)}"
-        )
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return [*lines, ""]
 
 
 def draw_engine(results: Results, ax_data: Any, ax_bare: Any) -> None:
@@ -376,16 +340,17 @@ def draw_engine(results: Results, ax_data: Any, ax_bare: Any) -> None:
             (0.2, "gunicorn", "tab:gray"),
         ):
             got = [found.get((endpoint, cls, engine)) for cls in classes]
-            values = [(item[1].rps or 0.0) if item else 0.0 for item in got]
+            values = [(item.summary.rps or 0.0) if item else 0.0 for item in got]
             xs = [i + offset for i in range(len(classes))]
             bars = ax.bar(xs, values, 0.4, color=color, label=f"{engine} engine")
             ax.bar_label(bars, labels=[f"{v / 1000:.1f}k" for v in values], fontsize="small")
         granian = found.get((endpoint, "-", "granian"))
-        if granian and granian[1].rps:
-            ax.axhline(granian[1].rps, color="tab:red", linestyle="--", label="Granian, 1 worker")
+        if granian and granian.summary.rps:
+            ax.axhline(
+                granian.summary.rps, color="tab:red", linestyle="--", label="Granian, 1 worker"
+            )
         ax.set_xticks(range(len(classes)), classes)
-        ax.set_title(f"{title}: 1 worker, one CPU")
-        ax.set_ylabel("2xx responses / s")
+        ax.set(title=f"{title}: 1 worker, one CPU", ylabel="2xx responses / s")
         ax.grid(True, axis="y", alpha=0.3)
         if classes:
             ax.legend(fontsize="small")

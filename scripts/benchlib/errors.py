@@ -1,4 +1,5 @@
-"""Errors that end the benchmark with one `Error: ...` line, and errors of one run."""
+"""Errors that end the benchmark with one `Error: ...` line (a failed run is recorded
+instead: `harness.HarnessError`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,3 @@ class UsageError(BenchError):
     """A bad command line: exit status 2."""
 
     exit_code = 2
-
-
-class RunError(Exception):
-    """One run failed (server did not start, wrk failed): recorded, and the bench goes on."""

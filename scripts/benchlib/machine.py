@@ -6,13 +6,16 @@ import datetime
 import os
 import platform
 import resource
+import shutil
 import sys
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchlib.wrk import cpu_list
+import psutil
+
+from harness import cpu_list
 
 #: From this many CPUs on, the server and wrk get CPUs of their own.
 PIN_MIN_CPUS = 8
@@ -47,20 +50,27 @@ class Pinning:
         )
 
 
-def choose_pinning(pin: bool) -> Pinning:
-    """A quarter of the CPUs (at least 2) for wrk, the rest for the server, from
-    PIN_MIN_CPUS on; fewer CPUs are too few to split, and both run unpinned."""
+def choose_pinning(pin: bool, per_core: bool = False) -> Pinning:
+    """From PIN_MIN_CPUS on, a quarter of the CPUs (at least 2) for wrk and the rest for
+    the server; fewer CPUs are too few to split, and both run unpinned. `per_core` (the
+    engine section): the server on the first CPU, wrk on the second, from 2 CPUs on."""
     available = tuple(sorted(os.sched_getaffinity(0)))
     count = len(available)
     if not pin:
         return Pinning(available, reason="--no-pin was given")
-    if count < PIN_MIN_CPUS:
+    if per_core and count < 2:
+        return Pinning(available, reason="one CPU only: server and wrk share it")
+    if not per_core and count < PIN_MIN_CPUS:
         return Pinning(
             available,
             reason=f"fewer than {PIN_MIN_CPUS} CPUs are too few to give wrk CPUs of its own, "
             "so wrk takes CPU time from the server and absolute numbers are low; "
             "compare the ratios",
         )
+    if shutil.which("taskset") is None:
+        return Pinning(available, reason="taskset is not installed")
+    if per_core:
+        return Pinning(available, available[:1], available[1:2])
     wrk_count = max(2, count // 4)
     return Pinning(available, available[: count - wrk_count], available[count - wrk_count :])
 
@@ -80,24 +90,13 @@ def raise_open_files_limit() -> tuple[int, int]:
 
 def cpu_model() -> str:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, sep, value = line.partition(":")
+            if sep and name.strip() in ("model name", "Processor", "cpu model"):
+                return value.strip()
     except OSError:
-        return platform.processor() or "unknown"
-    for line in text.splitlines():
-        name, sep, value = line.partition(":")
-        if sep and name.strip() in ("model name", "Processor", "cpu model"):
-            return value.strip()
+        pass
     return platform.processor() or "unknown"
-
-
-def memory_total() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 def package_version(name: str) -> str:
@@ -108,25 +107,23 @@ def package_version(name: str) -> str:
 
 
 def machine_info(pinning: Pinning, wrk_version: str, nofile: tuple[int, int]) -> dict[str, Any]:
-    memory = memory_total()
+    memory = psutil.virtual_memory().total
+    packages = ("microsvc", "gunicorn", "flask", "gevent", "eventlet", "gunicorn_h1c")
     return {
         "cpu_model": cpu_model(),
         "host_cpus": os.cpu_count(),
         "available_cpus": len(pinning.available),
         "available_cpu_list": cpu_list(pinning.available),
         "pinned": pinning.pinned,
-        "server_cpus": cpu_list(pinning.server_cpus) if pinning.server_cpus else None,
-        "wrk_cpus": cpu_list(pinning.wrk_cpus) if pinning.wrk_cpus else None,
+        "server_cpus": cpu_list(pinning.server_cpus) or None,
+        "wrk_cpus": cpu_list(pinning.wrk_cpus) or None,
         "pinning": pinning.describe(),
         "memory_bytes": memory,
-        "memory": f"{memory / 1024**3:.1f} GiB" if memory else "unknown",
+        "memory": f"{memory / 1024**3:.1f} GiB",
         "kernel": platform.release(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "python_executable": sys.executable,
-        "versions": {
-            name: package_version(name)
-            for name in ("microsvc", "gunicorn", "flask", "gevent", "eventlet", "gunicorn_h1c")
-        },
+        "versions": {name: package_version(name) for name in packages},
         "wrk": wrk_version,
         "open_files_limit": {"soft": nofile[0], "hard": nofile[1]},
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -4,9 +4,9 @@ Sections:
 
 - auto: `microsvc run -k CLASS --workers auto`;
 - plain: plain gunicorn (`python -m gunicorn -c FILE microsvc.demo:app`) with exactly the
-  gunicorn settings microsvc computes for that run (`microsvc.serving.launcher.resolve`,
-  `make_plan`, `gunicorn_config`), gunicorn's own worker class in place of microsvc's
-  (gunicorn 27 has no eventlet worker: eventlet uses microsvc's worker class path);
+  gunicorn settings microsvc computes for that run (`microsvc_setup`), gunicorn's own
+  worker class in place of microsvc's (gunicorn 27 has no eventlet worker: eventlet uses
+  microsvc's worker class path);
 - guide: the hand-typed `gunicorn -w <2*os.cpu_count()+1> microsvc.demo:app`, and with
   `-k gevent` (sync and gevent only);
 - sweep: `microsvc run -k CLASS --workers N` for a range of N;
@@ -24,14 +24,17 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import os
+import statistics
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from benchlib.machine import Pinning
 from benchlib.options import ENDPOINTS, Options
-from benchlib.servers import ServerCommand
 
 #: gunicorn's own worker classes for plain-gunicorn runs. gunicorn 27 has no eventlet
 #: worker; microsvc's is a plain gunicorn worker class (it patches in the worker).
@@ -58,6 +61,33 @@ APP = "microsvc.demo:app"
 PATHS = {**ENDPOINTS, "bare": "/bare"}
 
 
+@dataclass(frozen=True)
+class ServerCommand:
+    """How to start one configuration; `{port}` and `{config}` are filled at start."""
+
+    argv: tuple[str, ...]
+    ready_path: str
+    #: gunicorn settings written to a config file (plain gunicorn with microsvc's settings).
+    config: Mapping[str, Any] | None = None
+    #: What a person would type (the interpreter shortened, PORT for the port).
+    display: str = ""
+
+    def render(self, port: int, workdir: Path, runtime_dir: Path) -> list[str]:
+        """The argv for `port`; with settings, their gunicorn config file is written to
+        `workdir` first, with this start's bind and control socket."""
+        path = workdir / f"gunicorn-{port}.conf.py"
+        if self.config is not None:
+            settings = {
+                **self.config,
+                "bind": [f"127.0.0.1:{port}"],
+                "control_socket": str(runtime_dir / f"gunicorn-{port}.ctl"),
+            }
+            lines = ["# Written by scripts/bench: microsvc's settings for plain gunicorn."]
+            lines += [f"{name} = {value!r}" for name, value in sorted(settings.items())]
+            path.write_text("\n".join(lines) + "\n")
+        return [part.format(port=port, config=path) for part in self.argv]
+
+
 @dataclass
 class Run:
     """One measurement of a point."""
@@ -70,6 +100,31 @@ class Run:
     #: Median private memory (USS) of the workers once the server answers, before load.
     idle_uss_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The medians of a point's successful runs (errors are summed)."""
+
+    runs: int
+    failed: int
+    rps: float | None
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    socket_errors: int
+    non2xx: int
+    rps_each: tuple[float, ...]
+    errors_each: tuple[str, ...]
+    idle_uss_bytes: float | None = None
+
+    @property
+    def errors(self) -> int:
+        return self.socket_errors + self.non2xx
+
+    @property
+    def ok(self) -> bool:
+        return self.rps is not None
 
 
 @dataclass
@@ -93,6 +148,30 @@ class Point:
     @property
     def path(self) -> str:
         return PATHS[self.endpoint]
+
+    @property
+    def summary(self) -> Summary:
+        """The medians of the successful runs (errors are summed)."""
+        good = [run.result for run in self.runs if run.ok and run.result]
+        uss = [run.idle_uss_bytes for run in self.runs if run.idle_uss_bytes is not None]
+
+        def median(name: str) -> float | None:
+            return statistics.median(float(result[name]) for result in good) if good else None
+
+        failures = tuple(run.error or "failed" for run in self.runs if not run.ok)
+        return Summary(
+            runs=len(good),
+            failed=len(failures),
+            rps=median("rps"),
+            p50_ms=median("p50_ms"),
+            p90_ms=median("p90_ms"),
+            p99_ms=median("p99_ms"),
+            socket_errors=sum(int(result["socket_errors"]) for result in good),
+            non2xx=sum(int(result["non2xx"]) for result in good),
+            rps_each=tuple(float(result["rps"]) for result in good),
+            errors_each=failures,
+            idle_uss_bytes=statistics.median(uss) if uss else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -124,12 +203,14 @@ def microsvc_setup(
 ) -> MicrosvcSetup:
     """Resolve options as `microsvc run -k CLASS --workers W` does, plan, and build its
     gunicorn settings; and the same settings for plain gunicorn."""
-    from microsvc.serving.launcher import gunicorn_config, make_plan, resolve
+    from microsvc.config.pipeline import build
+    from microsvc.config.resolve import Caller
 
     options = {"worker_class": worker_class, "workers": workers, "bind": "127.0.0.1:5000"}
-    resolved = resolve(options, None, gunicorn, {}, "command line")
-    plan = make_plan(resolved, facts)
-    config = gunicorn_config(resolved.settings, plan, resolved.gunicorn, os.getpid())
+    as_typed = Caller("command line", command_line=True)  # text, as typed after `run`
+    configuration = build(options, {}, None, facts, gunicorn_settings=gunicorn, caller=as_typed)
+    plan = configuration.plan
+    config = dict(configuration.gunicorn)
     plain: dict[str, Any] = {}
     dropped: list[str] = []
     for name, value in config.items():
@@ -181,53 +262,21 @@ def io_connections(options: Options, worker_class: str, workers: int, threads: i
     return max(8, 2 * workers * threads)
 
 
-def connections(
-    options: Options, endpoint: str, worker_class: str, workers: int, threads: int, cpus: int
-) -> int:
-    if endpoint == "data":
-        return data_connections(options, cpus)
-    return io_connections(options, worker_class, workers, threads)
-
-
-def _python() -> str:
-    return sys.executable
-
-
-def _display(program: str, args: tuple[str, ...]) -> str:
-    return " ".join([program, *args]).replace("{port}", "PORT")
-
-
-def microsvc_command(
-    worker_class: str, workers: str | int, sets: dict[str, str], *flags: str
-) -> ServerCommand:
-    extra: list[str] = list(flags)
-    for name, value in sets.items():
-        extra += ["--set", f"{name}={value}"]
-    argv = (
-        _python(),
-        "-m",
-        "microsvc",
-        "run",
-        "-k",
-        worker_class,
-        "--workers",
-        str(workers),
-        *extra,
-        "-b",
-        "127.0.0.1:{port}",
-    )
-    return ServerCommand(argv, "/readyz", display=_display("microsvc", argv[3:]))
+def microsvc_run(worker_class: str, workers: str | int, *flags: str) -> ServerCommand:
+    """`microsvc run -k CLASS --workers N FLAGS`, ready when /readyz says so."""
+    run = ("run", "-k", worker_class, "--workers", str(workers), *flags, "-b", "127.0.0.1:{port}")
+    shown = " ".join(("microsvc", *run)).replace("{port}", "PORT")
+    return ServerCommand((sys.executable, "-m", "microsvc", *run), "/readyz", display=shown)
 
 
 def plain_command(setup: MicrosvcSetup) -> ServerCommand:
-    argv = (_python(), "-m", "gunicorn", "-c", "{config}", APP)
     shown = ", ".join(
         f"{name}={value}"
         for name, value in sorted(setup.plain_config.items())
         if name in ("workers", "threads", "worker_class", "worker_connections", "keepalive")
     )
     return ServerCommand(
-        argv,
+        (sys.executable, "-m", "gunicorn", "-c", "{config}", APP),
         "/data",
         config=setup.plain_config,
         display=f"gunicorn -c FILE {APP} ({shown}; the rest as microsvc sets it)",
@@ -236,30 +285,36 @@ def plain_command(setup: MicrosvcSetup) -> ServerCommand:
 
 def guide_command(worker_class: str, workers: int) -> ServerCommand:
     klass = ["-k", worker_class] if worker_class != "sync" else []
-    argv = (_python(), "-m", "gunicorn", "-w", str(workers), *klass, "-b", "127.0.0.1:{port}", APP)
-    return ServerCommand(argv, "/data", display=_display("gunicorn", argv[3:]))
+    args = ("-w", str(workers), *klass, "-b", "127.0.0.1:{port}", APP)
+    shown = " ".join(("gunicorn", *args)).replace("{port}", "PORT")
+    return ServerCommand((sys.executable, "-m", "gunicorn", *args), "/data", display=shown)
 
 
 @dataclass
 class Plan:
     """Every point, in run order, and what was skipped and why."""
 
-    points: list[Point]
-    groups: list[list[Point]]
     setups: dict[str, MicrosvcSetup]
     usable_cpus: int
     guide_workers: int
-    sweep: dict[str, tuple[int, ...]]
-    skipped: list[str]
-    parser_available: bool
+    #: Points compared with each other, run in turn (the runner's order).
+    groups: list[list[Point]] = field(default_factory=list)
+    sweep: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
     #: What the engine section ran with (pinning, peers), for the result files.
     engine: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def points(self) -> list[Point]:
+        return [point for group in self.groups for point in group]
+
+    def add(self, group: list[Point]) -> None:
+        if group:
+            self.groups.append(group)
 
 
 def parser_check() -> str | None:
     """None if the fast parser can be compared; otherwise why not."""
-    import importlib.util
-
     if importlib.util.find_spec("gunicorn_h1c") is None:
         return "gunicorn_h1c is not installed (pip install gunicorn_h1c)"
     from microsvc.config.resolve import gunicorn_setting_names
@@ -269,154 +324,86 @@ def parser_check() -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class _GroupSpec:
-    """Builds the points of one group (class and endpoint)."""
-
-    options: Options
-    cpus: int
-    worker_class: str
-    endpoint: str
-
-    def point(
-        self,
-        section: str,
-        config: str,
-        server: str,
-        size: MicrosvcSetup | tuple[int, int],
-        command: ServerCommand,
-        worker_connections: int | None,
-    ) -> Point:
-        workers, threads = (size.workers, size.threads) if isinstance(size, MicrosvcSetup) else size
-        group = f"{self.worker_class}:{self.endpoint}"
-        return Point(
-            key=f"{section}:{config}:{group}",
-            group=group,
-            section=section,
-            config=config,
-            server=server,
-            worker_class=self.worker_class,
-            workers=workers,
-            threads=threads,
-            endpoint=self.endpoint,
-            connections=connections(
-                self.options, self.endpoint, self.worker_class, workers, threads, self.cpus
-            ),
-            command=command,
-            worker_connections=worker_connections,
-        )
+#: A point of a section: (section, config, microsvc's setup or (workers, threads), command).
+_Wanted = tuple[str, str, MicrosvcSetup | tuple[int, int], ServerCommand]
 
 
 def build_plan(options: Options, server_cpus: tuple[int, ...] | None) -> Plan:
     facts = system_facts(server_cpus)
-    host_cpus = os.cpu_count() or 1
-    guide_workers = 2 * host_cpus + 1
+    guide_workers = 2 * (os.cpu_count() or 1) + 1
     setups = {cls: microsvc_setup(cls, "auto", facts) for cls in options.classes}
     cpus = next(iter(setups.values())).usable_cpus
+    plan = Plan(setups, cpus, guide_workers)
     sections = set(options.sections)
-    skipped: list[str] = []
     parser_reason = parser_check() if "parser" in sections else None
-    if "parser" in sections and parser_reason:
-        skipped.append(f"parser: skipped, {parser_reason}")
-    guide_classes = [cls for cls in options.classes if cls in ("sync", "gevent")]
-    if "guide" in sections and not guide_classes:
-        skipped.append("guide: skipped, it covers sync and gevent only")
-    sweep: dict[str, tuple[int, ...]] = {}
-    groups: list[list[Point]] = []
+    if parser_reason:
+        plan.skipped.append(f"parser: skipped, {parser_reason}")
+    guided = [cls for cls in options.classes if cls in ("sync", "gevent")]
+    if "guide" in sections and not guided:
+        plan.skipped.append("guide: skipped, it covers sync and gevent only")
 
     for cls in options.classes:
         setup = setups[cls]
-        counts = options.sweep or sweep_counts(cpus)
+        swept: list[tuple[int, MicrosvcSetup]] = []
         if "sweep" in sections:
-            sweep[cls] = tuple(counts)
-        swept = [microsvc_setup(cls, n, facts) for n in counts] if "sweep" in sections else []
-        wc = setup.plain_config.get("worker_connections")
+            plan.sweep[cls] = options.sweep or sweep_counts(cpus)
+            swept = [(n, microsvc_setup(cls, n, facts)) for n in plan.sweep[cls]]
+        guide = f"guide: gunicorn -w {guide_workers}" + (f" -k {cls}" if cls != "sync" else "")
         for endpoint in options.endpoints:
-            spec = _GroupSpec(options, cpus, cls, endpoint)
-            points: list[Point] = []
-            if "auto" in sections:
-                points.append(
-                    spec.point(
-                        "auto",
-                        "microsvc --workers auto",
-                        "microsvc",
-                        setup,
-                        microsvc_command(cls, "auto", {}),
-                        wc,
-                    )
+            wanted: list[_Wanted] = [
+                ("auto", "microsvc --workers auto", setup, microsvc_run(cls, "auto")),
+                ("plain", "gunicorn, microsvc's settings", setup, plain_command(setup)),
+            ]
+            if cls in guided:
+                wanted.append(
+                    ("guide", guide, (guide_workers, 1), guide_command(cls, guide_workers))
                 )
-            if "plain" in sections:
-                points.append(
-                    spec.point(
-                        "plain",
-                        "gunicorn, microsvc's settings",
-                        "gunicorn",
-                        setup,
-                        plain_command(setup),
-                        wc,
-                    )
-                )
-            if "guide" in sections and cls in guide_classes:
-                config = f"guide: gunicorn -w {guide_workers}" + (
-                    f" -k {cls}" if cls != "sync" else ""
-                )
-                points.append(
-                    spec.point(
-                        "guide",
-                        config,
-                        "gunicorn",
-                        (guide_workers, 1),
-                        guide_command(cls, guide_workers),
-                        None,
-                    )
-                )
-            if "sweep" in sections:
-                for count, counted in zip(counts, swept, strict=True):
-                    points.append(
-                        spec.point(
-                            "sweep",
-                            f"microsvc --workers {count}",
-                            "microsvc",
-                            counted,
-                            microsvc_command(cls, count, {}),
-                            counted.plain_config.get("worker_connections"),
-                        )
-                    )
-            if "metrics" in sections and endpoint == "data":
-                points.append(
-                    spec.point(
-                        "metrics",
-                        "microsvc --workers auto --metrics",
-                        "microsvc",
-                        setup,
-                        microsvc_command(
-                            cls, "auto", {}, "--metrics", "--metrics-bind", "127.0.0.1:0"
-                        ),
-                        wc,
-                    )
-                )
-            if "parser" in sections and not parser_reason and endpoint == "data":
-                for parser in ("python", "fast"):
-                    points.append(
-                        spec.point(
-                            "parser",
-                            f"microsvc --set http_parser={parser}",
-                            "microsvc",
-                            setup,
-                            microsvc_command(cls, "auto", {"http_parser": parser}),
-                            wc,
-                        )
-                    )
-            if points:
-                groups.append(points)
+            wanted += [
+                ("sweep", f"microsvc --workers {n}", s, microsvc_run(cls, n)) for n, s in swept
+            ]
+            if endpoint == "data":
+                metrics = microsvc_run(cls, "auto", "--metrics", "--metrics-bind", "127.0.0.1:0")
+                wanted.append(("metrics", "microsvc --workers auto --metrics", setup, metrics))
+            if endpoint == "data" and not parser_reason:
+                for setting in ("http_parser=python", "http_parser=fast"):
+                    parser = microsvc_run(cls, "auto", "--set", setting)
+                    wanted.append(("parser", f"microsvc --set {setting}", setup, parser))
+            chosen = [item for item in wanted if item[0] in sections]
+            plan.add([_point(options, cpus, cls, endpoint, *item) for item in chosen])
+    return plan
 
-    return Plan(
-        points=[point for group in groups for point in group],
-        groups=groups,
-        setups=setups,
-        usable_cpus=cpus,
-        guide_workers=guide_workers,
-        sweep=sweep,
-        skipped=skipped,
-        parser_available=parser_reason is None,
+
+def _point(
+    options: Options,
+    cpus: int,
+    cls: str,
+    endpoint: str,
+    section: str,
+    config: str,
+    size: MicrosvcSetup | tuple[int, int],
+    command: ServerCommand,
+) -> Point:
+    if isinstance(size, MicrosvcSetup):
+        workers, threads = size.workers, size.threads
+        worker_connections = size.plain_config.get("worker_connections")
+    else:
+        (workers, threads), worker_connections = size, None
+    group = f"{cls}:{endpoint}"
+    if endpoint == "data":
+        conns = data_connections(options, cpus)
+    else:
+        conns = io_connections(options, cls, workers, threads)
+    return Point(
+        key=f"{section}:{config}:{group}",
+        group=group,
+        section=section,
+        config=config,
+        server="gunicorn" if section in ("plain", "guide") else "microsvc",
+        worker_class=cls,
+        workers=workers,
+        threads=threads,
+        endpoint=endpoint,
+        connections=conns,
+        command=command,
+        worker_connections=worker_connections,
     )

@@ -3,67 +3,31 @@
 from __future__ import annotations
 
 import json
-import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from benchlib.options import CLASSES, ENDPOINTS, Options
-from benchlib.points import ASYNC_IO_CONNECTIONS, IO_WAIT_S, Plan, Point
+from benchlib.points import ASYNC_IO_CONNECTIONS, IO_WAIT_S, Plan, Point, Summary
 
 TARGET_OVERHEAD = 0.98
 TARGET_AUTO_BEST = 0.95
 TARGET_GTHREAD_IO = 0.90
 TARGET_ASYNC_IO = 0.90
+TARGET_METRICS = 0.97
 
-
-@dataclass(frozen=True)
-class Summary:
-    """The medians of a point's successful runs (errors are summed)."""
-
-    runs: int
-    failed: int
-    rps: float | None
-    p50_ms: float | None
-    p90_ms: float | None
-    p99_ms: float | None
-    socket_errors: int
-    non2xx: int
-    rps_each: tuple[float, ...]
-    errors_each: tuple[str, ...]
-    idle_uss_bytes: float | None = None
-
-    @property
-    def errors(self) -> int:
-        return self.socket_errors + self.non2xx
-
-    @property
-    def ok(self) -> bool:
-        return self.rps is not None
-
-
-def summarize(point: Point) -> Summary:
-    good = [run.result for run in point.runs if run.ok and run.result]
-    failures = tuple(run.error or "failed" for run in point.runs if not run.ok)
-    uss = [run.idle_uss_bytes for run in point.runs if run.idle_uss_bytes is not None]
-
-    def median(name: str) -> float | None:
-        return statistics.median(float(result[name]) for result in good) if good else None
-
-    return Summary(
-        runs=len(good),
-        failed=len(failures),
-        rps=median("rps"),
-        p50_ms=median("p50_ms"),
-        p90_ms=median("p90_ms"),
-        p99_ms=median("p99_ms"),
-        socket_errors=sum(int(result["socket_errors"]) for result in good),
-        non2xx=sum(int(result["non2xx"]) for result in good),
-        rps_each=tuple(float(result["rps"]) for result in good),
-        errors_each=failures,
-        idle_uss_bytes=statistics.median(uss) if uss else None,
-    )
+#: The order of the ratios on the page and the terminal.
+ORDER = (
+    "microsvc / plain gunicorn",
+    "auto / best of sweep",
+    "gthread /io / ideal",
+    "errors at 1000 connections",
+    "async /io / /data",
+    "auto / guide's command",
+    "metrics on / off",
+    "parser fast / python",
+)
 
 
 @dataclass
@@ -91,208 +55,145 @@ class Results:
     plan: Plan
     machine: dict[str, Any]
     wrk_threads: int
-    summaries: dict[str, Summary] = field(default_factory=dict)
     ratios: list[Ratio] = field(default_factory=list)
 
-    def summary(self, point: Point) -> Summary:
-        return self.summaries[point.key]
+    def groups(self) -> dict[str, list[Point]]:
+        return {group[0].group: group for group in self.plan.groups}
 
 
-def _find(points: Sequence[Point], section: str) -> Point | None:
-    return next((point for point in points if point.section == section), None)
-
-
-def _ratio(
-    kind: str,
-    subject: str,
-    top: tuple[Point, Summary] | None,
-    bottom: tuple[Point, Summary] | None,
-    target: float | None,
-) -> Ratio | None:
-    if top is None or bottom is None:
-        return None
-    (top_point, top_sum), (bottom_point, bottom_sum) = top, bottom
-    detail = (
-        f"{top_point.config}: {_rps(top_sum.rps)} rps / "
-        f"{bottom_point.config}: {_rps(bottom_sum.rps)} rps"
-    )
-    if not top_sum.ok or not bottom_sum.ok or not bottom_sum.rps:
-        return Ratio(kind, subject, None, _target(target), "n/a", detail + " (a point failed)")
-    value = (top_sum.rps or 0.0) / bottom_sum.rps
-    return Ratio(kind, subject, value, _target(target), _status(value, target), detail)
-
-
-def _target(target: float | None) -> str:
-    return f">= {target:.2f}" if target is not None else "none (shown)"
-
-
-def _status(value: float, target: float | None) -> str:
-    if target is None:
-        return "info"
-    return "PASS" if value >= target else "MISS"
-
-
-def compute_ratios(results: Results) -> list[Ratio]:
-    """Every ratio this run can give, from its own medians."""
-    ratios: list[Ratio] = []
-    by_group = {group[0].group: group for group in results.plan.groups}
-
-    def with_summary(point: Point | None) -> tuple[Point, Summary] | None:
-        return (point, results.summary(point)) if point else None
-
-    for cls in CLASSES:
-        for endpoint in ENDPOINTS:
-            points = by_group.get(f"{cls}:{endpoint}")
-            if not points:
-                continue
-            subject = f"{cls} {ENDPOINTS[endpoint]}"
-            auto = with_summary(_find(points, "auto"))
-            found = _ratio(
-                "microsvc / plain gunicorn",
-                subject,
-                auto,
-                with_summary(_find(points, "plain")),
-                TARGET_OVERHEAD,
-            )
-            if found:
-                ratios.append(found)
-            sweep = [with_summary(p) for p in points if p.section == "sweep"]
-            measured = [item for item in sweep if item and item[1].ok]
-            if auto and sweep:
-                best = max(measured, key=lambda item: item[1].rps or 0.0, default=None)
-                target = TARGET_AUTO_BEST if endpoint == "data" else None
-                found = _ratio("auto / best of sweep", subject, auto, best, target)
-                if found is None:
-                    found = Ratio(
-                        "auto / best of sweep",
-                        subject,
-                        None,
-                        _target(target),
-                        "n/a",
-                        "every sweep point failed",
-                    )
-                ratios.append(found)
-            guide = with_summary(_find(points, "guide"))
-            found = _ratio("auto / guide's command", subject, auto, guide, None)
-            if found:
-                ratios.append(found)
-            found = _ratio(
-                "metrics on / off", subject, with_summary(_find(points, "metrics")), auto, None
-            )
-            if found:
-                ratios.append(found)
-            fast = next((p for p in points if p.config.endswith("http_parser=fast")), None)
-            slow = next((p for p in points if p.config.endswith("http_parser=python")), None)
-            found = _ratio(
-                "parser fast / python", subject, with_summary(fast), with_summary(slow), None
-            )
-            if found:
-                ratios.append(found)
-
-    ratios.extend(_io_ratios(results, by_group))
-    order = [
-        "microsvc / plain gunicorn",
-        "auto / best of sweep",
-        "gthread /io / ideal",
-        "errors at 1000 connections",
-        "async /io / /data",
-        "auto / guide's command",
-        "metrics on / off",
-        "parser fast / python",
-    ]
-    ratios.sort(key=lambda ratio: order.index(ratio.kind))
-    return ratios
-
-
-def _io_ratios(results: Results, by_group: dict[str, list[Point]]) -> list[Ratio]:
-    ratios: list[Ratio] = []
-    gthread_io = _find(by_group.get("gthread:io", []), "auto")
-    if gthread_io:
-        summary = results.summary(gthread_io)
-        ideal = gthread_io.workers * gthread_io.threads / IO_WAIT_S
-        detail = (
-            f"{_rps(summary.rps)} rps / ({gthread_io.workers} workers x "
-            f"{gthread_io.threads} threads / {IO_WAIT_S * 1000:.0f} ms = {ideal:.0f})"
-        )
-        if summary.ok:
-            value = (summary.rps or 0.0) / ideal
-            status = _status(value, TARGET_GTHREAD_IO)
-            ratios.append(
-                Ratio(
-                    "gthread /io / ideal",
-                    "gthread /io",
-                    value,
-                    _target(TARGET_GTHREAD_IO),
-                    status,
-                    detail,
-                )
-            )
-        else:
-            ratios.append(
-                Ratio(
-                    "gthread /io / ideal",
-                    "gthread /io",
-                    None,
-                    _target(TARGET_GTHREAD_IO),
-                    "n/a",
-                    detail + " (failed)",
-                )
-            )
-    for cls in ("gevent", "eventlet"):
-        io_point = _find(by_group.get(f"{cls}:io", []), "auto")
-        if io_point is None:
-            continue
-        io_sum = results.summary(io_point)
-        at = f"{io_point.connections} connections"
-        if io_point.connections != ASYNC_IO_CONNECTIONS:
-            at += f" (the target is for {ASYNC_IO_CONNECTIONS})"
-        if io_sum.ok:
-            status = "PASS" if io_sum.errors == 0 and not io_sum.failed else "MISS"
-            ratios.append(
-                Ratio(
-                    "errors at 1000 connections",
-                    f"{cls} /io",
-                    float(io_sum.errors),
-                    "0",
-                    status,
-                    f"socket errors {io_sum.socket_errors}, non-2xx {io_sum.non2xx} "
-                    f"over {io_sum.runs} runs at {at}",
-                )
-            )
-        data_point = _find(by_group.get(f"{cls}:data", []), "auto")
-        if data_point is None:
-            continue
-        found = _ratio(
-            "async /io / /data",
-            f"{cls}",
-            (io_point, io_sum),
-            (data_point, results.summary(data_point)),
-            TARGET_ASYNC_IO,
-        )
-        if found:
-            found.detail = (
-                f"/io at {at}: {_rps(io_sum.rps)} rps / /data: "
-                f"{_rps(results.summary(data_point).rps)} rps"
-            )
-            ratios.append(found)
-    return ratios
-
-
-# --- formatting ----------------------------------------------------------------------
-
-
-def _rps(value: float | None) -> str:
+def show_rps(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def _ms(value: float | None) -> str:
+def show_ms(value: float | None) -> str:
     if value is None:
         return "-"
     return f"{value:.2f}" if value < 10 else f"{value:.1f}"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+def table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    """A Markdown table (a `|` in a cell is escaped), and a blank line."""
+
+    def line(cells: Sequence[object]) -> str:
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(header), line(["---"] * len(header)), *map(line, rows), ""]
+
+
+def target_text(target: float | None) -> str:
+    return f">= {target:.2f}" if target is not None else "none (shown)"
+
+
+def status(value: float, target: float | None) -> str:
+    if target is None:
+        return "info"
+    return "PASS" if value >= target else "MISS"
+
+
+def compare(
+    kind: str, subject: str, top: Point | None, bottom: Point | None, target: float | None
+) -> Ratio | None:
+    """top's rps / bottom's; None when either point is missing."""
+    if top is None or bottom is None:
+        return None
+    top_sum, bottom_sum = top.summary, bottom.summary
+    detail = (
+        f"{top.config}: {show_rps(top_sum.rps)} rps / "
+        f"{bottom.config}: {show_rps(bottom_sum.rps)} rps"
+    )
+    if not top_sum.ok or not bottom_sum.ok or not bottom_sum.rps:
+        return Ratio(kind, subject, None, target_text(target), "n/a", detail + " (a point failed)")
+    value = (top_sum.rps or 0.0) / bottom_sum.rps
+    return Ratio(kind, subject, value, target_text(target), status(value, target), detail)
+
+
+def _find(points: Sequence[Point], section: str, config_end: str = "") -> Point | None:
+    return next((p for p in points if p.section == section and p.config.endswith(config_end)), None)
+
+
+def compute_ratios(results: Results) -> list[Ratio]:
+    """Every ratio this run can give, from its own medians."""
+    found: list[Ratio | None] = []
+    groups = results.groups()
+    for cls in CLASSES:
+        for endpoint, path in ENDPOINTS.items():
+            points = groups.get(f"{cls}:{endpoint}", [])
+            if not points:
+                continue
+
+            first = {p.section: p for p in reversed(points)}
+            parser = {p.config.rpartition("=")[2]: p for p in points if p.section == "parser"}
+            subject, auto = f"{cls} {path}", first.get("auto")
+            found += [
+                compare(
+                    "microsvc / plain gunicorn", subject, auto, first.get("plain"), TARGET_OVERHEAD
+                ),
+                compare("auto / guide's command", subject, auto, first.get("guide"), None),
+                compare("metrics on / off", subject, first.get("metrics"), auto, TARGET_METRICS),
+                compare(
+                    "parser fast / python", subject, parser.get("fast"), parser.get("python"), None
+                ),
+            ]
+            sweep = [p for p in points if p.section == "sweep"]
+            if auto and sweep:
+                ok = [p for p in sweep if p.summary.ok]
+                best = max(ok, key=lambda p: p.summary.rps or 0.0, default=None)
+                target = TARGET_AUTO_BEST if endpoint == "data" else None
+                kind = "auto / best of sweep"
+                found.append(
+                    compare(kind, subject, auto, best, target)
+                    or Ratio(
+                        kind, subject, None, target_text(target), "n/a", "every sweep point failed"
+                    )
+                )
+    found += _io_ratios(results, groups)
+    ratios = [ratio for ratio in found if ratio]
+    return sorted(ratios, key=lambda ratio: ORDER.index(ratio.kind))
+
+
+def against_ideal(
+    kind: str, subject: str, s: Summary, ideal: float, how: str, target: float
+) -> Ratio:
+    """rps / `ideal` (what the configuration could serve at best, `how` says why)."""
+    value = (s.rps or 0.0) / ideal if s.ok else None
+    result = status(value, target) if value is not None else "n/a"
+    detail = f"{show_rps(s.rps)} rps / {how}" + ("" if s.ok else " (failed)")
+    return Ratio(kind, subject, value, target_text(target), result, detail)
+
+
+def no_errors(subject: str, point: Point) -> Ratio:
+    """No socket error and no non-2xx response in any run of the point."""
+    s, at = point.summary, f"{point.connections} connections"
+    if point.connections != ASYNC_IO_CONNECTIONS:
+        at += f" (the target is for {ASYNC_IO_CONNECTIONS})"
+    result = ("PASS" if s.errors == 0 and not s.failed else "MISS") if s.ok else "n/a"
+    detail = f"socket errors {s.socket_errors}, non-2xx {s.non2xx} over {s.runs} runs at {at}"
+    value = float(s.errors) if s.ok else None
+    return Ratio("errors at 1000 connections", subject, value, "0", result, detail)
+
+
+def _io_ratios(results: Results, groups: dict[str, list[Point]]) -> list[Ratio | None]:
+    ratios: list[Ratio | None] = []
+    gthread_io = _find(groups.get("gthread:io", []), "auto")
+    if gthread_io:
+        ideal = gthread_io.workers * gthread_io.threads / IO_WAIT_S
+        how = f"({gthread_io.workers} workers x {gthread_io.threads} threads / 50 ms = {ideal:.0f})"
+        kind, s = "gthread /io / ideal", gthread_io.summary
+        ratios.append(against_ideal(kind, "gthread /io", s, ideal, how, TARGET_GTHREAD_IO))
+    for cls in ("gevent", "eventlet"):
+        io = _find(groups.get(f"{cls}:io", []), "auto")
+        if io is None:
+            continue
+        ratios.append(no_errors(f"{cls} /io", io))
+        data = _find(groups.get(f"{cls}:data", []), "auto")
+        ratio = compare("async /io / /data", cls, io, data, TARGET_ASYNC_IO)
+        if ratio and data:
+            ratio.detail = (
+                f"/io at {io.connections} connections: {show_rps(io.summary.rps)} rps / "
+                f"/data: {show_rps(data.summary.rps)} rps"
+            )
+        ratios.append(ratio)
+    return ratios
 
 
 def ratio_table(ratios: Sequence[Ratio]) -> list[str]:
@@ -306,10 +207,14 @@ def ratio_table(ratios: Sequence[Ratio]) -> list[str]:
     ]
 
 
+# --- the Markdown page --------------------------------------------------------------------
+
+
 def render_markdown(results: Results, png_name: str | None, extra: Sequence[str] = ()) -> str:
     """The result page; `extra`: a section's own lines, after the targets."""
     options, plan, machine = results.options, results.plan, results.machine
-    versions = machine["versions"]
+    v = machine["versions"]
+    runs = f"{options.repeat} run{'s' if options.repeat != 1 else ''}"
     lines = [
         f"# Benchmark: {options.label}",
         "",
@@ -319,38 +224,54 @@ def render_markdown(results: Results, png_name: str | None, extra: Sequence[str]
         "",
         "## Machine and method",
         "",
-        "| | |",
-        "| --- | --- |",
-        f"| CPU | {_cell(machine['cpu_model'])} |",
-        f"| CPUs | {machine['host_cpus']} logical on the host "
-        f"(`os.cpu_count()`), {machine['available_cpus']} available to the bench |",
-        f"| pinning | {_cell(machine['pinning'])} |",
-        f"| usable CPUs for microsvc | {plan.usable_cpus} (what `--workers auto` plans for) |",
-        f"| memory | {machine['memory']} |",
-        f"| kernel | {machine['kernel']} |",
-        f"| Python | {machine['python']} |",
-        f"| versions | microsvc {versions['microsvc']}, gunicorn {versions['gunicorn']}, "
-        f"flask {versions['flask']}, gevent {versions['gevent']}, eventlet "
-        f"{versions['eventlet']}, gunicorn_h1c {versions['gunicorn_h1c']} |",
-        f"| wrk | {_cell(machine['wrk'])}, {results.wrk_threads} threads, "
-        f"`--timeout 5s`, Lua script for exact counts and latency percentiles |",
-        f"| per run | {options.warmup} s warm-up, then {options.duration} s measured; "
-        f"{options.repeat} run{'s' if options.repeat != 1 else ''} per point, interleaved "
-        "with the points it is compared to; medians |",
-        "| app | `microsvc.demo:app`: `/data` (small JSON), `/io?ms=50` (sleeps 50 ms) |",
-        "",
+        *table(
+            ["", ""],
+            [
+                ["CPU", machine["cpu_model"]],
+                [
+                    "CPUs",
+                    f"{machine['host_cpus']} logical on the host (`os.cpu_count()`), "
+                    f"{machine['available_cpus']} available to the bench",
+                ],
+                ["pinning", machine["pinning"]],
+                [
+                    "usable CPUs for microsvc",
+                    f"{plan.usable_cpus} (what `--workers auto` plans for)",
+                ],
+                ["memory", machine["memory"]],
+                ["kernel", machine["kernel"]],
+                ["Python", machine["python"]],
+                [
+                    "versions",
+                    f"microsvc {v['microsvc']}, gunicorn {v['gunicorn']}, flask "
+                    f"{v['flask']}, gevent {v['gevent']}, eventlet {v['eventlet']}, "
+                    f"gunicorn_h1c {v['gunicorn_h1c']}",
+                ],
+                [
+                    "wrk",
+                    f"{machine['wrk']}, {results.wrk_threads} threads, `--timeout 5s`, "
+                    "Lua script for exact counts and latency percentiles",
+                ],
+                [
+                    "per run",
+                    f"{options.warmup} s warm-up, then {options.duration} s measured; "
+                    f"{runs} per point, interleaved with the points it is compared to; medians",
+                ],
+                ["app", "`microsvc.demo:app`: `/data` (small JSON), `/io?ms=50` (sleeps 50 ms)"],
+            ],
+        ),
         "Rerun:",
         "",
         "```sh",
         options.command_line(),
         "```",
         "",
+        *_targets_section(results),
+        *extra,
+        *_results_section(results),
+        *_sweep_section(results, png_name),
+        *_setup_section(results),
     ]
-    lines += _targets_section(results)
-    lines += extra
-    lines += _results_section(results)
-    lines += _sweep_section(results, png_name)
-    lines += _setup_section(results)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -359,19 +280,17 @@ def _targets_section(results: Results) -> list[str]:
     if not results.ratios:
         lines += ["No ratio could be computed from the sections that ran.", ""]
     else:
-        lines += [
-            "| ratio | subject | value | target | result | from |",
-            "| --- | --- | --- | --- | --- | --- |",
+        header = ["ratio", "subject", "value", "target", "result", "from"]
+        rows = [
+            [r.kind, r.subject, r.shown_value(), r.target, r.status, r.detail]
+            for r in results.ratios
         ]
-        for r in results.ratios:
-            lines.append(
-                f"| {r.kind} | {_cell(r.subject)} | {r.shown_value()} | {r.target} | "
-                f"{r.status} | {_cell(r.detail)} |"
-            )
-        lines.append("")
-    if not any(point.section != "engine" for point in results.plan.points):
-        return [*lines, *(f"- {item}" for item in results.plan.skipped), ""]
-    lines += [
+        lines += table(header, rows)
+    skipped = [f"- {item}" for item in results.plan.skipped]
+    if all(point.section == "engine" for point in results.plan.points):
+        return [*lines, *skipped, ""]
+    return [
+        *lines,
         "- microsvc / plain gunicorn: `microsvc run --workers auto` against plain gunicorn "
         "with the same gunicorn settings (what the launcher itself costs); target >= 0.98.",
         "- auto / best of sweep: `--workers auto` against the best worker count of the "
@@ -383,52 +302,55 @@ def _targets_section(results: Results) -> list[str]:
         "and at least 0.90 of the class's own /data throughput.",
         "- auto / guide's command: against `gunicorn -w (2 x os.cpu_count() + 1)`, which "
         "counts the host's CPUs even where the server may use fewer; shown only.",
+        "- metrics on / off: `--workers auto --metrics` against `--workers auto` on /data "
+        "(what recording every request costs); target >= 0.97.",
+        *skipped,
+        "",
     ]
-    lines += [f"- {item}" for item in results.plan.skipped]
-    lines.append("")
-    return lines
 
 
 def _results_section(results: Results) -> list[str]:
-    lines = [
+    rows: list[list[object]] = []
+    failures: list[str] = []
+    for p in results.plan.points:
+        s = p.summary
+        each = " / ".join(f"{value:,.0f}" for value in s.rps_each) or "-"
+        if s.failed:
+            each += f" ({s.failed} failed)"
+            failures += [f"- `{p.config}` {p.path}: {error}" for error in s.errors_each]
+        rows.append(
+            [
+                p.config,
+                p.server,
+                p.worker_class,
+                p.workers,
+                p.threads,
+                f"`{p.path}`",
+                p.connections,
+                show_rps(s.rps),
+                show_ms(s.p50_ms),
+                show_ms(s.p99_ms),
+                f"{s.socket_errors} / {s.non2xx}",
+                each,
+            ]
+        )
+    header = ["config", "server", "class", "workers", "threads", "endpoint", "connections", "rps"]
+    header += ["p50 ms", "p99 ms", "errors / non-2xx", "rps of each run"]
+    return [
         "## Results",
         "",
         "rps: 2xx responses per second (median of the runs); p50/p99: latency in ms "
         "(medians); errors: socket errors / non-2xx responses, summed over the runs.",
         "",
-        "| config | server | class | workers | threads | endpoint | connections | rps | "
-        "p50 ms | p99 ms | errors / non-2xx | rps of each run |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table(header, rows or [["(no points ran)"] + [""] * 11]),
+        *(["Failed runs:", "", *failures, ""] if failures else []),
     ]
-    failures: list[str] = []
-    for point in results.plan.points:
-        s = results.summary(point)
-        each = " / ".join(f"{value:,.0f}" for value in s.rps_each) or "-"
-        if s.failed:
-            each += f" ({s.failed} failed)"
-            failures += [f"`{point.config}` {point.path}: {error}" for error in s.errors_each]
-        lines.append(
-            f"| {_cell(point.config)} | {point.server} | {point.worker_class} | "
-            f"{point.workers} | {point.threads} | `{point.path}` | {point.connections} | "
-            f"{_rps(s.rps)} | {_ms(s.p50_ms)} | {_ms(s.p99_ms)} | "
-            f"{s.socket_errors} / {s.non2xx} | {each} |"
-        )
-    if not results.plan.points:
-        lines.append("| (no points ran) | | | | | | | | | | | |")
-    lines.append("")
-    if failures:
-        lines += ["Failed runs:", ""]
-        lines += [f"- {text}" for text in failures]
-        lines.append("")
-    return lines
 
 
 def _sweep_section(results: Results, png_name: str | None) -> list[str]:
-    plan = results.plan
+    plan, endpoints = results.plan, results.options.endpoints
     if not plan.sweep:
-        if png_name:
-            return ["## Plot", "", f"![throughput and p99 latency]({png_name})", ""]
-        return []
+        return ["## Plot", "", f"![throughput and p99 latency]({png_name})", ""] if png_name else []
     lines = [
         "## Worker-count sweep",
         "",
@@ -436,43 +358,31 @@ def _sweep_section(results: Results, png_name: str | None) -> list[str]:
         "that endpoint; (auto): the count `--workers auto` chose.",
         "",
     ]
-    by_group = {group[0].group: group for group in plan.groups}
+    groups = results.groups()
     for cls, counts in plan.sweep.items():
-        auto_workers = plan.setups[cls].workers
-        header = "| workers |"
-        rule = "| --- |"
-        for endpoint in results.options.endpoints:
-            path = ENDPOINTS[endpoint]
-            header += f" `{path}` rps | `{path}` p99 ms | `{path}` connections |"
-            rule += " --- | --- | --- |"
-        lines += [f"### {cls}", "", header, rule]
-        best: dict[str, int | None] = {}
-        for endpoint in results.options.endpoints:
-            points = [p for p in by_group.get(f"{cls}:{endpoint}", []) if p.section == "sweep"]
-            ok = [p for p in points if results.summary(p).ok]
-            top = max(ok, key=lambda p: results.summary(p).rps or 0.0, default=None)
-            best[endpoint] = top.workers if top else None
+        header = ["workers"]
+        columns: list[dict[int, Point]] = []
+        for endpoint in endpoints:
+            header += [
+                f"`{ENDPOINTS[endpoint]}` {what}" for what in ("rps", "p99 ms", "connections")
+            ]
+            sweep = [p for p in groups.get(f"{cls}:{endpoint}", []) if p.section == "sweep"]
+            columns.append({p.workers: p for p in sweep})
+        rows: list[list[object]] = []
         for count in counts:
-            row = f"| {count}{' (auto)' if count == auto_workers else ''} |"
-            for endpoint in results.options.endpoints:
-                point = next(
-                    (
-                        p
-                        for p in by_group.get(f"{cls}:{endpoint}", [])
-                        if p.section == "sweep" and p.config == f"microsvc --workers {count}"
-                    ),
-                    None,
-                )
+            row: list[object] = [f"{count}{' (auto)' if count == plan.setups[cls].workers else ''}"]
+            for by_count in columns:
+                point = by_count.get(count)
                 if point is None:
-                    row += " - | - | - |"
+                    row += ["-", "-", "-"]
                     continue
-                s = results.summary(point)
-                rps = _rps(s.rps)
-                if best[endpoint] == count and s.ok:
-                    rps = f"**{rps}**"
-                row += f" {rps} | {_ms(s.p99_ms)} | {point.connections} |"
-            lines.append(row)
-        lines.append("")
+                s = point.summary
+                ok = [p.summary for p in by_count.values() if p.summary.ok]
+                best = s.ok and s.rps == max(o.rps or 0.0 for o in ok)
+                rps = f"**{show_rps(s.rps)}**" if best else show_rps(s.rps)
+                row += [rps, show_ms(s.p99_ms), point.connections]
+            rows.append(row)
+        lines += [f"### {cls}", "", *table(header, rows)]
     if png_name:
         lines += [
             f"![throughput and p99 latency against worker count]({png_name})",
@@ -495,113 +405,76 @@ def _setup_section(results: Results) -> list[str]:
         "",
     ]
     if any(point.section != "engine" for point in plan.points):
-        lines += [
-            f"- {cls}, `--workers auto`: {setup.summary}" for cls, setup in plan.setups.items()
-        ]
+        lines += [f"- {cls}, `--workers auto`: {s.summary}" for cls, s in plan.setups.items()]
         lines.append("")
-    commands: dict[tuple[str, str], str] = {}
-    for point in plan.points:
-        commands.setdefault((point.worker_class, point.config), point.command.display)
+    commands = {(p.worker_class, p.config): f"`{p.command.display}`" for p in plan.points}
     if commands:
-        lines += ["| class | config | command |", "| --- | --- | --- |"]
-        lines += [
-            f"| {cls} | {_cell(config)} | `{_cell(cmd)}` |"
-            for (cls, config), cmd in commands.items()
-        ]
-        lines.append("")
-    plain_classes = [p.worker_class for p in plan.points if p.section == "plain"]
+        lines += table(
+            ["class", "config", "command"], [[*key, cmd] for key, cmd in commands.items()]
+        )
+    plain_classes = dict.fromkeys(p.worker_class for p in plan.points if p.section == "plain")
     if plain_classes:
         lines += [
             "Plain gunicorn runs `python -m gunicorn -c FILE microsvc.demo:app`, FILE holding "
-            "the settings microsvc computes for `--workers auto` "
-            "(`microsvc.serving.launcher.resolve`, `make_plan`, `gunicorn_config`) with gunicorn's "
-            "own worker class (gunicorn 27 has "
-            "no eventlet worker: eventlet uses `microsvc.workers.eventlet.EventletWorker`). "
-            "`bind` and `control_socket` are set per start; `proc_name` is gunicorn's.",
+            "the settings microsvc computes for `--workers auto` with gunicorn's own worker "
+            "class (gunicorn 27 has no eventlet worker: eventlet uses "
+            "`microsvc.workers.eventlet.EventletWorker`). `bind` and `control_socket` are set "
+            "per start; `proc_name` is gunicorn's.",
             "",
         ]
-        for cls in dict.fromkeys(plain_classes):
-            setup = plan.setups[cls]
-            lines += [f"{cls}:", "", "```python"]
-            lines += [f"{name} = {value!r}" for name, value in sorted(setup.plain_config.items())]
-            lines += ["```", ""]
-            if setup.dropped:
-                lines += [
-                    f"Not copied (not a literal value): {', '.join(setup.dropped)}.",
-                    "",
-                ]
+    for cls in plain_classes:
+        setup = plan.setups[cls]
+        lines += [f"{cls}:", "", "```python"]
+        lines += [f"{name} = {value!r}" for name, value in sorted(setup.plain_config.items())]
+        lines += ["```", ""]
+        if setup.dropped:
+            lines += [f"Not copied (not a literal value): {', '.join(setup.dropped)}.", ""]
     notes = sorted(
         {
-            f"`{point.config}` {point.path}: {note}"
-            for point in plan.points
-            for run in point.runs
-            for note in run.notes
+            f"- `{p.config}` {p.path}: {note}"
+            for p in plan.points
+            for r in p.runs
+            for note in r.notes
         }
     )
-    if notes:
-        lines += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
-    return lines
+    return lines + (["Notes:", "", *notes, ""] if notes else [])
 
 
-def results_json(results: Results) -> dict[str, Any]:
-    plan = results.plan
-    return {
-        "label": results.options.label,
-        "command": results.options.command_line(),
-        "options": {
-            name: (str(value) if isinstance(value, Path) else value)
-            for name, value in asdict(results.options).items()
-        },
+# --- the JSON file ------------------------------------------------------------------------
+
+
+def write_json(results: Results, path: Path) -> None:
+    plan, options = results.plan, results.options
+    points = []
+    for point in plan.points:
+        summary, item = point.summary, asdict(point)
+        del item["pinning"]
+        item.update(
+            path=point.path,
+            command=point.command.display,
+            argv=list(point.command.argv),
+            summary={**asdict(summary), "errors": summary.errors},
+        )
+        points.append(item)
+    data = {
+        "label": options.label,
+        "command": options.command_line(),
+        "options": asdict(options),
         "machine": results.machine,
         "wrk_threads": results.wrk_threads,
         "usable_cpus": plan.usable_cpus,
         "guide_workers": plan.guide_workers,
-        "sweep": {cls: list(counts) for cls, counts in plan.sweep.items()},
+        "sweep": plan.sweep,
         "skipped": plan.skipped,
         "engine": plan.engine or None,
-        "microsvc": {
-            cls: {
-                "workers": setup.workers,
-                "threads": setup.threads,
-                "usable_cpus": setup.usable_cpus,
-                "plan": setup.summary,
-                "gunicorn_config": setup.gunicorn_config,
-                "plain_gunicorn_config": setup.plain_config,
-                "not_copied_to_plain": list(setup.dropped),
-            }
-            for cls, setup in plan.setups.items()
-        },
-        "points": [
-            {
-                "key": point.key,
-                "group": point.group,
-                "section": point.section,
-                "config": point.config,
-                "server": point.server,
-                "worker_class": point.worker_class,
-                "workers": point.workers,
-                "threads": point.threads,
-                "worker_connections": point.worker_connections,
-                "endpoint": point.endpoint,
-                "path": point.path,
-                "connections": point.connections,
-                "command": point.command.display,
-                "argv": list(point.command.argv),
-                "summary": {
-                    **asdict(results.summary(point)),
-                    "errors": results.summary(point).errors,
-                },
-                "runs": [asdict(run) for run in point.runs],
-            }
-            for point in plan.points
-        ],
+        "microsvc": {cls: asdict(setup) for cls, setup in plan.setups.items()},
+        "points": points,
         "ratios": [asdict(ratio) for ratio in results.ratios],
     }
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def write_json(results: Results, path: Path) -> None:
-    path.write_text(json.dumps(results_json(results), indent=2, default=str) + "\n")
-
+# --- the plot -------------------------------------------------------------------------------
 
 _COLORS = {
     "sync": "tab:blue",
@@ -612,9 +485,7 @@ _COLORS = {
 
 
 def write_png(
-    results: Results,
-    path: Path,
-    draw_extra: Callable[[Results, Any, Any], None] | None = None,
+    results: Results, path: Path, draw_extra: Callable[[Results, Any, Any], None] | None = None
 ) -> None:
     """Throughput and p99 latency against worker count: one row per endpoint, one line
     per class (the sweep), a star for `--workers auto`; `draw_extra` draws a last row."""
@@ -624,46 +495,35 @@ def write_png(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    others = any(point.section != "engine" for point in results.plan.points)
+    plan = results.plan
+    others = any(point.section != "engine" for point in plan.points)
     endpoints = list(results.options.endpoints) if others or not draw_extra else []
     rows = len(endpoints) + (1 if draw_extra else 0)
     fig, axes = plt.subplots(rows, 2, figsize=(12, 4.2 * rows), squeeze=False)
     if draw_extra:
         draw_extra(results, axes[-1][0], axes[-1][1])
-    by_group = {group[0].group: group for group in results.plan.groups}
-    for row, endpoint in enumerate(endpoints):
-        ax_rps, ax_p99 = axes[row][0], axes[row][1]
-        path_shown = ENDPOINTS[endpoint]
+    groups = results.groups()
+    for (ax_rps, ax_p99), endpoint in zip(axes, endpoints, strict=False):
         for cls in results.options.classes:
-            points = by_group.get(f"{cls}:{endpoint}", [])
+            points = groups.get(f"{cls}:{endpoint}", [])
             color = _COLORS.get(cls, "black")
             sweep = sorted(
-                (p for p in points if p.section == "sweep" and results.summary(p).ok),
+                (p for p in points if p.section == "sweep" and p.summary.ok),
                 key=lambda p: p.workers,
             )
-            if sweep:
-                xs = [p.workers for p in sweep]
-                ax_rps.plot(
-                    xs, [results.summary(p).rps for p in sweep], "o-", color=color, label=cls
-                )
-                ax_p99.plot(
-                    xs, [results.summary(p).p99_ms for p in sweep], "o-", color=color, label=cls
-                )
+            for ax, figure in ((ax_rps, "rps"), (ax_p99, "p99_ms")):
+                if sweep:
+                    ys = [getattr(p.summary, figure) for p in sweep]
+                    ax.plot([p.workers for p in sweep], ys, "o-", color=color, label=cls)
             auto = _find(points, "auto")
-            star: tuple[int, Summary] | None = None
-            if auto and results.summary(auto).ok:
-                star = (auto.workers, results.summary(auto))
-            else:
-                planned = results.plan.setups[cls].workers
-                star = next(
-                    ((p.workers, results.summary(p)) for p in sweep if p.workers == planned),
-                    None,
-                )
-            if star is not None:
-                label = f"{cls} auto ({star[0]})" if not sweep else None
-                for ax, value in ((ax_rps, star[1].rps), (ax_p99, star[1].p99_ms)):
+            if not (auto and auto.summary.ok):
+                planned = plan.setups[cls].workers
+                auto = next((p for p in sweep if p.workers == planned), None)
+            if auto is not None:
+                s, label = auto.summary, None if sweep else f"{cls} auto ({auto.workers})"
+                for ax, value in ((ax_rps, s.rps), (ax_p99, s.p99_ms)):
                     ax.plot(
-                        [star[0]],
+                        [auto.workers],
                         [value],
                         "*",
                         color=color,
@@ -671,10 +531,9 @@ def write_png(
                         markeredgecolor="black",
                         label=label,
                     )
-        ax_rps.set_title(f"{path_shown}: throughput")
-        ax_rps.set_ylabel("2xx responses / s")
-        ax_p99.set_title(f"{path_shown}: p99 latency")
-        ax_p99.set_ylabel("ms (log scale)")
+        shown = ENDPOINTS[endpoint]
+        ax_rps.set(title=f"{shown}: throughput", ylabel="2xx responses / s")
+        ax_p99.set(title=f"{shown}: p99 latency", ylabel="ms (log scale)")
         ax_rps.set_ylim(bottom=0)
         if ax_p99.get_legend_handles_labels()[0]:
             ax_p99.set_yscale("log")
@@ -686,15 +545,14 @@ def write_png(
                 ax.legend(fontsize="small")
             else:
                 ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-    machine = results.machine
+    v = results.machine["versions"]
+    scope = (
+        f"({plan.usable_cpus} CPUs for the server); star = --workers auto"
+        if endpoints
+        else "(HTTP engine, per core)"
+    )
     fig.suptitle(
-        f"microsvc {machine['versions']['microsvc']} on gunicorn "
-        f"{machine['versions']['gunicorn']}, {results.options.label} "
-        + (
-            f"({results.plan.usable_cpus} CPUs for the server); star = --workers auto"
-            if endpoints
-            else "(HTTP engine, per core)"
-        ),
+        f"microsvc {v['microsvc']} on gunicorn {v['gunicorn']}, {results.options.label} {scope}",
         fontsize="medium",
     )
     fig.tight_layout()

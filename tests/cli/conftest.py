@@ -8,11 +8,9 @@ workers) never outlives the call that started it.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,25 +20,16 @@ from pathlib import Path
 
 import pytest
 
-#: Variables microsvc reads besides MICROSVC_*; none may leak in from the test runner.
+from harness import clean_env, free_port, signal_group
+
+#: Variables microsvc reads besides MICROSVC_*; none may leak in from the test runner
+#: (`harness.clean_env` drops them, and more, from the children's environment).
 CONVENTION_VARIABLES = ("WEB_CONCURRENCY", "HOST", "PORT")
-#: Dropped from the children's environment too: it would turn warnings into errors there.
-DROPPED_VARIABLES = (*CONVENTION_VARIABLES, "PYTHONWARNINGS")
 
 TRACEBACK = "Traceback (most recent call last)"
 
 #: How long a command that should fail may take to exit on its own.
 TIMEOUT = 30
-
-
-def clean_environ(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith("MICROSVC_") and name not in DROPPED_VARIABLES
-    }
-    env.update(extra or {})
-    return env
 
 
 @pytest.fixture(autouse=True)
@@ -126,7 +115,7 @@ class Microsvc:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
-            env=clean_environ({"XDG_RUNTIME_DIR": str(self.runtime_dir), **(env or {})}),
+            env=clean_env({"XDG_RUNTIME_DIR": str(self.runtime_dir), **(env or {})}),
             cwd=cwd or self.cwd,
             start_new_session=True,
         )
@@ -145,8 +134,7 @@ class Microsvc:
 
     @staticmethod
     def kill(group: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(group, signal.SIGKILL)
+        signal_group(group, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
@@ -165,13 +153,7 @@ def microsvc(tmp_path: Path, runtime_dir: Path) -> Microsvc:
     return Microsvc(tmp_path, runtime_dir)
 
 
-def find_free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 def bind() -> str:
     """A -b value on a free local port, for `run` cases that must fail before serving."""
-    return f"127.0.0.1:{find_free_port()}"
+    return f"127.0.0.1:{free_port()}"

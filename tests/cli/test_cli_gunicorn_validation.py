@@ -5,8 +5,13 @@ validation of the whole configuration; `--set chdir` must name a directory."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.cli.conftest import Microsvc
 
 
 def h2_installed() -> bool:
@@ -16,7 +21,7 @@ def h2_installed() -> bool:
 
 
 @pytest.mark.parametrize("command", ["run", "plan"])
-def test_h2_without_the_h2_package_is_refused(microsvc, bind, command):
+def test_h2_without_the_h2_package_is_refused(microsvc: Microsvc, bind: str, command: str) -> None:
     if h2_installed():
         pytest.skip("the h2 package is installed")
     args = ["--set", "http_protocols=h2,h1"] + (["-b", bind] if command == "run" else [])
@@ -31,24 +36,28 @@ def test_h2_without_the_h2_package_is_refused(microsvc, bind, command):
     ],
     ids=["flag", "environment"],
 )
-def test_a_network_with_host_bits_names_the_option(microsvc, bind, args, env, where):
+def test_a_network_with_host_bits_names_the_option(
+    microsvc: Microsvc, bind: str, args: list[str], env: dict[str, str], where: str
+) -> None:
     result = microsvc("run", *args, "-b", bind, env=env)
     result.assert_error(2, where, "has host bits set; the network is")
 
 
-def test_a_network_with_host_bits_in_the_config_file_names_the_file(microsvc, bind, tmp_path):
+def test_a_network_with_host_bits_in_the_config_file_names_the_file(
+    microsvc: Microsvc, bind: str, tmp_path: Path
+) -> None:
     (tmp_path / "conf.py").write_text("forwarded_allow_ips = ['10.0.0.1/8']\n")
     result = microsvc("run", "-c", "conf.py", "-b", bind)
     result.assert_error(2, "forwarded_allow_ips in conf.py", "the network is 10.0.0.0/8")
 
 
-def test_chdir_that_does_not_exist_is_refused(microsvc, bind):
+def test_chdir_that_does_not_exist_is_refused(microsvc: Microsvc, bind: str) -> None:
     microsvc("run", "--set", "chdir=no/such/dir", "-b", bind).assert_error(
         2, "chdir", "no/such/dir"
     )
 
 
-def test_plan_shows_chdir_as_an_absolute_directory(microsvc, tmp_path):
+def test_plan_shows_chdir_as_an_absolute_directory(microsvc: Microsvc, tmp_path: Path) -> None:
     (tmp_path / "service").mkdir()
     result = microsvc("plan", "--json", "--set", "chdir=service", "--set", "pythonpath=lib")
     assert result.returncode == 0, result.describe()

@@ -5,11 +5,15 @@ line with exit 2."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.cli.conftest import Microsvc
 
-def test_plan_says_the_engine_and_microsvc_is_the_default(microsvc):
+
+def test_plan_says_the_engine_and_microsvc_is_the_default(microsvc: Microsvc) -> None:
     result = microsvc("plan")
     assert result.returncode == 0, result.describe()
     assert "http engine: microsvc" in result.stdout.splitlines(), result.describe()
@@ -26,7 +30,9 @@ def test_plan_says_the_engine_and_microsvc_is_the_default(microsvc):
         ([], {"MICROSVC_HTTP_ENGINE": "gunicorn"}, "MICROSVC_HTTP_ENGINE"),
     ],
 )
-def test_gunicorns_engine_on_request(microsvc, args, env, source):
+def test_gunicorns_engine_on_request(
+    microsvc: Microsvc, args: list[str], env: dict[str, str], source: str
+) -> None:
     result = microsvc("plan", "--json", *args, env=env)
     assert result.returncode == 0, result.describe()
     report = json.loads(result.stdout)
@@ -34,14 +40,14 @@ def test_gunicorns_engine_on_request(microsvc, args, env, source):
     assert source in report["settings"]["http_engine"]["source"]
 
 
-def test_an_unknown_engine_is_a_usage_error(microsvc):
+def test_an_unknown_engine_is_a_usage_error(microsvc: Microsvc) -> None:
     microsvc("run", "--http-engine", "bjoern").assert_error(2, "--http-engine", "bjoern")
 
 
 @pytest.mark.parametrize(
     "setting", ["proxy_protocol=v1", "permit_obsolete_folding=true", "header_map=dangerous"]
 )
-def test_a_setting_the_engine_cannot_honour_is_refused(microsvc, setting):
+def test_a_setting_the_engine_cannot_honour_is_refused(microsvc: Microsvc, setting: str) -> None:
     name = setting.partition("=")[0]
     microsvc("run", "--set", setting).assert_error(2, name, "--http-engine gunicorn")
     result = microsvc("plan", "--set", setting, "--http-engine", "gunicorn")

@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
 import yaml
+
+if TYPE_CHECKING:
+    from tests.cli.conftest import Microsvc
 
 IMAGE = "registry.example.com/shop:1"
 
 
-def test_manifest_prints_the_four_objects(microsvc) -> None:
+def test_manifest_prints_the_four_objects(microsvc: Microsvc) -> None:
     result = microsvc(
         "manifest", "shop.wsgi:app", "--image", IMAGE, "-k", "gevent", "--drain-period", "10s"
     )
@@ -29,7 +34,7 @@ def test_manifest_prints_the_four_objects(microsvc) -> None:
     assert container["ports"][0]["containerPort"] == 8000
 
 
-def test_manifest_takes_its_own_options(microsvc) -> None:
+def test_manifest_takes_its_own_options(microsvc: Microsvc) -> None:
     result = microsvc(
         "manifest",
         "--image", IMAGE, "--name", "shop", "--replicas", "3", "--cpu", "500m",
@@ -72,5 +77,24 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize(("args", "fragments"), BAD_INPUT)
-def test_bad_input(microsvc, args: list[str], fragments: list[str]) -> None:
+def test_bad_input(microsvc: Microsvc, args: list[str], fragments: list[str]) -> None:
     microsvc("manifest", *args).assert_error(2, *fragments)
+
+
+def test_manifest_hpa_on_queue_time(microsvc: Microsvc) -> None:
+    result = microsvc("manifest", "--image", IMAGE, "--metrics", "--hpa", "queue-time")
+    assert result.returncode == 0, result.describe()
+    hpa = list(yaml.safe_load_all(result.stdout))[2]
+    [metric] = hpa["spec"]["metrics"]
+    assert metric["pods"]["metric"]["name"] == "microsvc_http_request_queue_seconds_average"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        pytest.param(["--hpa", "busy-ratio"], ["--hpa busy-ratio", "--metrics"], id="no-metrics"),
+        pytest.param(["--hpa", "memory"], ["--hpa", "'memory'"], id="unknown"),
+    ],
+)
+def test_manifest_hpa_bad_input(microsvc: Microsvc, args: list[str], fragments: list[str]) -> None:
+    microsvc("manifest", "--image", IMAGE, *args).assert_error(2, *fragments)

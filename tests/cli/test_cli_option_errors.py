@@ -5,10 +5,14 @@ also go through `run` to show it rejects them the same way before starting anyth
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import pytest
 
-from microsvc.config.options import OPTIONS
+from microsvc.config.options import OPTIONS, OptionSpec
+
+if TYPE_CHECKING:
+    from tests.cli.conftest import Microsvc
 
 INVALID_VALUES = [
     # (arguments, fragments of the error line)
@@ -105,22 +109,22 @@ COMBINATIONS = [
 
 
 @pytest.mark.parametrize(("args", "fragments"), INVALID_VALUES)
-def test_invalid_option_value(microsvc, args, fragments):
+def test_invalid_option_value(microsvc: Microsvc, args: list[str], fragments: list[str]) -> None:
     microsvc("plan", *args).assert_error(2, *fragments)
 
 
 @pytest.mark.parametrize(("args", "fragments"), CLICK_PARSE_ERRORS)
-def test_click_parse_error(microsvc, args, fragments):
+def test_click_parse_error(microsvc: Microsvc, args: list[str], fragments: list[str]) -> None:
     microsvc("plan", *args).assert_error(2, *fragments)
 
 
 @pytest.mark.parametrize(("args", "fragments"), SET_ERRORS)
-def test_invalid_set(microsvc, args, fragments):
+def test_invalid_set(microsvc: Microsvc, args: list[str], fragments: list[str]) -> None:
     microsvc("plan", *args).assert_error(2, *fragments)
 
 
 @pytest.mark.parametrize(("args", "fragments"), COMBINATIONS)
-def test_invalid_combination(microsvc, args, fragments):
+def test_invalid_combination(microsvc: Microsvc, args: list[str], fragments: list[str]) -> None:
     microsvc("plan", *args).assert_error(2, *fragments)
 
 
@@ -135,7 +139,9 @@ def test_invalid_combination(microsvc, args, fragments):
         pytest.param(["--preload", "--reload"], ["--reload"], id="preload-reload"),
     ],
 )
-def test_run_rejects_before_serving(microsvc, bind, args, fragments):
+def test_run_rejects_before_serving(
+    microsvc: Microsvc, bind: str, args: list[str], fragments: list[str]
+) -> None:
     """`run` parses exactly like `plan`: the same error, and it exits on its own."""
     microsvc("run", "-b", bind, *args).assert_error(2, *fragments)
 
@@ -154,13 +160,13 @@ EMPTY_MEANS_NONE: dict[str, list[str] | None] = {
     [spec for spec in OPTIONS if not spec.is_flag and spec.name not in EMPTY_MEANS_NONE],
     ids=lambda spec: spec.flag,
 )
-def test_every_valued_option_rejects_an_empty_value(microsvc, spec):
+def test_every_valued_option_rejects_an_empty_value(microsvc: Microsvc, spec: OptionSpec) -> None:
     """Each option of the registry that takes a value refuses an empty one."""
     microsvc("plan", spec.flag, "").assert_error(2, spec.flag)
 
 
 @pytest.mark.parametrize("name", sorted(EMPTY_MEANS_NONE))
-def test_empty_value_turns_the_option_off(microsvc, name):
+def test_empty_value_turns_the_option_off(microsvc: Microsvc, name: str) -> None:
     flag = "--" + name.replace("_", "-")
     result = microsvc("plan", "--json", flag, "")
     assert result.returncode == 0, result.stderr

@@ -5,8 +5,14 @@ before any worker starts: 2 for what the user wrote wrong, 1 for what failed."""
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.cli.conftest import Microsvc
 
 APP_MODULES = {
     "cli_app_ok": "def app(environ, start_response):\n    return []\n",
@@ -20,7 +26,7 @@ APP_MODULES = {
 
 
 @pytest.fixture
-def app_dir(tmp_path):
+def app_dir(tmp_path: Path) -> Path:
     """The modules above in the directory `run` starts in (its cwd), so they import."""
     for name, text in APP_MODULES.items():
         (tmp_path / f"{name}.py").write_text(text)
@@ -86,12 +92,16 @@ APP_LOAD_ERRORS = [
 
 
 @pytest.mark.parametrize(("app", "fragments"), APP_USAGE_ERRORS)
-def test_app_string_usage_error(microsvc, app_dir, bind, app, fragments):
+def test_app_string_usage_error(
+    microsvc: Microsvc, app_dir: Path, bind: str, app: str, fragments: list[str]
+) -> None:
     microsvc("run", app, "-b", bind, cwd=app_dir).assert_error(2, *fragments)
 
 
 @pytest.mark.parametrize(("app", "fragments"), APP_LOAD_ERRORS)
-def test_app_load_error(microsvc, app_dir, bind, app, fragments):
+def test_app_load_error(
+    microsvc: Microsvc, app_dir: Path, bind: str, app: str, fragments: list[str]
+) -> None:
     microsvc("run", app, "-b", bind, cwd=app_dir).assert_error(1, *fragments)
 
 
@@ -104,13 +114,17 @@ def test_app_load_error(microsvc, app_dir, bind, app, fragments):
         pytest.param("cli_app_factory:create_app()", 1, "factory boom", id="factory-raises"),
     ],
 )
-def test_app_error_with_preload(microsvc, app_dir, bind, app, exit_code, fragment):
+def test_app_error_with_preload(
+    microsvc: Microsvc, app_dir: Path, bind: str, app: str, exit_code: int, fragment: str
+) -> None:
     """--preload loads the app in the gunicorn master: the same one line, the same status."""
     microsvc("run", app, "--preload", "-b", bind, cwd=app_dir).assert_error(exit_code, fragment)
 
 
 @pytest.mark.parametrize("worker_class", ["gevent", "eventlet"])
-def test_app_error_with_patching_worker_class(microsvc, app_dir, bind, worker_class):
+def test_app_error_with_patching_worker_class(
+    microsvc: Microsvc, app_dir: Path, bind: str, worker_class: str
+) -> None:
     """A monkey-patched master reports the app's failure the same way."""
     microsvc("run", "cli_app_raises", "-k", worker_class, "-b", bind, cwd=app_dir).assert_error(
         1, "boom at import"
@@ -118,29 +132,31 @@ def test_app_error_with_patching_worker_class(microsvc, app_dir, bind, worker_cl
 
 
 @pytest.mark.parametrize("worker_class", ["gevent", "eventlet"])
-def test_bind_in_use_with_patching_worker_class(microsvc, busy_port, worker_class):
+def test_bind_in_use_with_patching_worker_class(
+    microsvc: Microsvc, busy_port: int, worker_class: str
+) -> None:
     address = f"127.0.0.1:{busy_port}"
     microsvc("run", "-k", worker_class, "-b", address).assert_error(1, address, "in use")
 
 
-def test_app_from_microsvc_app(microsvc, app_dir, bind):
+def test_app_from_microsvc_app(microsvc: Microsvc, app_dir: Path, bind: str) -> None:
     microsvc(
         "run", "-b", bind, cwd=app_dir, env={"MICROSVC_APP": "no_such_module_for_microsvc"}
     ).assert_error(2, "no module named")
 
 
-def test_app_string_is_checked_by_plan(microsvc):
+def test_app_string_is_checked_by_plan(microsvc: Microsvc) -> None:
     """`plan` imports nothing but checks the shape of the app string."""
     microsvc("plan", "a b:c").assert_error(2, "'a b:c'")
 
 
 @pytest.mark.parametrize("app", ["mod:create_app({[1]: 2})", "mod:create_app({1, [2]})"])
-def test_app_string_unhashable_literal(microsvc, app):
+def test_app_string_unhashable_literal(microsvc: Microsvc, app: str) -> None:
     """ast.literal_eval raises TypeError for these: still one line, not a traceback."""
     microsvc("plan", app).assert_error(2, repr(app))
 
 
-def test_empty_app_string(microsvc):
+def test_empty_app_string(microsvc: Microsvc) -> None:
     microsvc("plan", "").assert_error(2, "''")
 
 
@@ -157,7 +173,7 @@ MISSING_EXTRA = (
     [("gevent", "gevent"), ("gevent", "packaging"), ("eventlet", "eventlet")],
     ids=["gevent", "gevent-packaging", "eventlet"],
 )
-def test_missing_extra(microsvc, bind, worker_class, package):
+def test_missing_extra(microsvc: Microsvc, bind: str, worker_class: str, package: str) -> None:
     code = MISSING_EXTRA.format(package=package, worker_class=worker_class, bind=bind)
     microsvc.python(code).assert_error(1, f"'{package}'", f"pip install 'microsvc[{worker_class}]'")
 
@@ -166,7 +182,7 @@ def test_missing_extra(microsvc, bind, worker_class, package):
 
 
 @pytest.fixture
-def busy_port():
+def busy_port() -> Iterator[int]:
     """A port held by a listening socket for the whole test."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))
@@ -174,44 +190,44 @@ def busy_port():
         yield holder.getsockname()[1]
 
 
-def test_bind_in_use(microsvc, busy_port):
+def test_bind_in_use(microsvc: Microsvc, busy_port: int) -> None:
     address = f"127.0.0.1:{busy_port}"
     microsvc("run", "-b", address).assert_error(1, address, "in use")
 
 
-def test_bind_in_use_second_address(microsvc, bind, busy_port):
+def test_bind_in_use_second_address(microsvc: Microsvc, bind: str, busy_port: int) -> None:
     address = f"127.0.0.1:{busy_port}"
     microsvc("run", "-b", bind, "-b", address).assert_error(1, address, "in use")
 
 
-def test_bind_in_use_through_port(microsvc, busy_port):
+def test_bind_in_use_through_port(microsvc: Microsvc, busy_port: int) -> None:
     microsvc("run", env={"PORT": str(busy_port)}).assert_error(
         1, f"127.0.0.1:{busy_port}", "in use"
     )
 
 
-def test_bind_held_without_listening(microsvc):
+def test_bind_held_without_listening(microsvc: Microsvc) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
         holder.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{holder.getsockname()[1]}"
         microsvc("run", "-b", address).assert_error(1, address, "in use")
 
 
-def test_bind_address_not_on_this_machine(microsvc):
+def test_bind_address_not_on_this_machine(microsvc: Microsvc) -> None:
     # 192.0.2.0/24 is TEST-NET-1 (RFC 5737): no machine of ours has it.
     microsvc("run", "-b", "192.0.2.1:8000").assert_error(1, "192.0.2.1:8000")
 
 
-def test_bind_host_does_not_resolve(microsvc):
+def test_bind_host_does_not_resolve(microsvc: Microsvc) -> None:
     microsvc("run", "-b", "no-such-host.invalid:8000").assert_error(2, "no-such-host.invalid:8000")
 
 
-def test_bind_unix_socket_in_missing_directory(microsvc, tmp_path):
+def test_bind_unix_socket_in_missing_directory(microsvc: Microsvc, tmp_path: Path) -> None:
     path = tmp_path / "missing" / "app.sock"
     microsvc("run", "-b", f"unix:{path}").assert_error(1, str(path))
 
 
-def test_bind_closed_file_descriptor(microsvc):
+def test_bind_closed_file_descriptor(microsvc: Microsvc) -> None:
     # The child gets no descriptors beyond 0-2 (close_fds), so 99 is closed there.
     microsvc("run", "-b", "fd://99").assert_error(1, "fd://99")
 
@@ -219,12 +235,12 @@ def test_bind_closed_file_descriptor(microsvc):
 # other failures while starting
 
 
-def test_access_log_in_missing_directory(microsvc, bind, tmp_path):
+def test_access_log_in_missing_directory(microsvc: Microsvc, bind: str, tmp_path: Path) -> None:
     path = tmp_path / "missing" / "access.log"
     microsvc("run", "-b", bind, "--access-log", str(path)).assert_error(1, str(path))
 
 
-def test_access_log_error_has_one_prefix(microsvc, bind, tmp_path):
+def test_access_log_error_has_one_prefix(microsvc: Microsvc, bind: str, tmp_path: Path) -> None:
     path = tmp_path / "missing" / "access.log"
     line = microsvc("run", "-b", bind, "--access-log", str(path)).assert_error(1, str(path))
     assert not line.startswith("Error: Error:")
@@ -235,16 +251,16 @@ def test_access_log_error_has_one_prefix(microsvc, bind, tmp_path):
     ["user=no_such_user_for_microsvc", "group=no_such_group_for_microsvc", "chdir=/nonexistent"],
     ids=["user", "group", "chdir"],
 )
-def test_set_rejected_by_gunicorn_config_error(microsvc, setting):
+def test_set_rejected_by_gunicorn_config_error(microsvc: Microsvc, setting: str) -> None:
     microsvc("plan", "--set", setting).assert_error(2, repr(setting.partition("=")[0]))
 
 
-def test_set_worker_tmp_dir_missing(microsvc, bind, tmp_path):
+def test_set_worker_tmp_dir_missing(microsvc: Microsvc, bind: str, tmp_path: Path) -> None:
     missing = tmp_path / "missing"
     microsvc("run", "-b", bind, "--set", f"worker_tmp_dir={missing}").assert_error(2, str(missing))
 
 
-def test_metrics_address_in_use(microsvc, busy_port, bind):
+def test_metrics_address_in_use(microsvc: Microsvc, busy_port: int, bind: str) -> None:
     address = f"127.0.0.1:{busy_port}"
     microsvc("run", "-b", bind, "--metrics", "--metrics-bind", address).assert_error(
         1, "cannot serve metrics on", address, "in use"
@@ -264,17 +280,19 @@ def test_metrics_address_in_use(microsvc, busy_port, bind):
         ),
     ],
 )
-def test_metrics_and_log_format_usage_errors(microsvc, bind, args, fragments):
+def test_metrics_and_log_format_usage_errors(
+    microsvc: Microsvc, bind: str, args: list[str], fragments: list[str]
+) -> None:
     microsvc("run", "-b", bind, *args).assert_error(2, *fragments)
 
 
-def test_metrics_bind_same_as_app_address(microsvc, bind):
+def test_metrics_bind_same_as_app_address(microsvc: Microsvc, bind: str) -> None:
     microsvc("run", "-b", bind, "--metrics", "--metrics-bind", bind).assert_error(
         2, "is also an app address"
     )
 
 
-def test_metrics_bind_from_the_environment_without_metrics(microsvc, bind):
+def test_metrics_bind_from_the_environment_without_metrics(microsvc: Microsvc, bind: str) -> None:
     microsvc("run", "-b", bind, env={"MICROSVC_METRICS_BIND": "127.0.0.1:9999"}).assert_error(
         2, "MICROSVC_METRICS_BIND", "needs --metrics"
     )

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.cli.conftest import Microsvc
 
 
 @pytest.fixture
@@ -16,12 +20,12 @@ def empty_runtime(tmp_path: Path) -> dict[str, str]:
     return {"XDG_RUNTIME_DIR": str(runtime)}
 
 
-def test_no_instance_is_one_error_line(microsvc, empty_runtime) -> None:
+def test_no_instance_is_one_error_line(microsvc: Microsvc, empty_runtime: dict[str, str]) -> None:
     result = microsvc("status", env=empty_runtime)
     result.assert_error(1, "no running microsvc instance of this user", "microsvc run")
 
 
-def test_no_instance_with_that_pid(microsvc, empty_runtime) -> None:
+def test_no_instance_with_that_pid(microsvc: Microsvc, empty_runtime: dict[str, str]) -> None:
     result = microsvc("status", "--pid", "4194304", "--json", env=empty_runtime)
     result.assert_error(1, "no running microsvc instance with master pid 4194304")
 
@@ -35,11 +39,13 @@ def test_no_instance_with_that_pid(microsvc, empty_runtime) -> None:
         (["--bogus"], "--bogus"),
     ],
 )
-def test_bad_options_are_usage_errors(microsvc, empty_runtime, args, fragment) -> None:
+def test_bad_options_are_usage_errors(
+    microsvc: Microsvc, empty_runtime: dict[str, str], args: list[str], fragment: str
+) -> None:
     microsvc("status", *args, env=empty_runtime).assert_error(2, fragment)
 
 
-def test_several_instances_ask_which(microsvc, empty_runtime) -> None:
+def test_several_instances_ask_which(microsvc: Microsvc, empty_runtime: dict[str, str]) -> None:
     """Two scoreboard files of live processes (this test and its parent): status
     names both pids and asks for --pid before it reads either."""
     runtime = Path(empty_runtime["XDG_RUNTIME_DIR"])
@@ -50,7 +56,9 @@ def test_several_instances_ask_which(microsvc, empty_runtime) -> None:
     result.assert_error(2, "several microsvc instances run", f"{pids[0]}, {pids[1]}", "--pid")
 
 
-def test_a_file_that_is_not_a_scoreboard_is_a_runtime_error(microsvc, empty_runtime) -> None:
+def test_a_file_that_is_not_a_scoreboard_is_a_runtime_error(
+    microsvc: Microsvc, empty_runtime: dict[str, str]
+) -> None:
     runtime = Path(empty_runtime["XDG_RUNTIME_DIR"])
     (runtime / f"microsvc-{os.getpid()}.scoreboard").write_bytes(b"\0" * 10)
     result = microsvc("status", env=empty_runtime)

@@ -146,7 +146,7 @@ class Podman:
 
         def dead(name: str) -> bool:
             match = re.match(rf"{SESSION_PREFIX}-(\d+)-", name)
-            return bool(match) and not psutil.pid_exists(int(match.group(1)))
+            return match is not None and not psutil.pid_exists(int(match.group(1)))
 
         pods = self("pod", "ps", "--format", "{{.Name}}", check=False).stdout.split()
         for pod in filter(dead, pods):

@@ -66,7 +66,7 @@ def _deployment(path: Path) -> dict[str, Any]:
     return dict(deployment)
 
 
-def test_manifest_runs_under_kube_play(podman: Podman, manifest: tuple[Path, str]):
+def test_manifest_runs_under_kube_play(podman: Podman, manifest: tuple[Path, str]) -> None:
     path, name = manifest
     pod_spec = _deployment(path)["spec"]["template"]["spec"]
     (container_spec,) = pod_spec["containers"]

@@ -27,7 +27,9 @@ def master_uid(container: Container) -> int:
     return int(match.group(1))
 
 
-def test_image_is_the_dockerfile_on_the_local_base(podman: Podman, image: str, base_image: str):
+def test_image_is_the_dockerfile_on_the_local_base(
+    podman: Podman, image: str, base_image: str
+) -> None:
     (from_line,) = [
         line.split()[1]
         for line in (ROOT / "Dockerfile").read_text().splitlines()
@@ -45,7 +47,7 @@ def test_image_is_the_dockerfile_on_the_local_base(podman: Podman, image: str, b
     figure(f"image {image}: Python inside is {python.stdout.strip()} (Debian's, on the local base)")
 
 
-def test_limited_container_plans_from_quota_and_memory_limit(run_container: RunContainer):
+def test_limited_container_plans_from_quota_and_memory_limit(run_container: RunContainer) -> None:
     # The image's own CMD: the demo, `--workers auto`, on port 8000.
     container = run_container(["--cpus", "1", "--memory", "512m"])
     assert master_uid(container) == 10001
@@ -90,7 +92,7 @@ def test_plan_follows_the_cpu_limits(
     limits: list[str],
     options: list[str],
     expected: dict[str, Any],
-):
+) -> None:
     done = podman(
         "run", "--rm", "--pull=never", "--label", podman.label, *limits, image,
         "microsvc", "plan", "--json", *options,
@@ -111,7 +113,7 @@ def test_plan_follows_the_cpu_limits(
     )
 
 
-def test_stop_lets_the_request_in_flight_finish(run_container: RunContainer):
+def test_stop_lets_the_request_in_flight_finish(run_container: RunContainer) -> None:
     container = run_container(
         ["--cpus", "1", "--memory", "512m"],
         ["microsvc", "run", "apps.slow:app", "--bind", "0.0.0.0:8000", "-k", "gevent"],
@@ -191,7 +193,7 @@ def _peak_memory(container: Container) -> int | None:
 LEAK_REQUESTS = 48
 
 
-def test_leaking_worker_is_recycled_before_the_oom_killer(run_container: RunContainer):
+def test_leaking_worker_is_recycled_before_the_oom_killer(run_container: RunContainer) -> None:
     container = run_container(
         ["--memory", "256m"],
         [
@@ -221,7 +223,7 @@ def test_leaking_worker_is_recycled_before_the_oom_killer(run_container: RunCont
 
 def test_leaking_worker_without_the_limit_is_killed_by_the_kernel(
     run_container: RunContainer,
-):
+) -> None:
     # The same app and limit without --max-worker-memory: the limit is real.
     container = run_container(
         ["--memory", "256m"],

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -14,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from harness import find_wrk
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "scripts" / "bench"
-WRK = shutil.which("wrk") or ("/usr/bin/wrk" if Path("/usr/bin/wrk").is_file() else None)
+WRK = find_wrk()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -42,7 +43,7 @@ def png_size(data: bytes) -> tuple[int, int]:
     return width, height
 
 
-def test_two_point_sweep_writes_markdown_json_and_png(tmp_path):
+def test_two_point_sweep_writes_markdown_json_and_png(tmp_path: Path) -> None:
     if WRK is None:
         pytest.skip("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
     done = run_bench(
@@ -101,7 +102,7 @@ def test_two_point_sweep_writes_markdown_json_and_png(tmp_path):
     assert len(image) > 10_000, "the plot is suspiciously small (nothing drawn?)"
 
 
-def test_bad_classes_value_is_one_error_line_and_exit_2(tmp_path):
+def test_bad_classes_value_is_one_error_line_and_exit_2(tmp_path: Path) -> None:
     done = run_bench("--classes", "sync,tornado", "--out", str(tmp_path), timeout=60)
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
@@ -112,7 +113,7 @@ def test_bad_classes_value_is_one_error_line_and_exit_2(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_engine_section_compares_both_engines_and_writes_the_files(tmp_path):
+def test_engine_section_compares_both_engines_and_writes_the_files(tmp_path: Path) -> None:
     if WRK is None:
         pytest.skip("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
     done = run_bench(
@@ -181,7 +182,7 @@ def test_engine_section_compares_both_engines_and_writes_the_files(tmp_path):
     assert width >= 400 and height >= 200, (width, height)
 
 
-def test_peers_without_the_engine_section_is_a_usage_error(tmp_path):
+def test_peers_without_the_engine_section_is_a_usage_error(tmp_path: Path) -> None:
     done = run_bench("--sections", "auto", "--peers", "granian", "--out", str(tmp_path))
     assert done.returncode == 2, done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()

@@ -17,9 +17,13 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cgroup]
 
@@ -105,12 +109,16 @@ def host_cpus() -> int:
     return min(psutil.cpu_count(logical=True) or 1, len(os.sched_getaffinity(0)))
 
 
-def quota_source(plan: dict) -> dict:
-    sources = {source["name"]: source for source in plan["plan"]["cpu_sources"]}
+def quota_source(plan: dict[str, Any]) -> dict[str, Any]:
+    sources: dict[str, dict[str, Any]] = {
+        source["name"]: source for source in plan["plan"]["cpu_sources"]
+    }
     return sources["quota"]
 
 
-def test_one_cpu_quota_plans_for_one_cpu(cpu_cgroup, microsvc_plan):
+def test_one_cpu_quota_plans_for_one_cpu(
+    cpu_cgroup: Callable[[float], CpuCgroup], microsvc_plan: Callable[..., dict[str, Any]]
+) -> None:
     group = cpu_cgroup(1)
     plan = microsvc_plan("-k", "sync", preexec_fn=group.enter())
     assert plan["usable_cpus"] == 1, plan["plan"]
@@ -122,7 +130,9 @@ def test_one_cpu_quota_plans_for_one_cpu(cpu_cgroup, microsvc_plan):
     assert plan["workers"] == 3, plan["plan"]
 
 
-def test_one_and_a_half_cpu_quota_rounds_up_to_two(cpu_cgroup, microsvc_plan):
+def test_one_and_a_half_cpu_quota_rounds_up_to_two(
+    cpu_cgroup: Callable[[float], CpuCgroup], microsvc_plan: Callable[..., dict[str, Any]]
+) -> None:
     group = cpu_cgroup(1.5)
     plan = microsvc_plan("-k", "sync", preexec_fn=group.enter())
     assert plan["usable_cpus"] == min(2, host_cpus()), plan["plan"]
@@ -132,7 +142,9 @@ def test_one_and_a_half_cpu_quota_rounds_up_to_two(cpu_cgroup, microsvc_plan):
     assert math.ceil(quota["cpus"]) == 2
 
 
-def test_run_auto_in_one_cpu_cgroup_starts_three_sync_workers(cpu_cgroup, serve):
+def test_run_auto_in_one_cpu_cgroup_starts_three_sync_workers(
+    cpu_cgroup: Callable[[float], CpuCgroup], serve: ServeFactory
+) -> None:
     group = cpu_cgroup(1)
     server = serve(["-k", "sync", "--workers", "auto"], preexec_fn=group.enter())
     assert server.pid in group.pids()

@@ -19,9 +19,14 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -86,12 +91,12 @@ def burst(port: int, path: str, clients: int = CLIENTS, timeout: float = 60.0) -
     return Burst(time.monotonic() - started, statuses, bodies, errors)
 
 
-def check_all_ok(result: Burst, server: Any) -> None:
+def check_all_ok(result: Burst, server: Server) -> None:
     assert not result.errors, f"{result.summary()}\n{server.describe()}"
     assert result.statuses == [200] * CLIENTS, f"{result.summary()}\n{server.describe()}"
 
 
-def test_sync_serves_as_many_at_once_as_it_has_workers(serve):
+def test_sync_serves_as_many_at_once_as_it_has_workers(serve: ServeFactory) -> None:
     server = serve(["-k", "sync", "--workers", "5"])
     result = burst(server.port, f"/io?ms={SLEEP_MS}")
     print(f"sync --workers 5: {result.summary()}")
@@ -102,7 +107,7 @@ def test_sync_serves_as_many_at_once_as_it_has_workers(serve):
     assert len(result.pids) > 1, result.summary()
 
 
-def test_gthread_serves_workers_times_threads_at_once_on_every_worker(serve):
+def test_gthread_serves_workers_times_threads_at_once_on_every_worker(serve: ServeFactory) -> None:
     server = serve(["-k", "gthread", "--workers", "2", "--threads", "5"])
     result = burst(server.port, f"/io?ms={SLEEP_MS}")
     print(f"gthread --workers 2 --threads 5: {result.summary()}")
@@ -115,7 +120,9 @@ def test_gthread_serves_workers_times_threads_at_once_on_every_worker(serve):
 
 
 @pytest.mark.parametrize("worker_class", ["gevent", "eventlet"])
-def test_cooperative_class_overlaps_all_requests_in_one_worker(serve, worker_class):
+def test_cooperative_class_overlaps_all_requests_in_one_worker(
+    serve: ServeFactory, worker_class: str
+) -> None:
     server = serve(["-k", worker_class, "--workers", "1"])
     result = burst(server.port, f"/io?ms={SLEEP_MS}")
     print(f"{worker_class} --workers 1: {result.summary()}")

@@ -16,9 +16,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -56,7 +60,7 @@ def exec_form(text: str) -> list[str]:
     return value
 
 
-def test_dockerfile_lints_clean():
+def test_dockerfile_lints_clean() -> None:
     hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which(
         "hadolint"
     )
@@ -68,7 +72,7 @@ def test_dockerfile_lints_clean():
     assert done.returncode == 0, f"hadolint:\n{done.stdout}{done.stderr}"
 
 
-def test_dockerfile_follows_the_house_rules():
+def test_dockerfile_follows_the_house_rules() -> None:
     (base,) = only("FROM")
     assert re.fullmatch(r"python:3\.1[0-9]+-slim-\w+", base), base
     env = " ".join(only("ENV"))
@@ -110,7 +114,7 @@ def _rewrite(command: str, root: Path, container_dirs: set[str]) -> str:
     return command.replace(marker, str(root))
 
 
-def test_dockerfile_install_and_cmd_serve_and_stop(tmp_path, serve):
+def test_dockerfile_install_and_cmd_serve_and_stop(tmp_path: Path, serve: ServeFactory) -> None:
     image = tmp_path / "image"
     image.mkdir()
     venv = tmp_path / "venv"
@@ -175,10 +179,10 @@ def test_dockerfile_install_and_cmd_serve_and_stop(tmp_path, serve):
     (cmd_text,) = only("CMD")
     cmd = exec_form(cmd_text)
     assert "0.0.0.0:8000" in cmd
-    command = [part.replace("0.0.0.0:8000", "127.0.0.1:{port}") for part in cmd]
+    argv = [part.replace("0.0.0.0:8000", "127.0.0.1:{port}") for part in cmd]
     # No editable install or source tree to fall back on: run from the WORKDIR.
     server = serve(
-        command=command,
+        command=argv,
         env={"PATH": path},
         cwd=Path(_container_path(workdir, image)),
         ready_path="/healthz",

@@ -29,11 +29,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = [
     pytest.mark.e2e,
@@ -111,7 +115,7 @@ def get_until_ok(url: str, deadline: float, **kwargs: object) -> requests.Respon
     return None
 
 
-def test_worker_accepts_again_after_running_out_of_file_descriptors(serve):
+def test_worker_accepts_again_after_running_out_of_file_descriptors(serve: ServeFactory) -> None:
     server = serve(["-k", "eventlet", "--workers", "1"], preexec_fn=limit_open_files(48))
     # 60 slow requests need more descriptors than the worker may open: accepts fail.
     held = open_requests(server.port, "/io?ms=1500", 60)
@@ -146,7 +150,9 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_certfile_and_keyfile_serve_tls(serve, tmp_path, certificate):
+def test_certfile_and_keyfile_serve_tls(
+    serve: ServeFactory, tmp_path: Path, certificate: tuple[Path, Path]
+) -> None:
     cert, key = certificate
     (tmp_path / "scheme.py").write_text(SCHEME_APP)
     server = serve(
@@ -242,7 +248,9 @@ def _websocket_session(port: int, path: str, client_closes: bool) -> bytes:
 
 @pytest.mark.both_engines
 @pytest.mark.parametrize("closing", ["server", "client"])
-def test_websocket_session_ends_without_a_500(serve, tmp_path, free_port, closing):
+def test_websocket_session_ends_without_a_500(
+    serve: ServeFactory, tmp_path: Path, free_port: Callable[[], int], closing: str
+) -> None:
     (tmp_path / "wsapp.py").write_text(WEBSOCKET_APP)
     metrics_port = free_port()
     server = serve(
@@ -315,7 +323,9 @@ def _probe(port: int) -> str:
 
 def _listening(port: int) -> bool:
     return any(
-        connection.status == psutil.CONN_LISTEN and connection.laddr.port == port
+        connection.status == psutil.CONN_LISTEN
+        and connection.laddr  # () for a socket without an address
+        and connection.laddr.port == port
         for connection in psutil.net_connections(kind="tcp4")
     )
 
@@ -325,7 +335,9 @@ SLOW_MS = 4000
 
 
 @pytest.mark.parametrize("stop", ["term", "recycle-reuse-port"])
-def test_stopping_worker_stops_taking_new_connections_at_once(serve, stop):
+def test_stopping_worker_stops_taking_new_connections_at_once(
+    serve: ServeFactory, stop: str
+) -> None:
     args = ["-k", "eventlet", "--workers", "1", "--graceful-timeout", "20"]
     if stop == "recycle-reuse-port":
         # The readiness probe is request 1; the slow request, number 2, recycles the

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -34,7 +40,7 @@ def ssl_app(tmp_path: Path) -> str:
     return "ssl_app:app"
 
 
-def exercise(server) -> str:
+def exercise(server: Server) -> str:
     for _ in range(5):
         with requests.get(server.url + "/health", timeout=10) as response:
             assert response.status_code == 200, server.describe()
@@ -42,14 +48,16 @@ def exercise(server) -> str:
     return server.log_text()
 
 
-def test_microsvc_gevent_preload_logs_no_monkey_patch_warning(serve, ssl_app):
+def test_microsvc_gevent_preload_logs_no_monkey_patch_warning(
+    serve: ServeFactory, ssl_app: str
+) -> None:
     server = serve([ssl_app, "-k", "gevent", "--preload", "--workers", "2"])
     log = exercise(server)
     assert "2 gevent workers" in log, log
     assert "MonkeyPatchWarning" not in log, log
 
 
-def test_control_naive_gunicorn_gevent_preload_does_warn(serve, ssl_app):
+def test_control_naive_gunicorn_gevent_preload_does_warn(serve: ServeFactory, ssl_app: str) -> None:
     server = serve(
         command=[
             sys.executable,

@@ -21,7 +21,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,16 +28,12 @@ from typing import Any
 import httptools
 import pytest
 
+from harness import STRICTER, TRUNCATED, expectation, request_bytes
+
 pytestmark = pytest.mark.e2e
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
-from test_unit_http_corpus import (  # noqa: E402
-    CORPUS,
-    STRICTER,
-    TRUNCATED,
-    expectation,
-    request_bytes,
-)
+#: gunicorn's request corpus (harness.corpus reads it).
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "gunicorn_requests"
 
 CLASSES = [
     pytest.param("sync", id="sync"),

@@ -8,24 +8,33 @@ from __future__ import annotations
 import os
 import re
 import stat
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
 CONTROL_LINE = re.compile(r"Control socket listening at (\S+)")
 
 
-def control_socket(server) -> str:
+def control_socket(server: Server) -> str:
     server.wait_log(CONTROL_LINE.pattern)
-    paths = CONTROL_LINE.findall(server.log_text())
+    paths: list[str] = CONTROL_LINE.findall(server.log_text())
     assert len(paths) == 1, server.describe()
     return paths[0]
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gevent"])
-def test_two_instances_run_side_by_side_and_stop_cleanly(serve, runtime_dir, worker_class):
+def test_two_instances_run_side_by_side_and_stop_cleanly(
+    serve: ServeFactory, runtime_dir: Path, worker_class: str
+) -> None:
     options = ["-k", worker_class, "--workers", "2"]
     first = serve(options, name="first")
     second = serve(options, name="second")

@@ -9,12 +9,16 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
 
 from microsvc.observe.jsonlog import ACCESS_FIELDS, MAX_REQUEST_ID_LENGTH
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -107,15 +111,17 @@ def marked(entries: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
     """The access entries of the tests' own requests, by request index."""
     found: dict[int, list[dict[str, Any]]] = {}
     for entry in entries:
-        agent = entry.get("user_agent")
-        if entry["logger"] == "gunicorn.access" and str(agent).startswith(AGENT):
+        agent = str(entry.get("user_agent"))
+        if entry["logger"] == "gunicorn.access" and agent.startswith(AGENT):
             found.setdefault(int(agent[len(AGENT) :]), []).append(entry)
     return found
 
 
 @pytest.mark.both_engines
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
-def test_every_line_is_json_and_access_entries_match_the_requests(serve, worker_class):
+def test_every_line_is_json_and_access_entries_match_the_requests(
+    serve: ServeFactory, worker_class: str
+) -> None:
     server = serve(["-k", worker_class, *JSON_OPTIONS, "--access-log", "-"])
     responses = send_all(server.url)
     assert server.stop() == 0, server.describe()
@@ -150,7 +156,7 @@ def test_every_line_is_json_and_access_entries_match_the_requests(serve, worker_
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gevent"])
-def test_master_and_microsvc_lines_are_json(serve, worker_class):
+def test_master_and_microsvc_lines_are_json(serve: ServeFactory, worker_class: str) -> None:
     server = serve(["-k", worker_class, *JSON_OPTIONS])
     assert server.stop() == 0, server.describe()
     entries = parse_lines(server.log_text())
@@ -161,7 +167,7 @@ def test_master_and_microsvc_lines_are_json(serve, worker_class):
     assert not [e for e in entries if e["logger"] == "gunicorn.access"], "no --access-log"
 
 
-def test_log_level_applies(serve):
+def test_log_level_applies(serve: ServeFactory) -> None:
     server = serve([*JSON_OPTIONS, "--log-level", "warning", "--access-log", "-"])
     requests.get(server.url + "/data", headers={"User-Agent": f"{AGENT}0"}, timeout=10)
     assert server.stop() == 0, server.describe()
@@ -171,7 +177,9 @@ def test_log_level_applies(serve):
 
 
 @pytest.mark.both_engines
-def test_app_exceptions_and_bad_requests_stay_on_one_line(serve, tmp_path):
+def test_app_exceptions_and_bad_requests_stay_on_one_line(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
     (tmp_path / "boomapp.py").write_text(
         "def app(environ, start_response):\n"
         "    if environ['PATH_INFO'] == '/boom':\n"
@@ -201,7 +209,9 @@ def test_app_exceptions_and_bad_requests_stay_on_one_line(serve, tmp_path):
     ), entries
 
 
-def test_access_and_error_files_are_json_and_reopened_on_usr1(serve, tmp_path):
+def test_access_and_error_files_are_json_and_reopened_on_usr1(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
     access, error = tmp_path / "access.log", tmp_path / "error.log"
     server = serve([*JSON_OPTIONS, "--access-log", str(access), "--set", f"errorlog={error}"])
     requests.get(server.url + "/data", headers={"User-Agent": f"{AGENT}0"}, timeout=10)
@@ -243,7 +253,7 @@ def test_access_and_error_files_are_json_and_reopened_on_usr1(serve, tmp_path):
     parse_lines(server.log_text())  # whatever reached stdout or stderr is JSON as well
 
 
-def test_text_stays_the_default(serve):
+def test_text_stays_the_default(serve: ServeFactory) -> None:
     server = serve(["--workers", "1", "--access-log", "-"])
     requests.get(server.url + "/data", headers={"User-Agent": f"{AGENT}0"}, timeout=10)
     assert server.stop() == 0, server.describe()
@@ -254,7 +264,9 @@ def test_text_stays_the_default(serve):
     assert re.search(r"\[INFO\] Booting worker with pid: \d+", log), log
 
 
-def test_hostile_requests_give_access_lines_under_16_kib(serve, tmp_path):
+def test_hostile_requests_give_access_lines_under_16_kib(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
     # A 4 KiB request line of %ff (a byte that is not UTF-8: 5 characters of JSON each, in
     # the path and again in the message) and long obs-text headers (bytes 0x80-0xff; as
     # UTF-8 of U+1F600, 12 characters of JSON for 4 bytes) are valid HTTP for gunicorn.

@@ -5,9 +5,13 @@ from __future__ import annotations
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -30,7 +34,7 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_launcher_serves_an_app_object(serve, tmp_path: Path):
+def test_launcher_serves_an_app_object(serve: ServeFactory, tmp_path: Path) -> None:
     script = write(
         tmp_path / "serve_object.py",
         APP_MODULE
@@ -54,7 +58,7 @@ if __name__ == "__main__":
     assert "2 sync workers" in server.log_text()
 
 
-def test_launcher_serves_an_import_string_on_gevent(serve, tmp_path: Path):
+def test_launcher_serves_an_import_string_on_gevent(serve: ServeFactory, tmp_path: Path) -> None:
     write(tmp_path / "mymod.py", APP_MODULE)
     script = write(
         tmp_path / "serve_string.py",

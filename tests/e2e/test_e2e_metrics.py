@@ -12,8 +12,10 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
@@ -21,6 +23,9 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from microsvc._version import __version__
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -142,7 +147,9 @@ def assert_totals(client: Client, scraped: Scrape) -> None:
 
 
 @pytest.mark.both_engines
-def test_totals_equal_requests_sent_through_three_workers_and_recycles(serve, free_port):
+def test_totals_equal_requests_sent_through_three_workers_and_recycles(
+    serve: ServeFactory, free_port: Callable[[], int]
+) -> None:
     server, address = start(
         serve, free_port, "--workers", "3", "--max-requests", "40", "--max-requests-jitter", "5"
     )
@@ -178,7 +185,9 @@ def test_totals_equal_requests_sent_through_three_workers_and_recycles(serve, fr
     assert not store.exists(), "the store outlived the server"
 
 
-def test_crash_and_reload_are_counted_with_their_reasons(serve, free_port):
+def test_crash_and_reload_are_counted_with_their_reasons(
+    serve: ServeFactory, free_port: Callable[[], int]
+) -> None:
     server, address = start(serve, free_port, "--workers", "2")
     client = Client(server.url)
     client.mix(3)
@@ -202,7 +211,7 @@ def test_crash_and_reload_are_counted_with_their_reasons(serve, free_port):
     assert server.stop() == 0
 
 
-def test_lifetime_recycles_are_counted(serve, free_port):
+def test_lifetime_recycles_are_counted(serve: ServeFactory, free_port: Callable[[], int]) -> None:
     server, address = start(serve, free_port, "--workers", "2", "--max-worker-lifetime", "2s")
     client = Client(server.url)
     client.mix(2)
@@ -215,7 +224,9 @@ def test_lifetime_recycles_are_counted(serve, free_port):
 
 @pytest.mark.both_engines
 @pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
-def test_requests_in_flight_across_workers(serve, free_port, worker_class):
+def test_requests_in_flight_across_workers(
+    serve: ServeFactory, free_port: Callable[[], int], worker_class: str
+) -> None:
     server, address = start(serve, free_port, "-k", worker_class, "--workers", "2")
     client = Client(server.url)
     slow = threading.Thread(target=client.concurrent_io, args=(6, 6000))
@@ -235,7 +246,9 @@ def test_requests_in_flight_across_workers(serve, free_port, worker_class):
     assert scraped.value("microsvc_info", version=__version__, worker_class=worker_class) == 1
 
 
-def test_metrics_are_not_on_the_app_address_and_speak_openmetrics(serve, free_port):
+def test_metrics_are_not_on_the_app_address_and_speak_openmetrics(
+    serve: ServeFactory, free_port: Callable[[], int]
+) -> None:
     server, address = start(serve, free_port)
     assert requests.get(server.url + "/metrics", timeout=10).status_code == 404
     assert requests.get(f"http://{address}/", timeout=10).status_code == 404
@@ -255,7 +268,9 @@ def test_metrics_are_not_on_the_app_address_and_speak_openmetrics(serve, free_po
     assert "microsvc_workers" in gzipped.text
 
 
-def test_a_killed_exporter_is_reported_as_killed_restarted_and_loses_nothing(serve, free_port):
+def test_a_killed_exporter_is_reported_as_killed_restarted_and_loses_nothing(
+    serve: ServeFactory, free_port: Callable[[], int]
+) -> None:
     server, address = start(serve, free_port, "--workers", "2", "--log-format", "json")
     client = Client(server.url)
     client.mix(3)
@@ -284,7 +299,9 @@ def _try_scrape(address: str) -> Scrape | None:
         return None
 
 
-def test_the_exporter_cleans_up_after_a_killed_master(serve, free_port):
+def test_the_exporter_cleans_up_after_a_killed_master(
+    serve: ServeFactory, free_port: Callable[[], int]
+) -> None:
     server, _ = start(serve, free_port, "--workers", "1")
     exporter = exporter_of(server)
     store = store_of(server)
@@ -316,7 +333,9 @@ def app(environ, start_response):
 """
 
 
-def test_the_apps_gauges_of_recycled_workers_are_folded_or_dropped(serve, free_port, tmp_path):
+def test_the_apps_gauges_of_recycled_workers_are_folded_or_dropped(
+    serve: ServeFactory, free_port: Callable[[], int], tmp_path: Path
+) -> None:
     (tmp_path / "gauges.py").write_text(GAUGE_APP)
     server, address = start(serve, free_port, "gauges:app", "--workers", "2", "--max-requests", "5")
     served = [int(requests.get(server.url + "/", timeout=30).text) for _ in range(60)]

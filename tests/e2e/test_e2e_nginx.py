@@ -1,10 +1,8 @@
 """`microsvc nginx` against a real nginx, on loopback addresses only.
 
-nginx runs as `nginx -p PREFIX -c CONF -g 'daemon off; pid PREFIX/nginx.pid;'` in a process
-group of its own, with its stderr (the error log: Debian's nginx logs to stderr by default,
-and the generated config names no log file) in PREFIX/nginx.log, and is killed at teardown.
-The `--full` output names no file path, so the pid file is given with `-g`; the wrapper
-around the conf.d output sets its own paths (temporary directories, access log off).
+nginx comes from `harness.nginx` through the `start_nginx` fixture (tests/conftest.py):
+in a process group of its own, its error log in PREFIX/nginx.log, killed at teardown.
+The tests carry the `nginx` marker: skipped where nginx is not installed.
 
 1. The output (`--full`, and the conf.d blocks inside a minimal nginx.conf) passes `nginx -t`.
 2. Three microsvc instances behind nginx all get traffic under load (worker pids mapped to
@@ -19,15 +17,9 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,34 +27,9 @@ import psutil
 import pytest
 import requests
 
-pytestmark = pytest.mark.e2e
+from harness import free_port_on, nginx_test, render, upstream_args, wrapper_conf
 
-NGINX = shutil.which("nginx") or next(
-    (path for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(path).is_file()),
-    None,
-)
-needs_nginx = pytest.mark.skipif(
-    NGINX is None, reason="nginx is not installed (Debian package `nginx`, see scripts/system-deps)"
-)
-
-START_DEADLINE = 15.0
-
-WRAPPER = """\
-# A minimal nginx.conf around the conf.d output of `microsvc nginx`.
-worker_processes 1;
-events {{
-    worker_connections 256;
-}}
-http {{
-    access_log off;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    include {include};
-}}
-"""
+pytestmark = [pytest.mark.e2e, pytest.mark.nginx]
 
 ADDR_APP = """\
 from flask import Flask, request
@@ -80,121 +47,6 @@ def addr():
 """
 
 
-def render(*args: str) -> str:
-    """`python -m microsvc nginx ARGS` in a subprocess; its output."""
-    done = subprocess.run(
-        [sys.executable, "-m", "microsvc", "nginx", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, f"microsvc nginx failed ({done.returncode}):\n{done.stderr}"
-    return done.stdout
-
-
-def upstream_args(ports: Sequence[int]) -> list[str]:
-    return [arg for port in ports for arg in ("--upstream", f"127.0.0.1:{port}")]
-
-
-def free_port_on(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def nginx_globals(prefix: Path) -> str:
-    return f"pid {prefix}/nginx.pid;"
-
-
-def nginx_test(prefix: Path, conf: Path) -> None:
-    assert NGINX is not None
-    done = subprocess.run(
-        [NGINX, "-t", "-p", f"{prefix}/", "-c", str(conf), "-g", nginx_globals(prefix)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert done.returncode == 0, f"nginx -t rejected {conf}:\n{done.stderr}\n{conf.read_text()}"
-    assert "test is successful" in done.stderr, done.stderr
-
-
-class Nginx:
-    def __init__(self, prefix: Path, conf: Path, host: str, port: int) -> None:
-        assert NGINX is not None
-        self.prefix, self.conf, self.host, self.port = prefix, conf, host, port
-        self.log_path = prefix / "nginx.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    NGINX,
-                    "-p",
-                    f"{prefix}/",
-                    "-c",
-                    str(conf),
-                    "-g",
-                    f"daemon off; {nginx_globals(prefix)}",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.url = f"http://{host}:{port}"
-
-    def describe(self) -> str:
-        return f"nginx exit {self.proc.poll()}; log:\n{self.log_path.read_text(errors='replace')}"
-
-    def wait_listening(self) -> None:
-        end = time.monotonic() + START_DEADLINE
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"nginx exited at start: {self.describe()}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=1),
-            ):
-                return
-            if time.monotonic() > end:
-                pytest.fail(
-                    f"nginx does not listen after {START_DEADLINE:.0f} s: {self.describe()}"
-                )
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(5)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(10)
-
-
-@pytest.fixture
-def start_nginx(tmp_path: Path) -> Iterator[Any]:
-    """`start_nginx(conf_text, host, port)`: nginx with that nginx.conf, listening."""
-    started: list[Nginx] = []
-
-    def start(conf_text: str, host: str, port: int) -> Nginx:
-        prefix = tmp_path / f"nginx-{len(started)}"
-        prefix.mkdir()
-        conf = prefix / "nginx.conf"
-        conf.write_text(conf_text)
-        server = Nginx(prefix, conf, host, port)
-        started.append(server)
-        server.wait_listening()
-        return server
-
-    yield start
-    for server in started:
-        server.kill()
-
-
-@needs_nginx
 def test_rendered_config_passes_nginx_t(tmp_path: Path) -> None:
     ports = [50001, 50002, 50003]  # nginx -t does not connect to the instances
     args = [*upstream_args(ports), "--listen", "127.0.0.1:58080", "--server-name", "api.test"]
@@ -209,9 +61,7 @@ def test_rendered_config_passes_nginx_t(tmp_path: Path) -> None:
     blocks = render(*args)
     assert "events" not in blocks and "http {" not in blocks, blocks
     (wrapped / "microsvc.conf").write_text(blocks)
-    (wrapped / "nginx.conf").write_text(
-        WRAPPER.format(prefix=wrapped, include=wrapped / "microsvc.conf")
-    )
+    (wrapped / "nginx.conf").write_text(wrapper_conf(wrapped, wrapped / "microsvc.conf"))
     nginx_test(wrapped, wrapped / "nginx.conf")
 
 
@@ -267,7 +117,6 @@ def masters_of(pids: set[int]) -> set[int]:
     return masters
 
 
-@needs_nginx
 def test_three_instances_share_load_and_survive_a_killed_one(serve, start_nginx, free_port):
     instances = [serve(["-k", "sync", "--workers", "2"], name=f"inst{i}") for i in range(3)]
     port = free_port()
@@ -318,7 +167,6 @@ def get_addr(host: str, port: int, source: str, headers: dict[str, str]) -> dict
         conn.close()
 
 
-@needs_nginx
 def test_app_sees_the_client_address_not_a_forged_one(serve, start_nginx, tmp_path):
     (tmp_path / "addr_app.py").write_text(ADDR_APP)
     # Only nginx's address (it connects from 127.0.0.1) is a trusted proxy.

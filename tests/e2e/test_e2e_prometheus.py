@@ -18,10 +18,15 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -100,7 +105,7 @@ class Prometheus:
             time.sleep(0.5)
 
 
-def wait_two_workers(server: Any, gone: set[int]) -> list[int]:
+def wait_two_workers(server: Server, gone: set[int]) -> list[int]:
     """The pids of the server's two workers (its metrics exporter left out), once none of
     `gone` is among them and the set has held for a second."""
     end = time.monotonic() + 30
@@ -117,7 +122,7 @@ def wait_two_workers(server: Any, gone: set[int]) -> list[int]:
 
 
 @needs_prometheus
-def test_docs_rules_pass_promtool():
+def test_docs_rules_pass_promtool() -> None:
     checked = promtool("check", "rules", str(RULES))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     tested = promtool("test", "rules", str(RULES_TEST))
@@ -126,8 +131,8 @@ def test_docs_rules_pass_promtool():
 
 @needs_prometheus
 def test_prometheus_counts_what_was_sent(
-    serve: Callable[..., Any], free_port: Callable[[], int], tmp_path: Path
-):
+    serve: ServeFactory, free_port: Callable[[], int], tmp_path: Path
+) -> None:
     metrics_port = free_port()
     server = serve(
         [

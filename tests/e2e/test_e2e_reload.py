@@ -12,10 +12,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -45,8 +50,8 @@ def write_config(path: Path, lines: list[str]) -> None:
 
 
 def start_with_config(
-    serve: Callable[..., Any], tmp_path: Path, port: int, lines: list[str], *args: str
-) -> tuple[Any, Path]:
+    serve: ServeFactory, tmp_path: Path, port: int, lines: list[str], *args: str
+) -> tuple[Server, Path]:
     """A server whose bind and settings all come from a config file (no -b)."""
     config = tmp_path / "microsvc_conf.py"
     write_config(config, [f"bind = '127.0.0.1:{port}'", "workers = 1", *lines])
@@ -54,11 +59,11 @@ def start_with_config(
     return serve(command=argv, port=port), config
 
 
-def hup(server: Any) -> None:
+def hup(server: Server) -> None:
     os.kill(server.pid, signal.SIGHUP)
 
 
-def assert_serving(server: Any) -> None:
+def assert_serving(server: Server) -> None:
     """The master is alive and answers, and keeps doing so for a moment."""
     end = time.monotonic() + 2.0
     while time.monotonic() < end:
@@ -111,8 +116,12 @@ BAD_RELOADS: dict[str, tuple[Callable[[int], list[str]], str]] = {
 
 @pytest.mark.parametrize("case", list(BAD_RELOADS))
 def test_a_bad_config_on_hup_is_logged_and_the_running_one_kept(
-    serve, tmp_path, free_port, busy_port, case
-):
+    serve: ServeFactory,
+    tmp_path: Path,
+    free_port: Callable[[], int],
+    busy_port: Callable[[], int],
+    case: str,
+) -> None:
     if case == "h2 without the h2 package" and h2_installed():
         pytest.skip("the h2 package is installed")
     port, busy = free_port(), busy_port()
@@ -131,14 +140,16 @@ def test_a_bad_config_on_hup_is_logged_and_the_running_one_kept(
     assert server.stop() == 0
 
 
-def whoami(server: Any) -> str:
+def whoami(server: Server) -> str:
     with requests.get(server.url + "/whoami", headers=FORWARDED, timeout=5) as response:
         assert response.status_code == 200, server.describe()
         return response.text
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["fork", "preload"])
-def test_hup_applies_proxy_trust_and_health_path_in_every_mode(serve, tmp_path, free_port, preload):
+def test_hup_applies_proxy_trust_and_health_path_in_every_mode(
+    serve: ServeFactory, tmp_path: Path, free_port: Callable[[], int], preload: bool
+) -> None:
     (tmp_path / "whoami_app.py").write_text(WHOAMI_APP)
     port = free_port()
     mode = ["--preload"] if preload else []
@@ -188,7 +199,9 @@ def app(environ, start_response):
 
 
 @pytest.mark.parametrize("preload", [False, True], ids=["fork", "preload"])
-def test_chdir_and_pythonpath_are_applied_before_the_app_is_imported(serve, tmp_path, preload):
+def test_chdir_and_pythonpath_are_applied_before_the_app_is_imported(
+    serve: ServeFactory, tmp_path: Path, preload: bool
+) -> None:
     service = tmp_path / "service"
     (service / "vendor").mkdir(parents=True)
     (service / "chdir_app.py").write_text(CHDIR_APP)

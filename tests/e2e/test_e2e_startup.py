@@ -8,10 +8,15 @@ import signal
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -45,7 +50,7 @@ def status_of(url: str) -> int | str:
 # the start-up app check
 
 
-def test_app_starting_a_thread_at_import_is_served(serve, tmp_path: Path):
+def test_app_starting_a_thread_at_import_is_served(serve: ServeFactory, tmp_path: Path) -> None:
     """A non-daemon thread started at import does not hold the check until it ends."""
     write(
         tmp_path / "thread_app.py",
@@ -67,7 +72,7 @@ def test_app_starting_a_thread_at_import_is_served(serve, tmp_path: Path):
     assert get_text(server.url + "/") == "ok"
 
 
-def test_app_writing_to_stdout_is_served(serve, tmp_path: Path):
+def test_app_writing_to_stdout_is_served(serve: ServeFactory, tmp_path: Path) -> None:
     """What the app prints (here at exit, after it has loaded, in the shape of the
     check's own report) is not taken for the check's result."""
     write(
@@ -97,7 +102,7 @@ def test_app_writing_to_stdout_is_served(serve, tmp_path: Path):
     assert get_text(server.url + "/") == "ok"
 
 
-def test_app_reading_raw_env_at_import_is_served(serve, tmp_path: Path):
+def test_app_reading_raw_env_at_import_is_served(serve: ServeFactory, tmp_path: Path) -> None:
     write(
         tmp_path / "env_app.py",
         """\
@@ -122,7 +127,9 @@ def test_app_reading_raw_env_at_import_is_served(serve, tmp_path: Path):
 # --reload
 
 
-def test_reload_survives_a_syntax_error_and_serves_the_fixed_code(serve, tmp_path: Path):
+def test_reload_survives_a_syntax_error_and_serves_the_fixed_code(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
     """As with gunicorn --reload: the broken file is logged, the master stays, and the
     fixed file is served."""
     app_file = write(tmp_path / "edited_app.py", HELLO % "one")
@@ -158,7 +165,9 @@ def test_reload_survives_a_syntax_error_and_serves_the_fixed_code(serve, tmp_pat
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gevent"])
-def test_launcher_run_gives_the_signal_handlers_back(serve, tmp_path: Path, worker_class: str):
+def test_launcher_run_gives_the_signal_handlers_back(
+    serve: ServeFactory, tmp_path: Path, worker_class: str
+) -> None:
     """After run() returns, SIGINT and SIGTERM do what they did before: the program's
     own SIGINT handler runs, and SIGTERM (default) ends the program."""
     write(
@@ -211,7 +220,9 @@ def test_launcher_run_gives_the_signal_handlers_back(serve, tmp_path: Path, work
         pytest.param(["--set", "reuse_port=true"], "reuse_port", id="reuse-port"),
     ],
 )
-def test_usr2_that_cannot_work_is_refused_with_one_line(serve, free_port, args, reason):
+def test_usr2_that_cannot_work_is_refused_with_one_line(
+    serve: ServeFactory, free_port: Callable[[], int], args: list[str], reason: str
+) -> None:
     metrics = str(free_port())
     server = serve(["-w", "1", *(arg.replace("{metrics}", metrics) for arg in args)])
     server.wait_log(r"Ready: 1 workers booted")

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,17 +21,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness import clean_env, microsvc_command
+
 pytestmark = pytest.mark.e2e
-
-
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("MICROSVC_")}
-    env.update(extra)
-    return env
-
-
-def microsvc_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "microsvc", *args]
 
 
 def status(runtime: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -278,3 +269,62 @@ def test_the_listen_queue_counts_connections_no_worker_took(serve: Any, own_runt
         for request in slow:
             request.join()
     assert queue >= 1
+
+
+#: Each call to /leak keeps ~20 MB more in the worker (written, so it is its own).
+LEAKY_APP = """\
+import os
+
+LEAK = []
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/leak":
+        LEAK.append(b"x" * (20 * 1000 * 1000))
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+"""
+
+
+def test_a_memory_recycle_is_counted_in_status_and_metrics(
+    serve: Any, own_runtime: Path, free_port: Any, tmp_path: Path
+) -> None:
+    (tmp_path / "leaky.py").write_text(LEAKY_APP)
+    address = f"127.0.0.1:{free_port()}"
+    server = serve(
+        [
+            *("leaky:app", "--workers", "1", "--max-worker-memory", "100MB"),
+            *("--metrics", "--metrics-bind", address),
+        ],
+        env={"XDG_RUNTIME_DIR": str(own_runtime)},
+    )
+    first = int(requests.get(server.url + "/", timeout=10).text)
+    end = time.monotonic() + 30
+    data: dict[str, Any] = {}
+    while time.monotonic() < end:
+        requests.get(server.url + "/leak", timeout=30)
+        data = status_json(own_runtime)
+        if data["recycled"]["memory"] >= 1 and data["workers_running"] == 1:
+            break
+        time.sleep(0.3)
+    assert data["recycled"]["memory"] == 1, f"{data}\n{server.describe()}"
+    assert data["recycled"]["crash"] == 0, data
+    assert (data["max_worker_memory"], data["memory_measure"]) == (100_000_000, "USS")
+    [worker] = data["workers"]
+    assert worker["previous_worker"]["pid"] == first
+    assert worker["previous_worker"]["reason"] == "memory"
+    text = status(own_runtime).stdout
+    assert "OWN = USS" in text and "--max-worker-memory 95.4M (of OWN)" in text
+    assert "workers ended: memory 1" in text
+    exits = {
+        sample.labels["reason"]: sample.value
+        for family in text_string_to_metric_families(
+            requests.get(f"http://{address}/metrics", timeout=10).text
+        )
+        for sample in family.samples
+        if sample.name == "microsvc_worker_exits_total"
+    }
+    assert exits["memory"] == 1 and exits["crash"] == 0, exits
+    log = server.log_text()
+    assert log.count(f"Recycling worker (pid: {first}): memory (USS) ") == 1, log

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("worker_class", ["sync", "gevent"])
-def test_auto_runs_the_planned_number_of_workers(serve, microsvc_plan, worker_class):
+def test_auto_runs_the_planned_number_of_workers(
+    serve: ServeFactory, microsvc_plan: Callable[..., dict[str, Any]], worker_class: str
+) -> None:
     options = ["-k", worker_class, "--workers", "auto"]
     planned = microsvc_plan(*options)["workers"]
     assert isinstance(planned, int) and planned >= 1
@@ -23,7 +30,7 @@ def test_auto_runs_the_planned_number_of_workers(serve, microsvc_plan, worker_cl
     )
 
 
-def test_explicit_worker_count_runs_that_many_workers(serve):
+def test_explicit_worker_count_runs_that_many_workers(serve: ServeFactory) -> None:
     server = serve(["-k", "sync", "--workers", "3"])
     count = server.wait_workers(3)
     assert count == 3, server.describe()
@@ -40,7 +47,12 @@ def test_explicit_worker_count_runs_that_many_workers(serve):
     ],
     ids=["sync", "gthread", "gevent-auto"],
 )
-def test_start_log_states_the_plan_in_one_line(serve, microsvc_plan, options, expected):
+def test_start_log_states_the_plan_in_one_line(
+    serve: ServeFactory,
+    microsvc_plan: Callable[..., dict[str, Any]],
+    options: list[str],
+    expected: str | None,
+) -> None:
     worker_class = options[1]
     plan = microsvc_plan(*options)
     server = serve(options)

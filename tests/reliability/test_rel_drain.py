@@ -12,9 +12,16 @@ import os
 import signal
 import subprocess
 import time
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+from harness import Wrk
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
@@ -41,8 +48,8 @@ def wait_for_status(url: str, expected: int, deadline: float = 10.0) -> int | st
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_drain_period_turns_readiness_503_and_keeps_serving_then_exits_0(
-    serve, wrk, figures, worker_class
-):
+    serve: ServeFactory, wrk: Wrk, figures: Figures, worker_class: str
+) -> None:
     server = serve(["-k", worker_class, "--workers", "2", "--drain-period", f"{DRAIN_SECONDS:g}s"])
     assert server.wait_workers(2, stable_for=0.3, deadline=20) == 2, server.describe()
     assert wait_for_status(server.url + "/readyz", 200) == 200, server.describe()

@@ -16,9 +16,16 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
@@ -80,19 +87,19 @@ def exchange(port: int, payload: bytes, timeout: float = READ_TIMEOUT) -> Reply:
     return Reply([int(m) for m in _STATUS_RE.findall(raw)], closed, raw)
 
 
-def health_status(server) -> int:
+def health_status(server: Server) -> int:
     with requests.get(server.url + "/health", timeout=HEALTH_TIMEOUT) as response:
         return response.status_code
 
 
-def still_serving(server, workers_before: set[int]) -> None:
+def still_serving(server: Server, workers_before: set[int]) -> None:
     assert health_status(server) == 200, server.describe()
     assert server.proc.poll() is None, server.describe()
     now = {worker.pid for worker in server.workers()}
     assert now == workers_before, f"workers {workers_before} became {now}: {server.describe()}"
 
 
-def start(serve, worker_class: str, *extra: str):
+def start(serve: ServeFactory, worker_class: str, *extra: str) -> tuple[Server, set[int]]:
     args = CLASSES[worker_class]
     server = serve([*args, *extra])
     workers = int(args[args.index("--workers") + 1])
@@ -124,7 +131,9 @@ BROKEN_REQUESTS = {
 
 @pytest.mark.parametrize("case", list(BROKEN_REQUESTS))
 @pytest.mark.parametrize("worker_class", list(CLASSES))
-def test_broken_request_is_refused_and_the_server_goes_on(serve, figures, worker_class, case):
+def test_broken_request_is_refused_and_the_server_goes_on(
+    serve: ServeFactory, figures: Figures, worker_class: str, case: str
+) -> None:
     server, workers = start(serve, worker_class)
     payload, accepted = BROKEN_REQUESTS[case]
 
@@ -136,7 +145,9 @@ def test_broken_request_is_refused_and_the_server_goes_on(serve, figures, worker
 
 
 @pytest.mark.parametrize("worker_class", list(CLASSES))
-def test_bad_chunk_size_is_refused_and_nothing_is_smuggled(serve, figures, worker_class):
+def test_bad_chunk_size_is_refused_and_nothing_is_smuggled(
+    serve: ServeFactory, figures: Figures, worker_class: str
+) -> None:
     """A chunked body whose chunk size is not hex, with a second request behind it.
 
     No demo route reads a POST body, so the app may answer first (Flask's 405 for POST
@@ -161,7 +172,9 @@ def test_bad_chunk_size_is_refused_and_nothing_is_smuggled(serve, figures, worke
 
 
 @pytest.mark.parametrize("worker_class", list(CLASSES))
-def test_slowloris_client_does_not_stop_other_clients(serve, figures, worker_class):
+def test_slowloris_client_does_not_stop_other_clients(
+    serve: ServeFactory, figures: Figures, worker_class: str
+) -> None:
     """One client sends its headers a byte every 0.2 s for about 3 s; meanwhile other
     clients' GET /health keep getting 200 within 2 s."""
     server, workers = start(serve, worker_class)
@@ -207,7 +220,9 @@ def test_slowloris_client_does_not_stop_other_clients(serve, figures, worker_cla
 
 
 @pytest.mark.parametrize("worker_class", list(CLASSES))
-def test_lowered_limit_request_line_refuses_long_urls_only(serve, figures, worker_class):
+def test_lowered_limit_request_line_refuses_long_urls_only(
+    serve: ServeFactory, figures: Figures, worker_class: str
+) -> None:
     server, workers = start(serve, worker_class, "--limit-request-line", "100")
     long_path = "/health?" + "q" * (200 - len("/health?"))
 

@@ -12,8 +12,15 @@ import os
 import re
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import pytest
+
+from harness import Server, Wrk
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
@@ -23,18 +30,20 @@ CONNECTIONS = 50
 REPLACE_DEADLINE = 2.0
 
 
-def worker_pids(server) -> set[int]:
+def worker_pids(server: Server) -> set[int]:
     return {worker.pid for worker in server.workers()}
 
 
-def settled_workers(server, expected: int) -> set[int]:
+def settled_workers(server: Server, expected: int) -> set[int]:
     """The worker pids once the master has `expected` of them for half a second."""
     count = server.wait_workers(expected, stable_for=0.5, deadline=20)
     assert count == expected, f"{count} workers, expected {expected}: {server.describe()}"
     return worker_pids(server)
 
 
-def test_hup_three_times_under_load_fails_no_request_and_replaces_workers(serve, wrk, figures):
+def test_hup_three_times_under_load_fails_no_request_and_replaces_workers(
+    serve: ServeFactory, wrk: Wrk, figures: Figures
+) -> None:
     server = serve(["-k", "sync", "--workers", "4"])
     before = settled_workers(server, 4)
 
@@ -70,8 +79,8 @@ RECYCLING_CLASSES = {
 
 @pytest.mark.parametrize("worker_class", list(RECYCLING_CLASSES))
 def test_max_requests_recycles_workers_under_load_without_failures(
-    serve, wrk, figures, worker_class
-):
+    serve: ServeFactory, wrk: Wrk, figures: Figures, worker_class: str
+) -> None:
     args = RECYCLING_CLASSES[worker_class]
     workers = int(args[args.index("--workers") + 1])
     server = serve([*args, "--max-requests", "200", "--max-requests-jitter", "20"])
@@ -114,8 +123,8 @@ KILL_CLASSES = {
 
 @pytest.mark.parametrize("worker_class", list(KILL_CLASSES))
 def test_sigkill_of_a_worker_under_load_is_replaced_and_loses_only_its_requests(
-    serve, wrk, figures, worker_class
-):
+    serve: ServeFactory, wrk: Wrk, figures: Figures, worker_class: str
+) -> None:
     args = KILL_CLASSES[worker_class]
     workers = int(args[args.index("--workers") + 1])
     server = serve(args)

@@ -11,8 +11,15 @@ from __future__ import annotations
 import re
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+from harness import Wrk
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
@@ -54,8 +61,8 @@ def leaky_app(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("worker_class", ["sync", "gevent"])
 def test_max_worker_memory_recycles_a_leaking_worker_without_failures(
-    serve, wrk, figures, leaky_app, worker_class
-):
+    serve: ServeFactory, wrk: Wrk, figures: Figures, leaky_app: str, worker_class: str
+) -> None:
     server = serve([leaky_app, "-k", worker_class, "--workers", "2", "--max-worker-memory", LIMIT])
     assert server.wait_workers(2, stable_for=0.3, deadline=20) == 2, server.describe()
     before = {worker.pid for worker in server.workers()}

@@ -13,9 +13,16 @@ from __future__ import annotations
 import http.client
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import requests
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = [pytest.mark.e2e, pytest.mark.both_engines]
 
@@ -44,7 +51,7 @@ def whoami_app(tmp_path: Path) -> str:
     return "whoami_app:app"
 
 
-def whoami(server) -> dict[str, str]:
+def whoami(server: Server) -> dict[str, str]:
     with requests.get(server.url + "/whoami", headers=FORWARDED, timeout=5) as response:
         assert response.status_code == 200, server.describe()
         seen: dict[str, str] = response.json()
@@ -57,21 +64,25 @@ def whoami(server) -> dict[str, str]:
     return seen
 
 
-def test_forwarded_headers_from_an_untrusted_client_are_ignored(serve, figures, whoami_app):
+def test_forwarded_headers_from_an_untrusted_client_are_ignored(
+    serve: ServeFactory, figures: Figures, whoami_app: str
+) -> None:
     server = serve([whoami_app, "--workers", "1", "--forwarded-allow-ips", "10.9.9.9"])
     seen = whoami(server)
     figures(f"untrusted 127.0.0.1 sending {FORWARDED}: app saw {seen}")
     assert seen == {"remote_addr": "127.0.0.1", "scheme": "http"}, server.describe()
 
 
-def test_forwarded_headers_from_a_trusted_loopback_proxy_are_believed(serve, figures, whoami_app):
+def test_forwarded_headers_from_a_trusted_loopback_proxy_are_believed(
+    serve: ServeFactory, figures: Figures, whoami_app: str
+) -> None:
     server = serve([whoami_app, "--workers", "1"])
     seen = whoami(server)
     figures(f"trusted 127.0.0.1 (default) sending {FORWARDED}: app saw {seen}")
     assert seen == {"remote_addr": "6.6.6.6", "scheme": "https"}, server.describe()
 
 
-def get_raw(server, headers: list[tuple[str, str]]) -> tuple[int, dict[str, str] | None]:
+def get_raw(server: Server, headers: list[tuple[str, str]]) -> tuple[int, dict[str, str] | None]:
     """GET /whoami with these header lines, repeated names sent as separate lines."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     try:
@@ -86,7 +97,9 @@ def get_raw(server, headers: list[tuple[str, str]]) -> tuple[int, dict[str, str]
     return response.status, (json.loads(body) if response.status == 200 else None)
 
 
-def test_star_believes_only_the_entry_the_proxy_wrote(serve, figures, whoami_app):
+def test_star_believes_only_the_entry_the_proxy_wrote(
+    serve: ServeFactory, figures: Figures, whoami_app: str
+) -> None:
     # With '*' the peer is trusted to say whom it saw (the rightmost entry), nothing more:
     # what a client wrote to the left of it, in the same line or another, is not believed.
     server = serve([whoami_app, "-w", "1", "--forwarded-allow-ips", "*"])
@@ -107,7 +120,9 @@ def test_star_believes_only_the_entry_the_proxy_wrote(serve, figures, whoami_app
     assert (status, seen) == (200, {"remote_addr": "127.0.0.1", "scheme": "http"}), seen
 
 
-def test_scheme_is_gunicorns_decision_for_the_same_peers(serve, figures, whoami_app):
+def test_scheme_is_gunicorns_decision_for_the_same_peers(
+    serve: ServeFactory, figures: Figures, whoami_app: str
+) -> None:
     # gunicorn's secure_scheme_headers decide wsgi.url_scheme; microsvc leaves it alone.
     server = serve([whoami_app, "-w", "1", "--forwarded-allow-ips", "*"])
     cases: list[tuple[list[tuple[str, str]], int, str | None]] = [

@@ -31,8 +31,15 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import pytest
+
+from harness import Server, Wrk
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
@@ -68,7 +75,7 @@ RECYCLE_CASES: dict[str, tuple[list[str], dict[str, str]]] = {
 DROPPED = ("Socket error processing request", "Error handling request")
 
 
-def settle(server, expected: int) -> set[int]:
+def settle(server: Server, expected: int) -> set[int]:
     """The worker pids once the master has `expected` of them for a moment."""
     count = server.wait_workers(expected, stable_for=0.3, deadline=20)
     assert count == expected, f"{count} workers, expected {expected}: {server.describe()}"
@@ -80,7 +87,9 @@ def dropped_lines(log: str) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("worker_class", list(CLASSES))
-def test_hup_three_times_under_load_loses_no_request(serve, wrk, figures, worker_class):
+def test_hup_three_times_under_load_loses_no_request(
+    serve: ServeFactory, wrk: Wrk, figures: Figures, worker_class: str
+) -> None:
     server = serve([*CLASSES[worker_class], "--workers", str(WORKERS)])
     first = settle(server, WORKERS)
 
@@ -113,7 +122,9 @@ def test_hup_three_times_under_load_loses_no_request(serve, wrk, figures, worker
 
 
 @pytest.mark.parametrize("worker_class", list(RECYCLE_CASES))
-def test_recycling_by_requests_under_load_loses_no_request(serve, wrk, figures, worker_class):
+def test_recycling_by_requests_under_load_loses_no_request(
+    serve: ServeFactory, wrk: Wrk, figures: Figures, worker_class: str
+) -> None:
     args, env = RECYCLE_CASES[worker_class]
     server = serve([*args, "--workers", str(WORKERS), *MAX_REQUESTS], env=env)
     settle(server, WORKERS)

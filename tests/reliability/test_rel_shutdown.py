@@ -14,9 +14,16 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
+
+from harness import Server
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
@@ -61,7 +68,7 @@ def slow_get(port: int, path: str, clients: SlowClients) -> None:
         connection.close()
 
 
-def accepted_connections(server) -> int:
+def accepted_connections(server: Server) -> int:
     """Connections to the server's port that its workers have accepted."""
     total = 0
     for worker in server.workers():
@@ -78,7 +85,9 @@ def accepted_connections(server) -> int:
 
 
 @pytest.mark.parametrize("worker_class", list(CASES))
-def test_sigterm_with_slow_requests_in_flight_completes_them_all(serve, figures, worker_class):
+def test_sigterm_with_slow_requests_in_flight_completes_them_all(
+    serve: ServeFactory, figures: Figures, worker_class: str
+) -> None:
     args, in_flight = CASES[worker_class]
     server = serve(args)
     workers = int(args[args.index("--workers") + 1])

@@ -9,11 +9,19 @@ import os
 import signal
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 import requests
+
+from harness import Wrk
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +35,9 @@ def app(environ, start_response):
 """
 
 
-def wait_for(condition, what: str, describe, deadline: float = 30.0) -> None:
+def wait_for(
+    condition: Callable[[], object], what: str, describe: Callable[[], str], deadline: float = 30.0
+) -> None:
     end = time.monotonic() + deadline
     while not condition():
         if time.monotonic() > end:
@@ -44,8 +54,8 @@ def read_pid(path: Path) -> int | None:
 
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_usr2_upgrade_under_load_loses_no_request(
-    serve, wrk, figures, tmp_path: Path, worker_class: str
-):
+    serve: ServeFactory, wrk: Wrk, figures: Figures, tmp_path: Path, worker_class: str
+) -> None:
     (tmp_path / "pid_app.py").write_text(textwrap.dedent(MASTER_PID_APP))
     pidfile = tmp_path / "master.pid"
     server = serve(
@@ -64,6 +74,7 @@ def test_usr2_upgrade_under_load_loses_no_request(
     new_pidfile = Path(f"{pidfile}.2")
     wait_for(lambda: read_pid(new_pidfile) is not None, "the new master", server.describe)
     new = read_pid(new_pidfile)
+    assert new is not None, server.describe()
     server.wait_log(rf"\[{new}\] \[INFO\] Ready: 2 workers booted", deadline=30)
 
     os.kill(old, signal.SIGWINCH)

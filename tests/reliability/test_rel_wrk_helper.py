@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
+
+from harness import Wrk
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = pytest.mark.e2e
 
 
-def test_wrk_counts_every_non_2xx_response_as_failed(serve, wrk, figures):
+def test_wrk_counts_every_non_2xx_response_as_failed(
+    serve: ServeFactory, wrk: Wrk, figures: Figures
+) -> None:
     server = serve(["-k", "sync", "--workers", "1"])
 
     missing = wrk.run(server.url + "/no-such-path", seconds=1, connections=4)

@@ -24,7 +24,7 @@ class RecordingLog:
 EMFILE = OSError(errno.EMFILE, os.strerror(errno.EMFILE))
 
 
-def test_a_run_of_failures_logs_once_when_it_starts_and_once_when_it_ends():
+def test_a_run_of_failures_logs_once_when_it_starts_and_once_when_it_ends() -> None:
     log = RecordingLog()
     failures = AcceptFailures(log, 1234, "http://127.0.0.1:8000")
     for _ in range(50):
@@ -45,7 +45,7 @@ def test_a_run_of_failures_logs_once_when_it_starts_and_once_when_it_ends():
     ]
 
 
-def test_the_pause_doubles_up_to_the_maximum_and_starts_again_after_a_success():
+def test_the_pause_doubles_up_to_the_maximum_and_starts_again_after_a_success() -> None:
     failures = AcceptFailures(RecordingLog(), 1, "x")
     pauses = [failures.failed(EMFILE) for _ in range(10)]
     assert pauses[0] == ACCEPT_PAUSE_MIN
@@ -56,14 +56,14 @@ def test_the_pause_doubles_up_to_the_maximum_and_starts_again_after_a_success():
     assert failures.failed(EMFILE) == ACCEPT_PAUSE_MIN
 
 
-def test_a_long_run_keeps_the_maximum_pause():
+def test_a_long_run_keeps_the_maximum_pause() -> None:
     failures = AcceptFailures(RecordingLog(), 1, "x")
     for _ in range(5000):
         pause = failures.failed(EMFILE)
     assert pause == ACCEPT_PAUSE_MAX
 
 
-def test_nothing_is_logged_without_failures():
+def test_nothing_is_logged_without_failures() -> None:
     log = RecordingLog()
     AcceptFailures(log, 1, "x").succeeded()
     assert log.lines == []

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 
 from microsvc.errors import AppImportError, AppLoadError, UsageError
-from microsvc.serving.appload import check_in_subprocess, load_app, parse_app_string
+from microsvc.planning.plan import SystemFacts
+from microsvc.serving.appload import (
+    check_in_subprocess,
+    load_app,
+    measure_in_subprocess,
+    measured_facts,
+    parse_app_string,
+)
 
 WSGI = "def app(environ, start_response):\n    return [b'ok']\n"
 
@@ -334,3 +341,39 @@ def test_syntax_error_is_an_app_load_error_and_a_syntax_error(
     assert str(info.value) == (
         f"importing {name!r} raised SyntaxError: '[' was never closed ({name}.py, line 2)"
     )
+
+
+# --- measuring the app's memory (plan --measure, --memory-per-worker auto) ---------------
+
+#: Keeps about 40 MB of its own at import (written, so resident and private).
+HEAVY = "KEPT = bytearray(40 * 1000 * 1000)\nKEPT[::4096] = b'x' * len(KEPT[::4096])\n" + WSGI
+
+
+def test_measure_reads_the_memory_the_import_added(in_tmp: Callable[[str], str]) -> None:
+    name = in_tmp(HEAVY)
+    memory = measure_in_subprocess(parse_app_string(f"{name}:app"))
+    assert memory.measure == "USS"
+    assert 38e6 <= memory.imported <= 60e6, memory
+    assert memory.own == memory.after.own >= memory.imported + memory.before.own - 4096
+    assert memory.after.pss is not None and memory.after.rss >= memory.own
+    assert memory.as_dict()["own"] == memory.own
+    assert memory.describe().startswith("app memory after import: own (USS) ")
+    assert name not in sys.modules
+
+
+def test_measured_facts_carry_the_apps_own_memory(in_tmp: Callable[[str], str]) -> None:
+    name = in_tmp(HEAVY)
+    facts, memory = measured_facts(parse_app_string(f"{name}:app"), SystemFacts(host_cpus=2))
+    assert (facts.host_cpus, facts.app_memory) == (2, memory.own)
+    assert facts.app_memory_source == "own memory (USS) of a process that imported the app"
+
+
+def test_measure_raises_the_apps_error(in_tmp: Callable[[str], str]) -> None:
+    name = in_tmp("raise RuntimeError('no database')\n")
+    with pytest.raises(AppLoadError, match="no database"):
+        measure_in_subprocess(parse_app_string(f"{name}:app"))
+
+
+def test_the_check_alone_measures_nothing(in_tmp: Callable[[str], str]) -> None:
+    name = in_tmp(WSGI)
+    assert check_in_subprocess(parse_app_string(f"{name}:app")) is None

@@ -27,7 +27,7 @@ def load_generator() -> ModuleType:
     return module
 
 
-def test_reference_page_is_current():
+def test_reference_page_is_current() -> None:
     fresh = load_generator().render()
     committed = (ROOT / "docs" / "reference.md").read_text()
     assert committed == fresh, (
@@ -35,7 +35,7 @@ def test_reference_page_is_current():
     )
 
 
-def test_reference_lists_every_option_and_its_environment_variable():
+def test_reference_lists_every_option_and_its_environment_variable() -> None:
     text = (ROOT / "docs" / "reference.md").read_text()
     for spec in OPTIONS:
         assert f"### `{spec.flag}`" in text
@@ -44,7 +44,7 @@ def test_reference_lists_every_option_and_its_environment_variable():
         assert other in text
 
 
-def test_site_builds_strictly(tmp_path):
+def test_site_builds_strictly(tmp_path: Path) -> None:
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or shutil.which("mkdocs")
     if mkdocs is None:
         pytest.skip("mkdocs is not installed (pip install mkdocs)")

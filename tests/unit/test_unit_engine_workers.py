@@ -1,12 +1,15 @@
 """microsvc.workers.engine: gunicorn's settings turned into the engine's, and the hooks a
 worker runs around each request (max_requests, access log, pre_request and
-post_request), on a real connection served by `serve_connection`."""
+post_request), on a real connection served by `serve_connection`; and the sync and
+gthread workers' connections (`QuickSocket`: blocking, timeouts as a Python socket's)."""
 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -21,6 +24,7 @@ from microsvc.workers.engine import (
     EngineWorker,
     http_config,
 )
+from microsvc.workers.quicksocket import Acceptor, LingeringCloses, QuickSocket, has_data
 
 
 def gunicorn_cfg(**settings: Any) -> Config:
@@ -216,20 +220,154 @@ def test_keepalive_0_closes_after_each_response() -> None:
 
 def test_the_gevent_engine_worker_lets_other_greenlets_run_after_each_response() -> None:
     import gevent
+    import gevent.socket
 
-    from microsvc.http import RequestRecord
-    from microsvc.workers.gevent import EngineGeventWorker
+    from microsvc.http import HTTPConfig
+    from microsvc.workers.gevent import EngineGeventWorker, GeventIO
 
-    worker = EngineGeventWorker.__new__(EngineGeventWorker)
-    worker._log_access = False
-    worker._post_request = None
-    record = RequestRecord("GET / HTTP/1.1", "GET", "/", "200 OK", 200, 2, 0.001, None)
+    assert "after_response" not in vars(EngineGeventWorker)  # the engine's channel yields
+    green = GeventIO()
     ran: list[str] = []
 
-    def serve_two() -> None:
-        for _ in range(2):
-            ran.append("request")
-            worker._after_request({}, record)
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        ran.append(environ["PATH_INFO"])
+        start_response("200 OK", [("Content-Length", "0")])
+        return [b""]
 
-    gevent.joinall([gevent.spawn(serve_two), gevent.spawn(ran.append, "other connection")])
-    assert ran == ["request", "other connection", "request"]
+    def serve_two(name: str) -> None:
+        # Both requests arrive at once: the second is served after the other
+        # connection's first, not at once.
+        ours, theirs = gevent.socket.socketpair()
+        with ours, theirs:
+            ours.sendall(
+                f"GET /{name}1 HTTP/1.1\r\n\r\nGET /{name}2 HTTP/1.1\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            serve_connection(
+                theirs, ("127.0.0.1", 1), ("127.0.0.1", 2), app, HTTPConfig(), green=green
+            )
+
+    gevent.joinall([gevent.spawn(serve_two, "a"), gevent.spawn(serve_two, "b")], raise_error=True)
+    assert ran == ["/a1", "/b1", "/a2", "/b2"]
+
+
+# --- QuickSocket: timeouts as a Python socket's, without a poll per call ------------------
+
+
+def quick_pair() -> tuple[QuickSocket, socket.socket]:
+    mine, peer = socket.socketpair()
+    quick = QuickSocket(mine.family, mine.type, mine.proto, mine.detach())
+    peer.settimeout(5)
+    return quick, peer
+
+
+def test_quick_socket_reads_and_writes_on_a_blocking_descriptor() -> None:
+    quick, peer = quick_pair()
+    with quick, peer:
+        quick.settimeout(5)
+        assert quick.gettimeout() == 5.0 and quick.getblocking()
+        assert os.get_blocking(quick.fileno())  # no poll(2) before each call
+        peer.sendall(b"request")
+        assert quick.recv(100) == b"request"
+        quick.sendall(b"response" * 10000)  # more than one send may take
+        received = b""
+        while len(received) < 80000:
+            received += peer.recv(65536)
+        assert received == b"response" * 10000
+        buffer = bytearray(10)
+        peer.sendall(b"into")
+        assert quick.recv_into(buffer) == 4 and buffer[:4] == b"into"
+        peer.shutdown(socket.SHUT_WR)
+        assert quick.recv(100) == b""
+
+
+def test_quick_socket_waits_for_data_that_comes_later() -> None:
+    quick, peer = quick_pair()
+    with quick, peer:
+        quick.settimeout(None)
+        later = threading.Timer(0.05, peer.sendall, args=(b"late",))
+        later.start()
+        assert quick.recv(100) == b"late"
+        later.join()
+
+
+def test_quick_socket_times_out_as_a_python_socket_does() -> None:
+    quick, peer = quick_pair()
+    with quick, peer:
+        quick.settimeout(0.05)
+        with pytest.raises(socket.timeout):
+            quick.recv(100)
+        buffer = bytearray(10)
+        with pytest.raises(TimeoutError):
+            quick.recv_into(buffer)
+        with pytest.raises(TimeoutError):
+            quick.sendall(b"x" * 50_000_000)  # the peer reads nothing
+        quick.settimeout(0)
+        assert not quick.getblocking()
+        with pytest.raises(BlockingIOError):
+            quick.recv(100)
+        with pytest.raises(ValueError):
+            quick.settimeout(-1)
+
+
+def test_accepted_connections_are_quick_blocking_close_on_exec_and_nodelay() -> None:
+    listener = socket.socket()
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    with listener:
+        acceptor = Acceptor(listener)
+        assert acceptor.name == listener.getsockname()
+        with pytest.raises(BlockingIOError):
+            acceptor.accept()
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            conn, addr = acceptor.accept()
+            with conn:
+                assert isinstance(conn, QuickSocket) and addr == client.getsockname()
+                assert os.get_blocking(conn.fileno()) and not conn.get_inheritable()
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                assert not has_data(conn)
+                client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                while not has_data(conn):
+                    time.sleep(0.01)
+                assert conn.recv(100) == b"GET / HTTP/1.1\r\n\r\n"  # has_data read nothing
+
+
+def test_lingering_close_closes_once_the_client_has_closed() -> None:
+    lingering = LingeringCloses()
+    quick, peer = quick_pair()
+    quick.sendall(b"response")
+    lingering.close(quick)
+    assert len(lingering) == 1 and quick.fileno() != -1  # the client has not closed yet
+    assert peer.recv(100) == b"response" and peer.recv(100) == b""  # the server's end
+    peer.sendall(b"late bytes")  # read and dropped, not answered with a reset
+    lingering.reap()
+    assert len(lingering) == 1
+    peer.close()
+    lingering.reap(5)
+    assert len(lingering) == 0 and quick.fileno() == -1
+    already, peer = quick_pair()
+    peer.close()
+    lingering.close(already)  # the client closed first: closed at once
+    assert len(lingering) == 0 and already.fileno() == -1
+    lingering.close_all()
+
+
+def test_lingering_close_gives_up_after_its_deadline_or_when_stopping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(LingeringCloses, "LINGER", 0.05)
+    lingering = LingeringCloses()
+    quick, peer = quick_pair()
+    lingering.close(quick)
+    assert lingering.next_deadline() is not None
+    time.sleep(0.1)
+    lingering.reap()
+    assert len(lingering) == 0 and quick.fileno() == -1
+    other, other_peer = quick_pair()
+    lingering.close(other)
+    lingering.close_all(wait=False)
+    assert other.fileno() == -1
+    peer.close()
+    other_peer.close()

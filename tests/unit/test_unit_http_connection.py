@@ -206,6 +206,17 @@ def test_http10_response_without_length_is_delimited_by_close() -> None:
     assert body == b"abcd"
 
 
+def test_http10_connection_close_from_the_app_holds_when_the_engine_adds_a_length() -> None:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        start_response("200 OK", [("Connection", "close")])
+        return [b"hello"]
+
+    raw = exchange(app, b"GET /1 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /2 HTTP/1.0\r\n\r\n")
+    assert raw.count(b"HTTP/1.1 200 ") == 1
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert b"Content-Length: 5" in head and b"Connection: close" in head
+
+
 def test_date_and_server_headers_are_sent() -> None:
     got = responses(
         exchange(hello_app, b"GET / HTTP/1.1\r\n\r\n", HTTPConfig(server_software="x/1"))
@@ -865,3 +876,96 @@ def test_an_iterable_of_len_1_gets_a_content_length(body: list[bytes], framing: 
     (got,) = responses(exchange(app, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"))
     assert got["body"] == b"hello" and framing in got["headers"]
     assert wrapped[0].closed
+
+
+# --- green threads on the worker's channels (no timer per wait, see microsvc.http.green) --
+
+CHANNEL_SCRIPT = r"""
+import sys, time
+if sys.argv[1] == "gevent":
+    import gevent, gevent.socket
+    from microsvc.workers.gevent import GeventIO as IO
+    socketpair, spawn, sleep = gevent.socket.socketpair, gevent.spawn, gevent.sleep
+    def result(green): return green.get()
+else:
+    import warnings
+    warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+    import eventlet, eventlet.green.socket
+    from microsvc.workers.eventlet import EventletIO as IO
+    socketpair, spawn, sleep = eventlet.green.socket.socketpair, eventlet.spawn, eventlet.sleep
+    def result(green): return green.wait()
+from microsvc.http import HTTPConfig, serve_connection
+
+GREEN = IO()
+CONFIG = HTTPConfig(keepalive_timeout=0.3, header_timeout=0.5, read_timeout=0.3)
+BIG = b"x" * (8 * 1024 * 1024)
+
+def app(environ, start_response):
+    body = environ["wsgi.input"].read()
+    if environ["PATH_INFO"] == "/big":
+        start_response("200 OK", [("Content-Length", str(len(BIG)))])
+        return [BIG]
+    start_response("200 OK", [("Content-Length", str(len(body)))])
+    return [body]
+
+def serve(sock):
+    serve_connection(sock, ("127.0.0.1", 1), ("127.0.0.1", 2), app, CONFIG, green=GREEN)
+    sock.close()
+
+def client(request, pause=0.0, close=False):
+    ours, theirs = socketpair()
+    assert GREEN.channel(theirs) is not None
+    server = spawn(serve, theirs)
+    ours.sendall(request)
+    if pause:
+        sleep(pause)  # a client that stops reading: the response waits for it
+    if close:
+        ours.close()
+        return result(server)
+    data = b""
+    started = time.monotonic()
+    while chunk := ours.recv(65536):
+        data += chunk
+    result(server)
+    return data, time.monotonic() - started
+
+pipelined = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n"
+chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+stalled_body = b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nhel"
+stalled_head = b"GET / HTTP/1.1\r\nHost: x\r\n"
+big = b"GET /big HTTP/1.1\r\n\r\n"
+calls = [spawn(client, r) for r in (pipelined, chunked, stalled_body, stalled_head)]
+calls.append(spawn(client, big, pause=0.5))
+for data, took in map(result, calls):
+    answers = data.count(b"HTTP/1.1 200 "), data.count(b"HTTP/1.1 400 ")
+    print(*answers, len(data) > len(BIG), round(took, 1))
+result(spawn(client, b"GET / HTTP/1.1\r\n", close=True))  # a client that goes away
+print(len(GREEN._waiting))
+"""
+
+
+@pytest.mark.parametrize("library", ["gevent", "eventlet"])
+def test_green_channels_serve_and_time_out_without_a_timer_per_wait(library: str) -> None:
+    """A worker's channels (gevent's, eventlet's) serve pipelined and chunked requests,
+    a response larger than the socket buffers to a client that reads late, and end an
+    idle connection (keep-alive timeout), a stalled body (read timeout, 400) and a
+    stalled head (header timeout) through the sweeper."""
+    if importlib.util.find_spec(library) is None:
+        pytest.skip(f"{library} is not installed")
+    result = subprocess.run(
+        [sys.executable, "-W", "error", "-c", CHANNEL_SCRIPT, library],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line.split() for line in result.stdout.splitlines()]
+    pipelined, chunked, stalled_body, stalled_head, big, waiting = lines
+    # Each idle connection ends 0.3 s (the keep-alive timeout, and one sweep) after its
+    # last response; the stalled ones after their timeouts.
+    assert pipelined[:3] == ["2", "0", "False"] and 0.2 <= float(pipelined[3]) <= 1.0
+    assert chunked[:3] == ["1", "0", "False"] and 0.2 <= float(chunked[3]) <= 1.0
+    assert stalled_body[:3] == ["0", "1", "False"] and 0.2 <= float(stalled_body[3]) <= 1.0
+    assert stalled_head[:3] == ["0", "0", "False"] and 0.4 <= float(stalled_head[3]) <= 1.5
+    assert big[:3] == ["1", "0", "True"]
+    assert waiting == ["0"]

@@ -3,13 +3,11 @@ invalid request refused, every valid one giving the environ gunicorn's own parse
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from gunicorn.config import Config
 from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.http.errors import (
     ExpectationFailed,
@@ -20,6 +18,7 @@ from gunicorn.http.errors import (
 from gunicorn.http.parser import RequestParser
 from test_unit_http_connection import CLIENT, SERVER, exchange, no_error_logged, responses
 
+from harness import STRICTER, TRUNCATED, case_paths, expectation, request_bytes
 from microsvc.http import HTTPConfig
 
 CORPUS = Path(__file__).parent.parent / "data" / "gunicorn_requests"
@@ -34,16 +33,6 @@ UNSUPPORTED_SETTINGS = {
     "casefold_http_method": False,
 }
 HEADER_MAPS = ("drop", "refuse")
-
-# Valid for gunicorn, refused by microsvc.http, because llhttp is stricter there.
-STRICTER = {
-    "013": "whitespace around ';' in chunk extensions",
-    "031": "a method llhttp does not know (-BLARGH): 400 where gunicorn hands it to the app",
-}
-
-# Valid for gunicorn's parser reading from a list of bytes, where the end of the list ends a
-# body early without an error; on a connection that is a truncated body: 400.
-TRUNCATED = {"099": "the file holds 8 KB of a 17914-byte body"}
 
 ENVIRON_KEYS = (
     "REQUEST_METHOD",
@@ -60,20 +49,6 @@ ENVIRON_KEYS = (
     "CONTENT_LENGTH",
     "wsgi.url_scheme",
 )
-
-
-def request_bytes(path: Path) -> bytes:
-    """The request in a corpus file, decoded as gunicorn's tests/treq.py decodes it."""
-    data = path.read_bytes().replace(b"\n", b"").replace(b"\\r\\n", b"\r\n")
-    data = data.replace(b"\\0", b"\0").replace(b"\\n", b"\n").replace(b"\\t", b"\t")
-    return re.sub(rb"\\x([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]), data)
-
-
-def expectation(path: Path) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"uri": lambda raw: raw, "cfg": Config()}
-    source = path.with_suffix(".py.txt")
-    exec(compile(source.read_text(), str(source), "exec"), namespace)
-    return namespace
 
 
 def http_config(cfg: Any) -> HTTPConfig:
@@ -98,7 +73,7 @@ def supported(cfg: Any) -> bool:
 
 def cases(kind: str) -> list[Any]:
     found = []
-    for path in sorted((CORPUS / kind).glob("*.http")):
+    for path in case_paths(CORPUS, kind):
         if supported(expectation(path)["cfg"]):
             found.append(pytest.param(path, id=path.stem))
     return found

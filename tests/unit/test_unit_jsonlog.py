@@ -126,7 +126,9 @@ def one_access_entry(tmp_path: Path) -> dict[str, Any]:
 # access entries
 
 
-def test_access_entry_has_every_field_in_a_stable_order(make_logger, tmp_path):
+def test_access_entry_has_every_field_in_a_stable_order(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     logger = make_logger()
     log_access(
         logger,
@@ -160,7 +162,7 @@ def test_access_entry_has_every_field_in_a_stable_order(make_logger, tmp_path):
     assert entry["referer"] == "https://example.com/page"
 
 
-def test_absent_values_are_null_and_keys_stay(make_logger, tmp_path):
+def test_absent_values_are_null_and_keys_stay(make_logger: MakeLogger, tmp_path: Path) -> None:
     logger = make_logger()
     environ = make_environ()
     del environ["HTTP_USER_AGENT"]
@@ -171,10 +173,22 @@ def test_absent_values_are_null_and_keys_stay(make_logger, tmp_path):
     assert entry["request_id"] is None
     assert entry["user_agent"] is None
     assert entry["referer"] is None
+    assert entry["queue_time"] is None
+    assert entry["shed"] is False
     assert entry["message"] == "GET /data 200"
 
 
-def test_timestamp_is_utc_and_now(make_logger, tmp_path):
+def test_access_entry_has_queue_time_and_shed(make_logger: MakeLogger, tmp_path: Path) -> None:
+    logger = make_logger()
+    environ = make_environ(**{"microsvc.queue_time": 1.23456789, "microsvc.shed": True})
+    log_access(logger, environ, make_response("503 Service Unavailable"))
+    entry = one_access_entry(tmp_path)
+    assert entry["queue_time"] == 1.234568
+    assert entry["shed"] is True
+    assert entry["status"] == 503
+
+
+def test_timestamp_is_utc_and_now(make_logger: MakeLogger, tmp_path: Path) -> None:
     before = datetime.now(timezone.utc) - timedelta(seconds=1)
     log_access(make_logger())
     after = datetime.now(timezone.utc) + timedelta(seconds=1)
@@ -183,7 +197,9 @@ def test_timestamp_is_utc_and_now(make_logger, tmp_path):
     assert before <= parsed <= after
 
 
-def test_the_client_is_remote_addr_as_the_middleware_left_it(make_logger, tmp_path):
+def test_the_client_is_remote_addr_as_the_middleware_left_it(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     log_access(
         make_logger(),
         make_environ(REMOTE_ADDR="203.0.113.7", **{"microsvc.proxy_addr": "127.0.0.1"}),
@@ -191,12 +207,14 @@ def test_the_client_is_remote_addr_as_the_middleware_left_it(make_logger, tmp_pa
     assert one_access_entry(tmp_path)["client"] == "203.0.113.7"
 
 
-def test_script_name_is_part_of_the_path(make_logger, tmp_path):
+def test_script_name_is_part_of_the_path(make_logger: MakeLogger, tmp_path: Path) -> None:
     log_access(make_logger(), make_environ(SCRIPT_NAME="/api", PATH_INFO="/items"))
     assert one_access_entry(tmp_path)["path"] == "/api/items"
 
 
-def test_quotes_newlines_and_non_ascii_are_escaped_on_one_line(make_logger, tmp_path):
+def test_quotes_newlines_and_non_ascii_are_escaped_on_one_line(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     log_access(
         make_logger(),
         make_environ(
@@ -217,36 +235,44 @@ def test_quotes_newlines_and_non_ascii_are_escaped_on_one_line(make_logger, tmp_
     assert entry["request_id"] == 'id"\u00e9'
 
 
-def test_bytes_that_are_not_utf8_stay_visible(make_logger, tmp_path):
+def test_bytes_that_are_not_utf8_stay_visible(make_logger: MakeLogger, tmp_path: Path) -> None:
     log_access(make_logger(), make_environ(PATH_INFO="/\xff\xfe"))
     assert one_access_entry(tmp_path)["path"] == "/\\xff\\xfe"
 
 
-def test_request_id_is_cut_to_its_limit(make_logger, tmp_path):
+def test_request_id_is_cut_to_its_limit(make_logger: MakeLogger, tmp_path: Path) -> None:
     log_access(make_logger(), make_environ(HTTP_X_REQUEST_ID="r" * 5000))
     assert one_access_entry(tmp_path)["request_id"] == "r" * MAX_REQUEST_ID_LENGTH
 
 
-def test_user_agent_and_referer_are_cut_to_their_limit(make_logger, tmp_path):
+def test_user_agent_and_referer_are_cut_to_their_limit(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     log_access(make_logger(), make_environ(HTTP_USER_AGENT="u" * 9000, HTTP_REFERER="f" * 9000))
     entry = one_access_entry(tmp_path)
     assert entry["user_agent"] == "u" * MAX_HEADER_LENGTH
     assert entry["referer"] == "f" * MAX_HEADER_LENGTH
 
 
-def test_request_id_the_app_answered_with_is_used_when_the_request_has_none(make_logger, tmp_path):
+def test_request_id_the_app_answered_with_is_used_when_the_request_has_none(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     resp = make_response(headers=[("Content-Type", "text/plain"), ("X-Request-Id", "gen-1")])
     log_access(make_logger(), resp=resp)
     assert one_access_entry(tmp_path)["request_id"] == "gen-1"
 
 
-def test_request_id_of_the_request_wins_over_the_response(make_logger, tmp_path):
+def test_request_id_of_the_request_wins_over_the_response(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     resp = make_response(headers=[("X-Request-ID", "from-app")])
     log_access(make_logger(), make_environ(HTTP_X_REQUEST_ID="from-client"), resp)
     assert one_access_entry(tmp_path)["request_id"] == "from-client"
 
 
-def test_error_response_environ_without_path_info_uses_the_raw_uri(make_logger, tmp_path):
+def test_error_response_environ_without_path_info_uses_the_raw_uri(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     """gunicorn's handle_error (400, 414, 431...) builds an environ without PATH_INFO."""
     environ = make_environ(RAW_URI="/bad%20path%C3%A9?x=1", QUERY_STRING="x=1")
     del environ["PATH_INFO"], environ["SCRIPT_NAME"], environ["HTTP_USER_AGENT"]
@@ -264,7 +290,9 @@ def test_error_response_environ_without_path_info_uses_the_raw_uri(make_logger, 
     assert entry["referer"] is None
 
 
-def test_request_headers_are_not_read_when_the_environ_has_them(make_logger, tmp_path):
+def test_request_headers_are_not_read_when_the_environ_has_them(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     req = SimpleNamespace(headers=[("USER-AGENT", "from-req"), ("REFERER", "from-req")])
     make_logger().access(make_response(), req, make_environ(), timedelta(0))
     entry = one_access_entry(tmp_path)
@@ -272,7 +300,7 @@ def test_request_headers_are_not_read_when_the_environ_has_them(make_logger, tmp
     assert entry["referer"] is None
 
 
-def test_gevent_pywsgi_style_response_and_request(make_logger, tmp_path):
+def test_gevent_pywsgi_style_response_and_request(make_logger: MakeLogger, tmp_path: Path) -> None:
     """gunicorn's gevent_pywsgi worker passes headers as a dict or list, `sent` may be None
     and the request as a list of header pairs."""
     resp = SimpleNamespace(status="204 No Content", sent=None, headers={"X-Request-ID": "pw"})
@@ -288,27 +316,31 @@ def test_gevent_pywsgi_style_response_and_request(make_logger, tmp_path):
     ("status", "expected"),
     [("404 Not Found", 404), (b"503 Service Unavailable", 503), (500, 500), (None, None)],
 )
-def test_status_is_an_int(make_logger, tmp_path, status, expected):
+def test_status_is_an_int(
+    make_logger: MakeLogger, tmp_path: Path, status: str | bytes | int | None, expected: int | None
+) -> None:
     log_access(make_logger(), resp=make_response(status))
     entry = one_access_entry(tmp_path)
     assert entry["status"] == expected
     assert entry["message"] == f"GET /data {'-' if expected is None else expected}"
 
 
-def test_access_log_format_is_ignored(make_logger, tmp_path):
+def test_access_log_format_is_ignored(make_logger: MakeLogger, tmp_path: Path) -> None:
     log_access(make_logger(access_log_format='%(h)s CUSTOM "%(r)s"'))
     assert "CUSTOM" not in (tmp_path / "access.log").read_text()
     assert one_access_entry(tmp_path)["path"] == "/data"
 
 
-def test_no_access_log_writes_nothing(make_logger, tmp_path):
+def test_no_access_log_writes_nothing(make_logger: MakeLogger, tmp_path: Path) -> None:
     logger = make_logger(accesslog=None)
     log_access(logger)
     assert not (tmp_path / "access.log").exists()
     assert read_entries(tmp_path / "error.log") == []
 
 
-def test_a_broken_access_call_never_raises_and_is_logged_as_an_error(make_logger, tmp_path):
+def test_a_broken_access_call_never_raises_and_is_logged_as_an_error(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     logger = make_logger()
     logger.access(make_response(), None, None, timedelta(0))  # type: ignore[arg-type]
     assert read_entries(tmp_path / "access.log") == []
@@ -321,7 +353,7 @@ def test_a_broken_access_call_never_raises_and_is_logged_as_an_error(make_logger
 # error entries
 
 
-def test_error_entry_fields(make_logger, tmp_path):
+def test_error_entry_fields(make_logger: MakeLogger, tmp_path: Path) -> None:
     logger = make_logger()
     logger.info("Booting worker with pid: %s", 1234)
     (entry,) = read_entries(tmp_path / "error.log")
@@ -333,7 +365,7 @@ def test_error_entry_fields(make_logger, tmp_path):
     assert isinstance(entry["pid"], int)
 
 
-def test_every_level_method_writes_its_level(make_logger, tmp_path):
+def test_every_level_method_writes_its_level(make_logger: MakeLogger, tmp_path: Path) -> None:
     logger = make_logger(loglevel="debug")
     logger.debug("d")
     logger.info("i")
@@ -352,7 +384,7 @@ def test_every_level_method_writes_its_level(make_logger, tmp_path):
     ]
 
 
-def test_exception_goes_on_one_line_in_exc_info(make_logger, tmp_path):
+def test_exception_goes_on_one_line_in_exc_info(make_logger: MakeLogger, tmp_path: Path) -> None:
     logger = make_logger()
     try:
         1 / 0  # noqa: B018
@@ -368,7 +400,7 @@ def test_exception_goes_on_one_line_in_exc_info(make_logger, tmp_path):
     assert "\n" in entry["exc_info"]
 
 
-def test_multi_line_message_stays_on_one_line(make_logger, tmp_path):
+def test_multi_line_message_stays_on_one_line(make_logger: MakeLogger, tmp_path: Path) -> None:
     make_logger().error("first\nsecond\r\nthird \u00e9")
     text = (tmp_path / "error.log").read_text()
     assert text.count("\n") == 1, text
@@ -386,26 +418,30 @@ def test_multi_line_message_stays_on_one_line(make_logger, tmp_path):
         ("critical", []),
     ],
 )
-def test_log_level_filters_error_entries(make_logger, tmp_path, level, expected):
+def test_log_level_filters_error_entries(
+    make_logger: MakeLogger, tmp_path: Path, level: str, expected: list[str]
+) -> None:
     logger = make_logger(loglevel=level)
     for name in ("debug", "info", "warning", "error"):
         getattr(logger, name)(name)
     assert [e["level"] for e in read_entries(tmp_path / "error.log")] == expected
 
 
-def test_log_level_does_not_filter_access_entries(make_logger, tmp_path):
+def test_log_level_does_not_filter_access_entries(make_logger: MakeLogger, tmp_path: Path) -> None:
     log_access(make_logger(loglevel="error"))
     assert one_access_entry(tmp_path)["status"] == 200
 
 
-def test_bad_format_arguments_still_give_one_entry(make_logger, tmp_path):
+def test_bad_format_arguments_still_give_one_entry(make_logger: MakeLogger, tmp_path: Path) -> None:
     make_logger().error("%d requests", "not a number")
     (entry,) = read_entries(tmp_path / "error.log")
     assert "%d requests" in entry["message"]
     assert "not a number" in entry["message"]
 
 
-def test_extra_attributes_are_written_and_never_break_the_line(make_logger, tmp_path):
+def test_extra_attributes_are_written_and_never_break_the_line(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     logger = make_logger()
     logger.info("with extras", extra={"user": "u1", "count": 3, "odd": {(1, 2): object()}})
     (entry,) = read_entries(tmp_path / "error.log")
@@ -414,7 +450,9 @@ def test_extra_attributes_are_written_and_never_break_the_line(make_logger, tmp_
     assert isinstance(entry["odd"], str)
 
 
-def test_extra_attributes_do_not_replace_the_base_fields(make_logger, tmp_path):
+def test_extra_attributes_do_not_replace_the_base_fields(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     make_logger().info("real", extra={"timestamp": "fake", "pid": "fake", "level": "fake"})
     (entry,) = read_entries(tmp_path / "error.log")
     assert entry["pid"] != "fake" and entry["level"] == "info"
@@ -424,7 +462,9 @@ def test_extra_attributes_do_not_replace_the_base_fields(make_logger, tmp_path):
 # gunicorn features kept
 
 
-def test_setup_again_on_reload_does_not_duplicate_lines(make_logger, tmp_path):
+def test_setup_again_on_reload_does_not_duplicate_lines(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     logger = make_logger()
     logger.setup(logger.cfg)
     logger.setup(logger.cfg)
@@ -434,7 +474,7 @@ def test_setup_again_on_reload_does_not_duplicate_lines(make_logger, tmp_path):
     assert len(read_entries(tmp_path / "access.log")) == 1
 
 
-def test_reopen_files_writes_json_to_the_new_files(make_logger, tmp_path):
+def test_reopen_files_writes_json_to_the_new_files(make_logger: MakeLogger, tmp_path: Path) -> None:
     """What USR1 does after a log rotation moved the files away."""
     logger = make_logger()
     log_access(logger)
@@ -450,7 +490,7 @@ def test_reopen_files_writes_json_to_the_new_files(make_logger, tmp_path):
     assert [e["message"] for e in read_entries(tmp_path / "error.log")] == ["after"]
 
 
-def test_stdout_and_stderr(make_logger, capsys):
+def test_stdout_and_stderr(make_logger: MakeLogger, capsys: pytest.CaptureFixture[str]) -> None:
     logger = make_logger(accesslog="-", errorlog="-")
     logger.info("to stderr")
     log_access(logger)
@@ -461,7 +501,7 @@ def test_stdout_and_stderr(make_logger, capsys):
     assert error["logger"] == "gunicorn.error" and error["message"] == "to stderr"
 
 
-def test_syslog_gets_tagged_json(make_logger):
+def test_syslog_gets_tagged_json(make_logger: MakeLogger) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver:
         receiver.bind(("127.0.0.1", 0))
         receiver.settimeout(10)
@@ -481,7 +521,7 @@ def test_syslog_gets_tagged_json(make_logger):
     assert access_entry["path"] == "/data" and access_entry["status"] == 200
 
 
-def test_logconfig_dict_can_use_the_formatter(make_logger, tmp_path):
+def test_logconfig_dict_can_use_the_formatter(make_logger: MakeLogger, tmp_path: Path) -> None:
     """A logging configuration of one's own replaces gunicorn's handlers and can name
     JsonFormatter."""
     path = tmp_path / "custom.log"
@@ -512,7 +552,7 @@ def test_logconfig_dict_can_use_the_formatter(make_logger, tmp_path):
     assert entries[1]["path"] == "/data"
 
 
-def test_the_launcher_setting_loads_this_class():
+def test_the_launcher_setting_loads_this_class() -> None:
     cfg = Config()
     cfg.set("logger_class", JSON_LOGGER)
     assert cfg.logger_class is JsonLogger
@@ -521,14 +561,14 @@ def test_the_launcher_setting_loads_this_class():
 # the formatter on its own
 
 
-def test_formatter_timestamp():
+def test_formatter_timestamp() -> None:
     formatter = JsonFormatter()
     assert formatter.timestamp(0.123) == "1970-01-01T00:00:00.123Z"
     assert formatter.timestamp(1795514400.9999) == "2026-11-24T10:00:00.999Z"
     assert formatter.timestamp(1795514401.0) == "2026-11-24T10:00:01.000Z"
 
 
-def test_formatter_for_an_app_logger():
+def test_formatter_for_an_app_logger() -> None:
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter())
@@ -593,7 +633,9 @@ def hostile_environ(char: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("char", EXPANDING)
-def test_hostile_access_entries_stay_under_docker_s_line_length(make_logger, tmp_path, char):
+def test_hostile_access_entries_stay_under_docker_s_line_length(
+    make_logger: MakeLogger, tmp_path: Path, char: str
+) -> None:
     log_access(make_logger(), hostile_environ(char))
     (line,) = read_lines(tmp_path / "access.log")
     entry = assert_fits(line)
@@ -610,7 +652,9 @@ def test_hostile_access_entries_stay_under_docker_s_line_length(make_logger, tmp
     assert min(kept) > 1000 and max(kept) - min(kept) <= 12, kept
 
 
-def test_a_request_line_of_percent_ff_and_obs_text_headers(make_logger, tmp_path):
+def test_a_request_line_of_percent_ff_and_obs_text_headers(
+    make_logger: MakeLogger, tmp_path: Path
+) -> None:
     # %ff decodes to a byte that is not UTF-8 (written as \xff, 5 characters in JSON), and
     # obs-text header bytes 0x80-0xff are kept as latin-1 by gunicorn
     environ = make_environ(
@@ -629,7 +673,7 @@ def test_a_request_line_of_percent_ff_and_obs_text_headers(make_logger, tmp_path
     assert ("/" + "\\xff" * 1360).startswith(entry["path"])
 
 
-def test_an_entry_that_fits_is_not_changed(make_logger, tmp_path):
+def test_an_entry_that_fits_is_not_changed(make_logger: MakeLogger, tmp_path: Path) -> None:
     log_access(make_logger(), make_environ(HTTP_USER_AGENT="u" * 9000, HTTP_REFERER="f" * 9000))
     (line,) = read_lines(tmp_path / "access.log")
     entry = json.loads(line)
@@ -644,7 +688,7 @@ def record(message: str = "m", **attrs: Any) -> logging.LogRecord:
 
 
 @pytest.mark.parametrize("extra", [0, 1, 2, 3])
-def test_the_limit_is_exact(extra):
+def test_the_limit_is_exact(extra: int) -> None:
     formatter = JsonFormatter()
     empty = formatter.format(record(""))
     fill = MAX_LINE_LENGTH - len(empty) - 1 + extra  # "x" * fill: a line of limit - 1 + extra
@@ -658,7 +702,7 @@ def test_the_limit_is_exact(extra):
         assert len(line) >= MAX_LINE_LENGTH - 100  # little room is lost
 
 
-def test_a_long_traceback_keeps_its_end(make_logger, tmp_path):
+def test_a_long_traceback_keeps_its_end(make_logger: MakeLogger, tmp_path: Path) -> None:
     logger = make_logger()
     try:
         raise RuntimeError("the innermost error " + "\u00ff\x01" * 3000 + " END")
@@ -672,7 +716,7 @@ def test_a_long_traceback_keeps_its_end(make_logger, tmp_path):
     assert not entry["exc_info"].startswith("Traceback")
 
 
-def test_long_extras_and_stack_info_are_cut():
+def test_long_extras_and_stack_info_are_cut() -> None:
     formatter = JsonFormatter()
     rec = record(
         "m",
@@ -688,7 +732,7 @@ def test_long_extras_and_stack_info_are_cut():
     assert entry["note"].startswith("\u00ff") and entry["count"] == 7
 
 
-def test_too_many_extras_keep_the_base_fields():
+def test_too_many_extras_keep_the_base_fields() -> None:
     formatter = JsonFormatter()
     extras = {f"field_{index:05d}_{'k' * 30}": index for index in range(2000)}
     entry = assert_fits(formatter.format(record("\u00ff" * 9000, **extras)))
@@ -697,7 +741,7 @@ def test_too_many_extras_keep_the_base_fields():
     assert entry["message"].startswith("\u00ff" * 1000)
 
 
-def test_the_syslog_prefix_counts():
+def test_the_syslog_prefix_counts() -> None:
     formatter = JsonFormatter(prefix="gunicorn.microsvc.access: ")
     line = formatter.format(record("\u00ff" * 9000))
     assert line.startswith("gunicorn.microsvc.access: {")
@@ -705,14 +749,14 @@ def test_the_syslog_prefix_counts():
     assert json.loads(line[line.index("{") :])["truncated"] == ["message"]
 
 
-def test_max_length():
+def test_max_length() -> None:
     assert len(JsonFormatter(max_length=2000).format(record("x" * 5000))) <= 2000
     assert len(JsonFormatter(max_length=None).format(record("x" * 50000))) > 50000
     with pytest.raises(ValueError, match="max_length"):
         JsonFormatter(max_length=100)
 
 
-def test_timestamp_and_level_are_never_cut():
+def test_timestamp_and_level_are_never_cut() -> None:
     formatter = JsonFormatter(max_length=1100)
     rec = record("\u00ff" * 900, big=10**3000, note="x" * 900)
     rec.name = "n" * 900

@@ -3,13 +3,16 @@ Nothing here runs the arbiter; tests/e2e does."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
 import pytest
 
-from microsvc import Launcher, UnpatchedAppWarning, UsageError
+from microsvc import Launcher, UnpatchedAppWarning, UsageError, WorkerClass
+from microsvc.config.resolve import COMMAND_LINE
 from microsvc.planning.plan import SystemFacts
+from microsvc.serving.context import settings_of
 
 FACTS = SystemFacts(host_cpus=4, affinity_cpus=4)
 
@@ -202,12 +205,41 @@ def test_user_post_worker_init_hook_still_runs() -> None:
     ("options", "fragment"),
     [
         ({"health_path": "/x", "ready_path": "/x"}, "both /x"),
-        ({"max_worker_lifetime_jitter": "5m"}, "needs --max-worker-lifetime"),
+        ({"max_worker_lifetime_jitter": "5m"}, "needs max_worker_lifetime="),
+        ({"threads": 8, "worker_class": "sync"}, r"threads=8 .*needs worker_class='gthread'"),
     ],
 )
 def test_contradicting_options_are_refused(options: dict[str, object], fragment: str) -> None:
     with pytest.raises(UsageError, match=fragment):
         make(**options)
+
+
+def test_command_line_callers_get_flags_in_errors() -> None:
+    with pytest.raises(UsageError, match=r"^--threads 8 \(command line\) needs --worker-class"):
+        make(caller=COMMAND_LINE, threads=8, worker_class=WorkerClass.SYNC)
+
+
+def test_everything_comes_from_one_immutable_configuration() -> None:
+    launcher = make(worker_class="gthread", threads=3, gunicorn_settings={"backlog": 64})
+    configuration = launcher.configuration
+    assert launcher.settings is configuration.settings
+    assert launcher.plan is configuration.plan
+    assert launcher.cfg.threads == configuration.gunicorn["threads"] == 3
+    assert launcher.cfg.backlog == configuration.passthrough["backlog"] == 64
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        configuration.plan = configuration.plan  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        configuration.gunicorn["workers"] = 1  # type: ignore[index]
+
+
+def test_workers_read_the_settings_of_the_launcher_they_serve() -> None:
+    launcher = make(max_worker_memory="300MB")
+    settings = settings_of(launcher)  # a worker or the arbiter passes its `.app`
+    assert settings is launcher.settings
+    assert settings is not None and settings.max_worker_memory == 300 * 1000**2
+    # A microsvc worker class under another gunicorn application has no settings.
+    assert settings_of(wsgi_app) is None
+    assert settings_of(None) is None
 
 
 def test_the_app_sits_behind_health_and_readiness() -> None:

@@ -18,9 +18,10 @@ from click.testing import CliRunner
 
 from microsvc.cli import main
 from microsvc.config.options import DEFAULTS, OPTIONS, Settings
+from microsvc.config.pipeline import build
+from microsvc.config.resolve import Caller
 from microsvc.deploy.manifest import render, to_yaml
 from microsvc.errors import UsageError
-from microsvc.serving.launcher import resolve
 
 #: The newest Kubernetes version the pinned kubernetes-validate (>=1.37) has schemas for.
 KUBERNETES_VERSION = "1.37.0"
@@ -72,7 +73,7 @@ COMBINATIONS = [
 
 
 def settings_of(**options: Any) -> Settings:
-    return resolve(options, None, {}, {}, "command line").settings
+    return build(options, {}, caller=Caller("command line", command_line=True)).settings
 
 
 def make(options: dict[str, Any] | None = None, **kw: Any) -> tuple[Settings, list[dict[str, Any]]]:
@@ -97,7 +98,9 @@ def by_kind(documents: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def pod_container(documents: list[dict[str, Any]]) -> dict[str, Any]:
-    (container,) = by_kind(documents)["Deployment"]["spec"]["template"]["spec"]["containers"]
+    spec = by_kind(documents)["Deployment"]["spec"]["template"]["spec"]
+    containers: list[dict[str, Any]] = spec["containers"]
+    (container,) = containers
     return container
 
 
@@ -403,7 +406,11 @@ def test_yaml_strings_are_quoted_safely() -> None:
         "*alias",
         "!tag",
     ]
-    document = {"list": tricky, "map": {value: value for value in tricky}, "empty": {}}
+    document: dict[str, Any] = {
+        "list": tricky,
+        "map": {value: value for value in tricky},
+        "empty": {},
+    }
     document |= {"none": [], "flags": [True, False], "numbers": [0, -1, 65535]}
     assert yaml.safe_load(to_yaml([document])) == document
     nested = {"items": [{"a": {"b": [{"c": "d", "e": [1]}]}, "f": "g"}]}
@@ -542,3 +549,49 @@ def test_kubernetes_validate_strict_catches_a_stray_field(tmp_path: Path) -> Non
     path.write_text(to_yaml(documents))
     done = kubernetes_validate(path)
     assert done.returncode != 0, f"{done.stdout}{done.stderr}"
+
+
+# --hpa: an autoscaler on microsvc's own signals
+
+
+@pytest.mark.parametrize(
+    ("hpa", "metric", "average"),
+    [
+        ("busy-ratio", "microsvc_workers_busy_ratio", "700m"),
+        ("queue-time", "microsvc_http_request_queue_seconds_average", "100m"),
+    ],
+)
+def test_autoscaler_on_a_pod_metric(tmp_path: Path, hpa: str, metric: str, average: str) -> None:
+    _, documents = make({"metrics": True}, hpa=hpa)
+    spec = by_kind(documents)["HorizontalPodAutoscaler"]["spec"]
+    assert spec["metrics"] == [
+        {
+            "type": "Pods",
+            "pods": {
+                "metric": {"name": metric},
+                "target": {"type": "AverageValue", "averageValue": average},
+            },
+        }
+    ]
+    assert spec["minReplicas"] == 2 and spec["maxReplicas"] == 8
+    path = tmp_path / "manifest.yaml"
+    path.write_text(to_yaml(documents))
+    done = kubernetes_validate(path)
+    detail = f"{done.stdout}{done.stderr}"
+    assert done.returncode == 0, detail
+    assert detail.count("passed") == 4, detail
+
+
+def test_autoscaler_on_cpu_is_the_default() -> None:
+    _, documents = make()
+    [metric] = by_kind(documents)["HorizontalPodAutoscaler"]["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+
+
+def test_a_metrics_signal_needs_metrics_and_a_known_name() -> None:
+    with pytest.raises(
+        UsageError, match="--hpa busy-ratio reads microsvc's metrics: add --metrics"
+    ):
+        make(hpa="busy-ratio")
+    with pytest.raises(UsageError, match="--hpa: 'memory' is not one of"):
+        make({"metrics": True}, hpa="memory")

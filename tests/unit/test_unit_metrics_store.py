@@ -1,20 +1,30 @@
-"""The metrics store: dead processes' files fold into the archive, totals unchanged."""
+"""The metrics store: dead processes' files fold into the archive, totals unchanged;
+request metrics written in place add up exactly, across threads, forks and kills."""
 
 from __future__ import annotations
 
+import io
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from flask import Flask
+from prometheus_client import values as prometheus_values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from microsvc.demo import bare
 from microsvc.metrics.store import MetricsStore
+from microsvc.metrics.wsgi import InstrumentedApp
+from microsvc.serving import middleware
+from microsvc.serving.middleware import SHED_ROUTE
 
 
 def dead_pid() -> int:
@@ -239,3 +249,160 @@ def test_gauge_files_stay_bounded_however_many_processes_come_and_go(
         ("max", ()): 19,
         ("mostrecent", ()): 19,
     }
+
+
+# request metrics written in place (what a worker does under --metrics)
+
+
+@pytest.fixture
+def multiprocess(store: MetricsStore, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """prometheus_client's multiprocess mode writing into `store`, for this test only;
+    yields its value class."""
+    value_class = prometheus_values.MultiProcessValue()
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(store.path))
+    monkeypatch.setattr(prometheus_values, "ValueClass", value_class)
+    yield value_class
+    value_class.close_all_files()
+
+
+def instrumented_flask() -> InstrumentedApp:
+    """A Flask app behind microsvc's middleware (shedding after 1 s), with metrics."""
+    user = Flask("store-test")
+
+    @user.get("/items/<int:item>")
+    def item(item: int) -> dict[str, int]:
+        return {"item": item}
+
+    wrapped = middleware.wrap(
+        user,
+        health_path="/healthz",
+        ready_path="/readyz",
+        is_ready=lambda: True,
+        trusted_proxies=("127.0.0.1",),
+        max_queue_time=1.0,
+    )
+    return InstrumentedApp(wrapped, routes_from=user)
+
+
+def waited(seconds: float) -> dict[str, str]:
+    """The environ of a request a trusted proxy says waited `seconds`."""
+    return {"REMOTE_ADDR": "127.0.0.1", "HTTP_X_REQUEST_START": f"t={time.time() - seconds:.3f}"}
+
+
+def serve_one(app: Any, path: str, **extra: Any) -> str:
+    """One request as a server makes it: call, iterate, close; returns the status."""
+    seen: list[str] = []
+    environ = {
+        "REQUEST_METHOD": "GET",
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "localhost",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(b""),
+        "wsgi.errors": io.StringIO(),
+        **extra,
+    }
+    body = app(environ, lambda status, headers, exc_info=None: seen.append(status))
+    for _chunk in body:
+        pass
+    body.close()
+    return seen[-1]
+
+
+def request_totals(store: MetricsStore, route: str, status: str) -> tuple[float, float]:
+    """(requests, duration observations) of GET `route` `status`, scraped from the files."""
+    found = totals(store)
+    labels = (("method", "GET"), ("route", route), ("status", status))
+    count = found.get(("microsvc_http_requests_total", labels), 0.0)
+    observed = found.get(("microsvc_http_request_duration_seconds_count", labels), 0.0)
+    return count, observed
+
+
+def test_requests_are_written_in_place_and_add_up_exactly(
+    store: MetricsStore, multiprocess: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = instrumented_flask()
+
+    def not_per_value(self: Any, amount: float) -> None:
+        raise AssertionError("a request metric went through prometheus_client's inc()")
+
+    monkeypatch.setattr(multiprocess, "inc", not_per_value)
+    for item in range(40):
+        assert serve_one(app, f"/items/{item}", **waited(0)) == "200 OK"
+    for _ in range(3):
+        assert serve_one(app, "/nope").startswith("404")  # no queue time known
+    assert serve_one(app, "/items/1", **waited(7)).startswith("503")
+
+    assert request_totals(store, "/items/<int:item>", "200") == (40, 40)
+    assert request_totals(store, "(unmatched)", "404") == (3, 3)
+    found = totals(store)
+    assert found[("microsvc_http_requests_in_flight", ())] == 0
+    assert found[("microsvc_http_request_queue_seconds_count", ())] == 41
+    assert found[("microsvc_http_request_queue_seconds_bucket", (("le", "1.0"),))] == 40
+    assert found[("microsvc_http_request_queue_seconds_bucket", (("le", "10.0"),))] == 41
+    assert 7.0 <= found[("microsvc_http_request_queue_seconds_sum", ())] < 9.0
+    assert found[("microsvc_http_requests_shed_total", ())] == 1
+    assert (
+        totals(store)[
+            (
+                "microsvc_http_requests_total",
+                (("method", "GET"), ("route", SHED_ROUTE), ("status", "503")),
+            )
+        ]
+        == 1
+    )
+    buckets = [
+        value
+        for (name, labels), value in found.items()
+        if name == "microsvc_http_request_duration_seconds_bucket"
+        and ("route", "/items/<int:item>") in labels
+    ]
+    assert max(buckets) == 40  # cumulative: the +Inf bucket holds every one
+
+
+def test_threads_record_at_the_same_time_without_losing_a_count(
+    store: MetricsStore, multiprocess: Any
+) -> None:
+    app = InstrumentedApp(bare)
+    threads = [
+        threading.Thread(target=lambda: [serve_one(app, "/") for _ in range(500)]) for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert request_totals(store, "(unknown)", "200") == (4000, 4000)
+    assert totals(store)[("microsvc_http_requests_in_flight", ())] == 0
+
+
+def test_a_forked_worker_writes_its_own_file_and_a_kill_loses_nothing_it_recorded(
+    store: MetricsStore, multiprocess: Any
+) -> None:
+    app = InstrumentedApp(bare)
+    for _ in range(3):
+        serve_one(app, "/")  # the parent's places are found before the fork
+    ready_read, ready_write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child is killed
+        try:
+            for _ in range(5):
+                serve_one(app, "/")
+            os.write(ready_write, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(1)
+    os.close(ready_write)
+    try:
+        assert os.read(ready_read, 1) == b"x"
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        os.close(ready_read)
+    assert (store.path / f"counter_{child}.db").exists()
+    assert request_totals(store, "(unknown)", "200") == (8, 8)
+    store.compact()  # as the master does when it reaps the worker
+    assert request_totals(store, "(unknown)", "200") == (8, 8)
+    serve_one(app, "/")  # the parent still writes its own file
+    assert request_totals(store, "(unknown)", "200") == (9, 9)

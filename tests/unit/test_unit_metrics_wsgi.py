@@ -12,8 +12,9 @@ from flask import Flask
 from prometheus_client import CollectorRegistry
 
 from microsvc.metrics.instruments import RequestMetrics
-from microsvc.metrics.wsgi import ROUTE_KEY, UNKNOWN, UNMATCHED, InstrumentedApp
+from microsvc.metrics.wsgi import UNKNOWN, UNMATCHED, InstrumentedApp
 from microsvc.serving import middleware
+from microsvc.serving.middleware import ROUTE_KEY
 
 
 class Reader:
@@ -241,3 +242,35 @@ def test_start_response_error_path_is_forwarded() -> None:
     body.close()  # type: ignore[attr-defined]
     assert forwarded and forwarded[0][0] is KeyError
     assert metrics.requests("GET", UNKNOWN, "502") == 1
+
+
+def test_queue_time_is_observed_and_shed_requests_are_counted() -> None:
+    import time
+
+    user = flask_app()
+    wrapped = middleware.wrap(
+        user,
+        health_path="/healthz",
+        ready_path="/readyz",
+        is_ready=lambda: True,
+        trusted_proxies=("127.0.0.1",),
+        max_queue_time=1.0,
+    )
+    app, metrics = instrumented(wrapped, routes_from=user)
+    registry = metrics.registry
+
+    def stamp(ago: float) -> str:
+        return f"t={time.time() - ago:.3f}"
+
+    assert call(app, "/items/3", HTTP_X_REQUEST_START=stamp(0.3))[0].startswith("200")
+    assert call(app, "/items/3", HTTP_X_REQUEST_START=stamp(5))[0].startswith("503")
+    assert call(app, "/items/3")[0].startswith("200")  # no queue time known
+    count = registry.get_sample_value("microsvc_http_request_queue_seconds_count")
+    assert count == 2
+    under_one = registry.get_sample_value(
+        "microsvc_http_request_queue_seconds_bucket", {"le": "1.0"}
+    )
+    assert under_one == 1
+    assert registry.get_sample_value("microsvc_http_requests_shed_total") == 1
+    assert metrics.requests("GET", "(shed)", "503") == 1
+    assert metrics.requests("GET", "/items/<int:item>", "200") == 2

@@ -211,11 +211,17 @@ def test_paths_are_relative_to_script_name() -> None:
 def test_a_path_that_is_off_goes_to_the_app(off: str) -> None:
     inner = InnerApp()
     path = {"health_path": "/healthz", "ready_path": "/readyz"}[off]
-    response = call(make(inner, **{off: None}), **env(path))
+
+    def without_path() -> middleware.Middleware:
+        if off == "health_path":
+            return make(inner, health_path=None)
+        return make(inner, ready_path=None)
+
+    response = call(without_path(), **env(path))
     assert response.code == 404
     assert response.body == b"app:" + path.encode()
     other = "/readyz" if off == "health_path" else "/healthz"
-    assert call(make(inner, **{off: None}), **env(other)).code == 200
+    assert call(without_path(), **env(other)).code == 200
 
 
 def test_custom_paths() -> None:
@@ -576,7 +582,7 @@ def test_untrusted_peer_without_forwarded_headers_parses_nothing(
     def forbidden(text: str) -> None:
         raise AssertionError(f"parsed {text!r} on the hot path")
 
-    monkeypatch.setattr(middleware.ipaddress, "ip_address", forbidden)
+    monkeypatch.setattr(ipaddress, "ip_address", forbidden)
     call(app, **env("/x", remote="203.0.113.9"))
     assert inner.last["REMOTE_ADDR"] == "203.0.113.9"
 
@@ -593,7 +599,7 @@ def test_peer_and_hop_decisions_are_cached(monkeypatch: pytest.MonkeyPatch) -> N
         calls.append(text)
         return real(text)
 
-    monkeypatch.setattr(middleware.ipaddress, "ip_address", counting)
+    monkeypatch.setattr(ipaddress, "ip_address", counting)
     call(app, **environ)
     call(app, **env("/x", remote="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"}))
     call(app, **env("/x", remote="203.0.113.9", headers={"X-Forwarded-For": "1.1.1.1"}))
@@ -620,3 +626,148 @@ def test_peer_trust_agrees_with_gunicorn(allow: str, peer: str) -> None:
     assert ours.peer_is_trusted(peer) is expected
     seen = forwarded(allow.split(","), peer, {"X-Forwarded-For": "198.51.100.7"})
     assert seen["REMOTE_ADDR"] == ("198.51.100.7" if expected else peer)
+
+
+# queue time and load shedding
+
+NOW = 1_800_000_000.25
+
+
+@pytest.mark.parametrize(
+    ("stamp", "waited"),
+    [
+        ("t=1800000000.000", 0.25),  # nginx t=${msec}
+        ("1800000000", 0.25),  # plain seconds
+        ("1800000000.050", 0.2),
+        ("t=1800000000000", 0.25),  # milliseconds (Heroku's router)
+        ("1800000000000000", 0.25),  # microseconds
+        ("t=1800000000000000", 0.25),
+        ("1800000000000000000", 0.25),  # nanoseconds
+        (" t=1799999999.25 ", 1.0),
+    ],
+)
+def test_request_start_forms(stamp: str, waited: float) -> None:
+    got = middleware.parse_request_start(stamp, NOW)
+    assert got is not None
+    assert abs(got - waited) < 1e-6, (stamp, got)
+
+
+@pytest.mark.parametrize(
+    "stamp", ["", "t=", "abc", "t=12.5.6", "-1800000000", "t=1e9", "1800000000.0000000001x"]
+)
+def test_request_start_that_is_not_a_stamp_is_ignored(stamp: str) -> None:
+    assert middleware.parse_request_start(stamp, NOW) is None
+
+
+def test_request_start_in_the_future_is_zero_and_too_old_is_ignored() -> None:
+    assert middleware.parse_request_start("t=1800000005.0", NOW) == 0.0
+    assert middleware.parse_request_start("t=1700000000.0", NOW) is None
+
+
+def stamped(seconds_ago: float) -> dict[str, str]:
+    import time
+
+    return {"X-Request-Start": f"t={time.time() - seconds_ago:.3f}"}
+
+
+def test_queue_time_from_a_trusted_proxy() -> None:
+    inner = InnerApp()
+    app = make(inner, trusted=["10.0.0.0/8"])
+    call(app, **env("/x", remote="10.0.0.2", headers=stamped(0.5)))
+    assert inner.last[middleware.QUEUE_SOURCE_KEY] == "proxy"
+    assert 0.45 < inner.last[middleware.QUEUE_TIME_KEY] < 5
+
+
+def test_queue_time_header_of_an_untrusted_peer_is_ignored() -> None:
+    inner = InnerApp()
+    app = make(inner, trusted=["10.0.0.0/8"], max_queue_time=1.0)
+    response = call(app, **env("/x", remote="203.0.113.9", headers=stamped(30)))
+    assert response.code == 404  # the app answered
+    assert middleware.QUEUE_TIME_KEY not in inner.last
+
+
+def test_shed_when_waited_longer_than_the_limit() -> None:
+    inner = InnerApp()
+    app = make(inner, trusted=["10.0.0.0/8"], max_queue_time=1.0)
+    environ = env("/x", remote="10.0.0.2", headers=stamped(2.5))
+    statuses: list[str] = []
+    body = b"".join(app(environ, lambda status, headers, exc_info=None: statuses.append(status)))
+    assert statuses == ["503 Service Unavailable"]
+    response = call(app, **env("/x", remote="10.0.0.2", headers=stamped(2.5)))
+    assert response.body == body
+    assert response.header("Retry-After") == "1"
+    assert response.json() == {"error": "overloaded, retry later"}
+    assert inner.seen == []  # the app never ran
+    assert environ[middleware.SHED_KEY] is True
+    assert environ[middleware.ROUTE_KEY] == middleware.SHED_ROUTE
+    assert environ[middleware.QUEUE_TIME_KEY] > 2
+
+
+def test_not_shed_within_the_limit_nor_without_one() -> None:
+    inner = InnerApp()
+    limited = make(inner, trusted=["10.0.0.0/8"], max_queue_time=1.0)
+    assert call(limited, **env("/x", remote="10.0.0.2", headers=stamped(0.2))).code == 404
+    unlimited = make(inner, trusted=["10.0.0.0/8"])
+    assert call(unlimited, **env("/x", remote="10.0.0.2", headers=stamped(60))).code == 404
+    assert len(inner.seen) == 2
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_and_readiness_are_never_shed(path: str) -> None:
+    app = make(trusted=["10.0.0.0/8"], max_queue_time=0.5)
+    response = call(app, **env(path, remote="10.0.0.2", headers=stamped(10)))
+    assert response.code == 200
+
+
+def test_head_shed_has_no_body_and_retry_after_rounds_up() -> None:
+    app = make(trusted=["*"], max_queue_time=2.5)
+    response = call(app, **env("/x", method="HEAD", remote="10.0.0.2", headers=stamped(5)))
+    assert response.code == 503
+    assert response.body == b""
+    assert response.header("Retry-After") == "3"
+
+
+@pytest.mark.parametrize("limit", [0.0, -1.0])
+def test_a_limit_must_be_positive(limit: float) -> None:
+    with pytest.raises(ValueError, match="max_queue_time"):
+        make(max_queue_time=limit)
+
+
+def test_shedding_is_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    app = make(trusted=["*"], max_queue_time=1.0)
+    with caplog.at_level("WARNING", logger="gunicorn.error"):
+        for _ in range(3):
+            call(app, **env("/x", remote="10.0.0.2", headers=stamped(5)))
+    lines = [r.getMessage() for r in caplog.records if "Shed" in r.getMessage()]
+    assert len(lines) == 1 and "Shed 1 request(s)" in lines[0], lines
+
+
+def test_queue_time_from_the_kernel_for_a_direct_client() -> None:
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        try:
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            time.sleep(0.3)  # the request waits in the listen queue
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                inner = InnerApp()
+                app = make(inner, trusted=["127.0.0.1"], max_queue_time=0.2)
+                environ = {**env("/x", remote="127.0.0.1"), "gunicorn.socket": conn}
+                response = call(app, **environ)
+                assert response.code == 503
+                fresh = make(inner, trusted=["127.0.0.1"], max_queue_time=5.0)
+                assert call(fresh, **{**env("/x"), "gunicorn.socket": conn}).code == 404
+        finally:
+            client.close()
+    assert inner.last[middleware.QUEUE_SOURCE_KEY] == "kernel"
+    assert 0.25 <= inner.last[middleware.QUEUE_TIME_KEY] < 5
+
+
+def test_no_queue_time_without_a_tcp_socket() -> None:
+    inner = InnerApp()
+    call(make(inner), **{**env("/x"), "gunicorn.socket": object()})
+    assert middleware.QUEUE_TIME_KEY not in inner.last

@@ -12,7 +12,7 @@ def blocks(*upstreams: str, listen: str = "0.0.0.0:80", server_name: str = "_") 
     return render(upstreams, listen=listen, server_name=server_name, full=False)
 
 
-def test_upstream_lists_every_instance_with_failure_limits_and_keepalive():
+def test_upstream_lists_every_instance_with_failure_limits_and_keepalive() -> None:
     text = blocks("127.0.0.1:5001", "[::1]:5002", "app.internal:5003")
     assert "upstream microsvc {" in text
     for address in ("127.0.0.1:5001", "[::1]:5002", "app.internal:5003"):
@@ -23,7 +23,7 @@ def test_upstream_lists_every_instance_with_failure_limits_and_keepalive():
     assert "proxy_pass http://microsvc;" in text
 
 
-def test_proxy_headers_timeouts_and_retries():
+def test_proxy_headers_timeouts_and_retries() -> None:
     text = blocks("127.0.0.1:5000")
     for line in (
         "proxy_set_header Host $host;",
@@ -31,6 +31,7 @@ def test_proxy_headers_timeouts_and_retries():
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
         "proxy_set_header X-Forwarded-Proto $scheme;",
         "proxy_set_header X-Forwarded-Host $host;",
+        'proxy_set_header X-Request-Start "t=${msec}";',
         "proxy_connect_timeout 5s;",
         "proxy_read_timeout 30s;",
         "proxy_send_timeout 30s;",
@@ -43,7 +44,7 @@ def test_proxy_headers_timeouts_and_retries():
     assert "non_idempotent" not in text
 
 
-def test_conf_d_output_has_no_main_context_and_full_output_does():
+def test_conf_d_output_has_no_main_context_and_full_output_does() -> None:
     text = blocks("127.0.0.1:5000")
     assert "events" not in text and "http {" not in text
     full = render(["127.0.0.1:5000"], listen="127.0.0.1:8080", server_name="_", full=True)
@@ -60,14 +61,14 @@ def test_conf_d_output_has_no_main_context_and_full_output_does():
         ("*.example.com", "microsvc_example_com"),
     ],
 )
-def test_upstream_name_comes_from_the_server_name(server_name, upstream):
+def test_upstream_name_comes_from_the_server_name(server_name: str, upstream: str) -> None:
     text = blocks("127.0.0.1:5000", server_name=server_name)
     assert f"upstream {upstream} {{" in text
     assert f"proxy_pass http://{upstream};" in text
     assert f"server_name {server_name};" in text
 
 
-def test_listen_on_every_address():
+def test_listen_on_every_address() -> None:
     assert "listen 0.0.0.0:8080;" in blocks("127.0.0.1:5000", listen=":8080")
     assert "listen [::]:8080;" in blocks("127.0.0.1:5000", listen="[::]:8080")
 
@@ -88,22 +89,22 @@ def test_listen_on_every_address():
         (("bad host;:5000",), "host"),
     ],
 )
-def test_bad_upstreams_are_usage_errors(upstreams, message):
+def test_bad_upstreams_are_usage_errors(upstreams: tuple[str, ...], message: str) -> None:
     with pytest.raises(UsageError, match=message):
         blocks(*upstreams)
 
 
 @pytest.mark.parametrize("server_name", ["", "   ", "a;b", "evil{", "~^regex$", 'x"y'])
-def test_bad_server_names_are_usage_errors(server_name):
+def test_bad_server_names_are_usage_errors(server_name: str) -> None:
     with pytest.raises(UsageError, match="server-name"):
         blocks("127.0.0.1:5000", server_name=server_name)
 
 
-def test_bad_listen_is_a_usage_error():
+def test_bad_listen_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="--listen"):
         blocks("127.0.0.1:5000", listen="fd://3")
 
 
-def test_a_string_is_not_a_list_of_upstreams():
+def test_a_string_is_not_a_list_of_upstreams() -> None:
     with pytest.raises(UsageError, match="sequence"):
         render("127.0.0.1:5000", listen=":80", server_name="_", full=False)

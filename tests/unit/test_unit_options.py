@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+import types
+import typing
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
 import microsvc
+from microsvc.config.keywords import LauncherOptions
 from microsvc.config.options import (
     DEFAULTS,
     GUNICORN_NAMES,
@@ -92,3 +99,72 @@ def test_lazy_names_are_the_launcher_objects() -> None:
 def test_unknown_attribute_raises_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         microsvc.Nope  # noqa: B018
+
+
+# --- the typed keyword options of Launcher ------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _members(hint: object) -> set[object]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return set(typing.get_args(hint))
+    return {hint}
+
+
+def _accepted(settings_hint: object) -> set[object]:
+    """What a keyword option accepts: the option's own type, or text (as its MICROSVC_*
+    variable gives it); a list or tuple where the option holds a tuple."""
+    accepted: set[object] = {str}
+    for member in _members(settings_hint):
+        if typing.get_origin(member) is typing.Literal:
+            continue  # "auto": text
+        if member == tuple[str, ...]:
+            accepted |= {list[str], tuple[str, ...]}
+        else:
+            accepted.add(member)
+    return accepted
+
+
+def test_launcher_options_are_the_registry() -> None:
+    keywords = typing.get_type_hints(LauncherOptions)
+    settings = typing.get_type_hints(Settings)
+    assert list(keywords) == FIELD_NAMES
+    assert LauncherOptions.__total__ is False
+    for name in FIELD_NAMES:
+        assert _members(keywords[name]) == _accepted(settings[name]), name
+
+
+def test_launcher_options_are_public() -> None:
+    assert microsvc.LauncherOptions is LauncherOptions
+    assert "LauncherOptions" in microsvc.__all__
+
+
+def test_a_type_checker_refuses_a_misspelt_or_mistyped_option(tmp_path: Path) -> None:
+    pytest.importorskip("mypy")
+    snippet = tmp_path / "uses_launcher.py"
+    snippet.write_text(
+        textwrap.dedent(
+            """\
+            from microsvc import Launcher, WorkerClass
+            Launcher("pkg.mod:app", workers=3, worker_class=WorkerClass.GEVENT, bind=["a:1"])
+            Launcher("pkg.mod:app", workers="auto", memory_per_worker="256MiB", preload=True)
+            Launcher("pkg.mod:app", wokers=3)
+            Launcher("pkg.mod:app", workers=[3])
+            """
+        )
+    )
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "mypy", "--no-error-summary", "--follow-imports=silent"),
+            *("--cache-dir", str(tmp_path / "mypy-cache"), str(snippet)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [line for line in result.stdout.splitlines() if ": error: " in line]
+    assert [line.split(":")[1] for line in errors] == ["4", "5"], result.stdout + result.stderr
+    assert 'Unexpected keyword argument "wokers"' in errors[0]
+    assert 'Argument "workers" to "Launcher" has incompatible type' in errors[1]

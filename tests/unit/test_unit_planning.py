@@ -8,6 +8,7 @@ import pytest
 
 from microsvc.config.options import WorkerClass
 from microsvc.planning.plan import (
+    DEFAULT_MEMORY_PER_WORKER,
     GTHREAD_THREADS,
     SystemFacts,
     formula,
@@ -384,3 +385,45 @@ def test_as_dict_is_plain_data(capped_plan) -> None:  # type: ignore[no-untyped-
     assert quota["cpus"] == 2.5
     decoded = json.loads(json.dumps(data))
     assert decoded["cpu_limited_by"] == "quota"
+
+
+# --- --memory-per-worker auto and the memory measure -------------------------------------
+
+
+def test_auto_memory_per_worker_plans_with_the_measured_app() -> None:
+    facts = SystemFacts(
+        host_cpus=8,
+        memory_limit=1 * GiB,
+        memory_limit_source=MEMORY_FILE,
+        app_memory=300 * MiB,
+        app_memory_source="own memory (USS) of a process that imported the app",
+    )
+    plan = plan_workers(facts, WorkerClass.SYNC, memory_per_worker="auto")
+    assert (plan.memory_per_worker, plan.memory_cap, plan.workers) == (300 * MiB, 3, 3)
+    assert plan.memory_per_worker_from == (
+        "measured: own memory (USS) of a process that imported the app"
+    )
+    assert plan.notes == ()
+    assert "memory per worker: 300MiB (measured: own memory (USS)" in "\n".join(plan.explain())
+    assert "300MiB per worker = 3 workers" in plan.caps[0]
+
+
+def test_auto_memory_per_worker_without_a_measurement_assumes_the_default() -> None:
+    facts = SystemFacts(host_cpus=8, memory_limit=1 * GiB, memory_limit_source=MEMORY_FILE)
+    plan = plan_workers(facts, WorkerClass.SYNC, memory_per_worker="auto")
+    assert (plan.memory_per_worker, plan.memory_cap) == (DEFAULT_MEMORY_PER_WORKER, 8)
+    assert plan.memory_per_worker_from.startswith("auto, not measured")
+    [note] = plan.notes
+    assert note.startswith("--memory-per-worker auto: auto, not measured") and "128MiB" in note
+
+
+def test_the_plan_says_which_memory_measure_workers_are_limited_by() -> None:
+    uss = plan_workers(SystemFacts(host_cpus=2), WorkerClass.SYNC)
+    assert uss.memory_measure == "USS" and uss.as_dict()["memory_measure"] == "USS"
+    assert any(line.startswith("worker memory measure: USS") for line in uss.explain())
+    rss = plan_workers(SystemFacts(host_cpus=2, memory_measure="RSS"), WorkerClass.SYNC)
+    assert any(
+        line.startswith("worker memory measure: RSS (this platform gives no USS")
+        for line in rss.explain()
+    )
+    assert uss.memory_per_worker_from == "--memory-per-worker"

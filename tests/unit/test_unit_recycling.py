@@ -1,4 +1,5 @@
-"""The recycling mixin's decisions, with a fake clock, memory reader and jitter draw.
+"""Recycling: the master's decisions (`Recycler`, with a fake clock, memory samples and
+jitter draw) and the worker mixin that names gunicorn's --max-requests recycle.
 
 A fake base stands in for gunicorn's Worker: `notify()` and `handle_request()` are
 what the worker loops call; the mixin goes first in the MRO, as in the real classes.
@@ -13,15 +14,17 @@ from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
-import psutil
 import pytest
 
 from microsvc.config.options import Settings, WorkerClass
+from microsvc.observe.scoreboard import MemorySample
 from microsvc.workers import ENGINE_WORKER_CLASSES, WORKER_CLASSES
 from microsvc.workers.recycling import (
-    CHECK_INTERVAL,
     LOG_FORMAT,
+    MEMORY_STRIKES,
+    Decision,
     RecyclePolicy,
+    Recycler,
     Recycling,
     lifetime_reason,
     max_requests_reason,
@@ -31,6 +34,191 @@ from microsvc.workers.recycling import (
 
 MiB = 1024**2
 RECYCLE_LINE = re.compile(r"^Recycling worker \(pid: (\d+)\): (.+)$")
+
+
+def settings(**changes: Any) -> Settings:
+    return replace(Settings(), **changes)
+
+
+# --- the master: Recycler -----------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def recycler(draw: float = 0.0) -> tuple[Recycler, Clock, list[tuple[float, float]]]:
+    """A Recycler on a fake clock whose jitter draw is `draw` of the range."""
+    clock = Clock()
+    draws: list[tuple[float, float]] = []
+
+    def fake_draw(low: float, high: float) -> float:
+        draws.append((low, high))
+        return low + draw * (high - low)
+
+    return Recycler(draw=fake_draw, clock=clock), clock, draws
+
+
+def own(size: int, *, rss: int | None = None, measure: str = "USS") -> MemorySample:
+    """A sample with `size` bytes of own memory (and three times that resident)."""
+    return MemorySample(size, None, 3 * size if rss is None else rss, measure, 0.0)
+
+
+def test_memory_above_once_then_below_does_not_recycle() -> None:
+    master, _, _ = recycler()
+    master.started(7, settings(max_worker_memory=100 * MiB))
+    assert master.check({7: own(150 * MiB)}) == []
+    assert master.check({7: own(50 * MiB)}) == []
+    assert master.check({7: own(150 * MiB)}) == []  # above again, but not twice in a row
+
+
+def test_memory_above_twice_recycles_once_with_the_measured_size() -> None:
+    assert MEMORY_STRIKES == 2
+    master, _, _ = recycler()
+    master.started(7, settings(max_worker_memory=512 * MiB))
+    assert master.check({7: own(600 * MiB)}) == []
+    assert master.check({7: own(int(612.3 * MiB))}) == [
+        Decision(7, "memory", "memory (USS) 612.3MiB above --max-worker-memory 512MiB")
+    ]
+    assert master.check({7: own(700 * MiB)}) == []  # decided once
+
+
+def test_memory_at_the_limit_is_not_above_it() -> None:
+    master, _, _ = recycler()
+    master.started(7, settings(max_worker_memory=100 * MiB))
+    for _ in range(5):
+        assert master.check({7: own(100 * MiB)}) == []
+
+
+def test_pages_shared_with_other_processes_never_recycle() -> None:
+    """After --preload, a worker's RSS counts the app it shares with the master and its
+    siblings; the limit is on its own pages."""
+    master, _, _ = recycler()
+    master.started(7, settings(max_worker_memory=150_000_000))
+    for _ in range(10):
+        assert master.check({7: MemorySample(40 * MiB, 90 * MiB, 400 * MiB, "USS", 0.0)}) == []
+
+
+def test_where_the_platform_gives_only_rss_the_reason_says_so() -> None:
+    master, _, _ = recycler()
+    master.started(7, settings(max_worker_memory=100 * MiB))
+    for _ in range(MEMORY_STRIKES):
+        found = master.check({7: own(200 * MiB, rss=200 * MiB, measure="RSS")})
+    assert found == [
+        Decision(7, "memory", "memory (RSS) 200.0MiB above --max-worker-memory 100MiB")
+    ]
+
+
+def test_a_missing_reading_is_no_strike_and_no_reset() -> None:
+    master, _, _ = recycler()
+    master.started(7, settings(max_worker_memory=100 * MiB))
+    assert master.check({7: own(200 * MiB)}) == []
+    assert master.check({7: None}) == []
+    assert master.check({}) == []
+    assert [d.kind for d in master.check({7: own(200 * MiB)})] == ["memory"]
+
+
+def test_each_worker_is_judged_on_its_own_memory() -> None:
+    master, _, _ = recycler()
+    for pid in (7, 8):
+        master.started(pid, settings(max_worker_memory=100 * MiB))
+    memory = {7: own(200 * MiB), 8: own(20 * MiB)}
+    master.check(memory)
+    assert [d.pid for d in master.check(memory)] == [7]
+    assert master.policy(8) is not None and master.policy(7) is None
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.25, 1.0])
+def test_lifetime_draw_lies_in_lifetime_plus_jitter(draw: float) -> None:
+    master, _, draws = recycler(draw)
+    master.started(7, settings(max_worker_lifetime=3600.0, max_worker_lifetime_jitter=600.0))
+    policy = master.policy(7)
+    assert policy is not None and policy.lifetime is not None
+    assert draws == [(0.0, 600.0)]
+    assert policy.lifetime == pytest.approx(3600.0 + draw * 600.0)
+    assert 3600.0 <= policy.lifetime <= 4200.0
+
+
+def test_real_draws_lie_in_the_range_and_differ() -> None:
+    master = Recycler()
+    lifetimes = set()
+    for pid in range(20):
+        master.started(pid, settings(max_worker_lifetime=10.0, max_worker_lifetime_jitter=5.0))
+        policy = master.policy(pid)
+        assert policy is not None and policy.lifetime is not None
+        assert 10.0 <= policy.lifetime <= 15.0
+        lifetimes.add(policy.lifetime)
+    assert len(lifetimes) > 1
+
+
+def test_lifetime_recycles_once_its_draw_has_passed() -> None:
+    master, clock, _ = recycler(0.18666)
+    master.started(7, settings(max_worker_lifetime=3600.0, max_worker_lifetime_jitter=600.0))
+    clock.now += 3711.0
+    assert master.check({}) == []  # the draw is 3712 s
+    clock.now += 1.0
+    assert master.check({}) == [
+        Decision(7, "lifetime", "lifetime 3712s reached (--max-worker-lifetime 1h + jitter 112s)")
+    ]
+    clock.now += 100.0
+    assert master.check({}) == []
+    assert not master.reads_memory  # no memory limit: the master need not read memory
+
+
+def test_lifetime_without_jitter_draws_nothing() -> None:
+    master, clock, draws = recycler()
+    master.started(7, settings(max_worker_lifetime=2.0))
+    assert draws == []
+    clock.now += 2.0
+    assert [d.reason for d in master.check({})] == [
+        "lifetime 2s reached (--max-worker-lifetime 2s)"
+    ]
+
+
+def test_lifetime_counts_from_the_start_of_each_worker() -> None:
+    master, clock, _ = recycler()
+    master.started(7, settings(max_worker_lifetime=10.0))
+    clock.now += 5.0
+    master.started(8, settings(max_worker_lifetime=10.0))
+    clock.now += 5.0
+    assert [d.pid for d in master.check({})] == [7]
+    clock.now += 5.0
+    assert [d.pid for d in master.check({})] == [8]
+
+
+def test_lifetime_comes_before_memory() -> None:
+    master, clock, _ = recycler()
+    master.started(7, settings(max_worker_lifetime=1.0, max_worker_memory=MiB))
+    clock.now += 2.0
+    assert [d.kind for d in master.check({7: own(2 * MiB)})] == ["lifetime"]
+
+
+@pytest.mark.parametrize(
+    "given", [None, Settings(), SimpleNamespace()], ids=["none", "defaults", "plain-gunicorn"]
+)
+def test_off_without_settings_or_limits(given: Any) -> None:
+    master, clock, _ = recycler()
+    master.started(7, given)
+    assert master.policy(7) is None and not master.reads_memory
+    clock.now += 10**6
+    assert master.check({7: own(10**12)}) == []
+
+
+def test_a_worker_gone_is_forgotten() -> None:
+    master, clock, _ = recycler()
+    master.started(7, settings(max_worker_lifetime=1.0, max_worker_memory=MiB))
+    assert master.reads_memory
+    master.gone(7)
+    master.gone(7)
+    clock.now += 5.0
+    assert master.check({7: own(2 * MiB)}) == [] and not master.reads_memory
+
+
+# --- the worker: naming gunicorn's --max-requests recycle -----------------------------
 
 
 class FakeLog:
@@ -79,37 +267,13 @@ class FakeGunicornWorker:
 
 
 class FakeWorker(Recycling, FakeGunicornWorker):
-    def __init__(self, settings: Any = None, *, rss: int = 0, draw: float = 0.0, **kw: Any):
+    def __init__(self, settings: Any = None, **kw: Any):
         app = SimpleNamespace(settings=settings) if settings is not None else SimpleNamespace()
         super().__init__(app, **kw)
-        self.clock = 1000.0
-        self.rss = rss
-        self.reads = 0
-        self.draw_value = draw
-        self.draws: list[tuple[float, float]] = []
         self.woken = 0
-
-    def _now(self) -> float:
-        return self.clock
-
-    def _rss(self) -> int:
-        self.reads += 1
-        return self.rss
-
-    def _draw(self, low: float, high: float) -> float:
-        self.draws.append((low, high))
-        return low + self.draw_value * (high - low)
 
     def _wake(self) -> None:
         self.woken += 1
-
-    def tick(self, seconds: float = 1.0) -> None:
-        self.clock += seconds
-        self.notify()
-
-
-def settings(**changes: Any) -> Settings:
-    return replace(Settings(), **changes)
 
 
 def started(worker: FakeWorker) -> FakeWorker:
@@ -118,158 +282,17 @@ def started(worker: FakeWorker) -> FakeWorker:
     return worker
 
 
-# --- memory -------------------------------------------------------------------------
-
-
-def test_memory_above_once_then_below_does_not_recycle() -> None:
-    worker = started(FakeWorker(settings(max_worker_memory=100 * MiB), rss=150 * MiB))
-    worker.tick()
-    assert worker.reads == 1 and worker.alive
-    worker.rss = 50 * MiB
-    worker.tick()
-    worker.rss = 150 * MiB
-    worker.tick()  # above again, but not twice in a row
-    assert worker.reads == 3
-    assert worker.alive
-    assert worker.log.recycles() == []
-
-
-def test_memory_above_twice_recycles_with_the_measured_size() -> None:
-    worker = started(FakeWorker(settings(max_worker_memory=512 * MiB), rss=600 * MiB))
-    worker.tick()
-    assert worker.alive
-    worker.rss = int(612.3 * MiB)
-    worker.tick()
-    assert not worker.alive
-    assert worker.woken == 1
-    assert worker.log.recycles() == [
-        "Recycling worker (pid: 4321): memory 612.3MiB above --max-worker-memory 512MiB"
-    ]
-
-
-def test_memory_at_the_limit_is_not_above_it() -> None:
-    worker = started(FakeWorker(settings(max_worker_memory=100 * MiB), rss=100 * MiB))
-    for _ in range(5):
-        worker.tick()
-    assert worker.alive
-
-
-def test_memory_is_read_at_most_once_a_second() -> None:
-    worker = started(FakeWorker(settings(max_worker_memory=100 * MiB), rss=10 * MiB))
-    for _ in range(50):  # a busy worker: many requests and notifies within 0.5 s
-        worker.clock += 0.01
-        worker.handle_request()
+def test_the_worker_no_longer_recycles_itself_for_memory_or_lifetime() -> None:
+    """Memory and lifetime are the master's decisions: the worker never stops for them,
+    and its loop waits as long as it likes."""
+    worker = started(FakeWorker(settings(max_worker_lifetime=1.0, max_worker_memory=1)))
+    for _ in range(10):
         worker.notify()
-    assert worker.reads == 1
-    worker.clock += 0.6
-    worker.notify()
-    assert worker.reads == 2
-
-
-def test_two_reads_above_within_one_second_cannot_happen() -> None:
-    """A spike shorter than a second is read at most once, so it cannot recycle."""
-    worker = started(FakeWorker(settings(max_worker_memory=100 * MiB), rss=500 * MiB))
-    for _ in range(20):
-        worker.clock += 0.04
         worker.handle_request()
-    assert worker.reads == 1
-    assert worker.alive
-
-
-def test_a_busy_leaking_worker_is_caught_after_requests_without_notify() -> None:
-    worker = started(FakeWorker(settings(max_worker_memory=100 * MiB), rss=10 * MiB))
-    worker.handle_request()
-    worker.rss = 200 * MiB
-    for _ in range(30):
-        worker.clock += 0.1
-        worker.handle_request()
-    assert not worker.alive
-    assert len(worker.log.recycles()) == 1
-
-
-def test_unreadable_memory_turns_the_memory_check_off_with_a_warning() -> None:
-    class Unreadable(FakeWorker):
-        def _rss(self) -> int:
-            raise psutil.AccessDenied(4321)
-
-    worker = started(Unreadable(settings(max_worker_memory=100 * MiB)))
-    worker.tick()
-    worker.tick()
-    assert worker.alive
-    warnings = [line for level, line in worker.log.lines if level == "warning"]
-    assert len(warnings) == 1 and "--max-worker-memory is off" in warnings[0]
-    assert worker.recycling_policy == RecyclePolicy()
-
-
-# --- lifetime -----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("draw", [0.0, 0.25, 1.0])
-def test_lifetime_draw_lies_in_lifetime_plus_jitter(draw: float) -> None:
-    worker = started(
-        FakeWorker(
-            settings(max_worker_lifetime=3600.0, max_worker_lifetime_jitter=600.0), draw=draw
-        )
-    )
-    policy = worker.recycling_policy
-    assert policy is not None
-    assert worker.draws == [(0.0, 600.0)]
-    assert policy.lifetime == pytest.approx(3600.0 + draw * 600.0)
-    assert 3600.0 <= policy.lifetime <= 4200.0
-
-
-def test_real_draws_lie_in_the_range_and_differ() -> None:
-    class RealDraw(FakeWorker):
-        _draw = Recycling._draw
-
-    lifetimes = set()
-    for _ in range(20):
-        worker = started(
-            RealDraw(settings(max_worker_lifetime=10.0, max_worker_lifetime_jitter=5.0))
-        )
-        policy = worker.recycling_policy
-        assert policy is not None and policy.lifetime is not None
-        assert 10.0 <= policy.lifetime <= 15.0
-        lifetimes.add(policy.lifetime)
-    assert len(lifetimes) > 1
-
-
-def test_lifetime_recycles_once_its_draw_has_passed() -> None:
-    worker = started(
-        FakeWorker(
-            settings(max_worker_lifetime=3600.0, max_worker_lifetime_jitter=600.0), draw=0.18666
-        )
-    )
-    worker.tick(3600.0)
-    assert worker.alive  # the draw is 3712 s
-    worker.tick(111.0)
-    assert worker.alive
-    worker.tick(1.0)
-    assert not worker.alive
-    assert worker.log.recycles() == [
-        "Recycling worker (pid: 4321): lifetime 3712s reached "
-        "(--max-worker-lifetime 1h + jitter 112s)"
-    ]
-    assert worker.reads == 0  # no memory limit: memory is never read
-
-
-def test_lifetime_without_jitter_draws_nothing() -> None:
-    worker = started(FakeWorker(settings(max_worker_lifetime=2.0)))
-    assert worker.draws == []
-    worker.tick(2.0)
-    assert worker.log.recycles() == [
-        "Recycling worker (pid: 4321): lifetime 2s reached (--max-worker-lifetime 2s)"
-    ]
-
-
-def test_lifetime_counts_from_the_start_of_the_worker_process() -> None:
-    worker = FakeWorker(settings(max_worker_lifetime=10.0))
-    worker.clock += 1000.0  # created long before it runs (as gunicorn does, before fork)
-    started(worker)
-    worker.tick(9.0)
-    assert worker.alive
-    worker.tick(1.0)
-    assert not worker.alive
+        worker.check_recycling()
+    assert worker.alive and worker.log.lines == []
+    assert worker.check_interval(15.0) == 15.0
+    assert worker.notified == 10
 
 
 # --- max requests -------------------------------------------------------------------
@@ -282,6 +305,7 @@ def test_max_requests_reason_is_logged_once_after_gunicorns_line() -> None:
     assert worker.alive and worker.log.lines == []
     worker.handle_request()
     assert not worker.alive
+    assert worker.woken == 1
     worker.handle_request()  # a last request in flight (gthread, gevent)
     worker.notify()
     assert [line for _, line in worker.log.lines] == [
@@ -299,20 +323,16 @@ def test_max_requests_reason_works_without_microsvc_settings() -> None:
     ]
 
 
-def test_no_max_requests_line_when_another_reason_came_first() -> None:
-    worker = started(FakeWorker(settings(max_worker_memory=MiB), rss=2 * MiB, max_requests=3))
-    worker.handle_request()
-    worker.clock += 1.0
-    worker.handle_request()  # second read above: recycled by memory
-    worker.handle_request()  # count reached while already stopping
-    assert len(worker.log.recycles()) == 1
-    assert "memory" in worker.log.recycles()[0]
-
-
 def test_requests_during_shutdown_log_no_reason() -> None:
     worker = started(FakeWorker(settings(), max_requests=2))
     worker.handle_request()
-    worker.alive = False  # TERM
+    worker.alive = False  # TERM (the master stopping it, for instance to recycle it)
+    worker.handle_request()
+    assert worker.log.recycles() == []
+
+
+def test_nothing_happens_before_the_worker_process_starts() -> None:
+    worker = FakeWorker(settings(), max_requests=1)
     worker.handle_request()
     assert worker.log.recycles() == []
 
@@ -328,67 +348,40 @@ class RaisingWorker(FakeWorker, RaisingGunicornWorker):
 
 
 def test_handle_request_returns_what_the_worker_returns() -> None:
-    worker = started(FakeWorker(settings(max_worker_lifetime=1.0)))
+    worker = started(FakeWorker(settings()))
     assert worker.handle_request("listener", "req", "sock", "addr") == "handled"
 
 
 def test_a_request_that_raises_is_still_checked_after() -> None:
-    worker = started(RaisingWorker(settings(max_worker_lifetime=1.0)))
+    worker = started(RaisingWorker(settings(), max_requests=1))
     assert Recycling in RaisingWorker.__mro__[:3]
-    worker.clock += 5
     with pytest.raises(StopIteration):
         worker.handle_request()
     assert not worker.alive
     assert len(worker.log.recycles()) == 1
 
 
-# --- off ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "app",
-    [SimpleNamespace(), SimpleNamespace(settings=None), SimpleNamespace(settings=Settings())],
-    ids=["plain-gunicorn-app", "settings-none", "defaults"],
-)
-def test_off_without_settings_or_limits(app: Any) -> None:
-    worker = FakeWorker(rss=10**12)
-    worker.app = app
-    started(worker)
-    assert worker.recycling_policy is None
-    for _ in range(10):
-        worker.tick(10**6)
-        worker.handle_request()
-    assert worker.alive
-    assert worker.reads == 0
-    assert worker.log.lines == []
-    assert worker.check_interval(15.0) == 15.0
-
-
-def test_nothing_happens_before_the_worker_process_starts() -> None:
-    worker = FakeWorker(settings(max_worker_lifetime=1.0, max_worker_memory=1), rss=2)
-    worker.tick(100)
+def test_max_requests_recycle_tells_the_app() -> None:
+    told: list[str] = []
+    worker = started(FakeWorker(settings(max_requests=2), max_requests=2))
+    worker.app.worker_recycling = told.append
     worker.handle_request()
-    assert worker.alive and worker.reads == 0
+    worker.handle_request()
+    worker.handle_request()
+    assert told == ["max-requests"]
 
 
-def test_a_stopping_worker_is_not_recycled() -> None:
-    worker = started(FakeWorker(settings(max_worker_lifetime=1.0)))
-    worker.alive = False
-    worker.tick(10)
-    assert worker.log.recycles() == []
+def test_an_app_that_fails_to_hear_does_not_stop_the_recycle() -> None:
+    def deaf(kind: str) -> None:
+        raise OSError("scoreboard gone")
 
-
-def test_checks_are_at_most_a_second_apart_while_on() -> None:
-    worker = started(FakeWorker(settings(max_worker_lifetime=60.0)))
-    assert worker.check_interval(15.0) == CHECK_INTERVAL
-    assert worker.check_interval(0.5) == 0.5
-
-
-def test_notify_still_reaches_the_worker() -> None:
-    worker = started(FakeWorker(settings(max_worker_memory=MiB)))
-    worker.notify()
-    worker.notify()
-    assert worker.notified == 2
+    worker = started(FakeWorker(settings(), max_requests=1))
+    worker.app.worker_recycling = deaf
+    worker.handle_request()
+    assert not worker.alive
+    assert len(worker.log.recycles()) == 1
+    warnings = [line for level, line in worker.log.lines if level == "warning"]
+    assert warnings == ["Worker (pid: 4321) cannot record its recycle: scoreboard gone"]
 
 
 # --- policy and formats -------------------------------------------------------------
@@ -409,11 +402,11 @@ def test_policy_from_settings() -> None:
 
 def test_memory_reason_format() -> None:
     assert memory_reason(int(612.3 * MiB), 512 * MiB) == (
-        "memory 612.3MiB above --max-worker-memory 512MiB"
+        "memory (USS) 612.3MiB above --max-worker-memory 512MiB"
     )
     # --max-worker-memory 150MB is 150e6 bytes: shown in MiB like the measurement
-    assert memory_reason(160 * MiB, 150_000_000) == (
-        "memory 160.0MiB above --max-worker-memory 143.1MiB"
+    assert memory_reason(160 * MiB, 150_000_000, "RSS") == (
+        "memory (RSS) 160.0MiB above --max-worker-memory 143.1MiB"
     )
 
 
@@ -491,44 +484,3 @@ def test_worker_classes_load_with_recycling_first_and_gevent_only_on_demand() ->
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
-
-
-# --- telling the app why ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("worker_settings", "kind"),
-    [
-        ({"max_worker_memory": 100 * MiB}, "memory"),
-        ({"max_worker_lifetime": 5.0}, "lifetime"),
-    ],
-)
-def test_each_recycle_tells_the_app_its_kind_once(worker_settings: Any, kind: str) -> None:
-    told: list[str] = []
-    worker = started(FakeWorker(settings(**worker_settings), rss=150 * MiB))
-    worker.app.worker_recycling = told.append
-    for _ in range(10):
-        worker.tick()
-    assert told == [kind]
-    assert not worker.alive
-
-
-def test_max_requests_recycle_tells_the_app() -> None:
-    told: list[str] = []
-    worker = started(FakeWorker(settings(max_requests=2), max_requests=2))
-    worker.app.worker_recycling = told.append
-    worker.handle_request()
-    worker.handle_request()
-    assert told == ["max-requests"]
-
-
-def test_an_app_that_fails_to_hear_does_not_stop_the_recycle() -> None:
-    def deaf(kind: str) -> None:
-        raise OSError("store gone")
-
-    worker = started(FakeWorker(settings(max_worker_lifetime=1.0)))
-    worker.app.worker_recycling = deaf
-    worker.tick(2)
-    assert not worker.alive
-    assert worker.log.recycles()
-    assert any("cannot record its recycle" in line for level, line in worker.log.lines)

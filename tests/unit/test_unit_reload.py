@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from microsvc import Launcher, UsageError
+from microsvc.config.pipeline import build_gunicorn_config
 from microsvc.planning.plan import SystemFacts
-from microsvc.serving.launcher import build_gunicorn_config
 
 FACTS = SystemFacts(host_cpus=4, affinity_cpus=4)
 
@@ -137,11 +137,11 @@ def test_reload_keeps_the_running_configuration(
     if lines == ["http_protocols = 'h2,h1'"] and h2_installed():
         pytest.skip("the h2 package is installed")
     launcher = launcher_with_config(workdir)
-    cfg, resolved, wrapped = launcher.cfg, launcher.resolved, launcher.wsgi()
+    cfg, configuration, wrapped = launcher.cfg, launcher.configuration, launcher.wsgi()
     write_config(workdir, *lines)
     launcher.reload()
     assert launcher.cfg is cfg
-    assert launcher.resolved is resolved
+    assert launcher.configuration is configuration
     assert launcher.wsgi() is wrapped
     errors = gunicorn_log.errors()
     assert len(errors) == 1, errors

@@ -199,7 +199,11 @@ def test_workers_beyond_the_slots_are_counted_not_shown(tmp_path: Path) -> None:
 
 
 def test_a_worker_that_stops_on_its_own_gives_its_reason(board: Scoreboard) -> None:
-    pid = fork_worker(board, lambda board: (board.worker_stopping("max-requests"), time.sleep(30)))
+    def stop_on_its_own(board: Scoreboard) -> None:
+        board.worker_stopping("max-requests")
+        time.sleep(30)
+
+    pid = fork_worker(board, stop_on_its_own)
     try:
         view = wait_for_state(board, pid, "stopping")
         assert view.stop_reason == "max-requests"
@@ -310,6 +314,9 @@ def test_the_wrapper_returns_a_file_wrapper_as_it_is(board: Scoreboard) -> None:
         def __init__(self, data: bytes) -> None:
             self.data = data
 
+        def __iter__(self) -> Iterator[bytes]:
+            yield self.data
+
     response = FileWrapper(b"x")
     result = ScoreboardApp(lambda environ, start: response, board)(
         environ(**{"wsgi.file_wrapper": FileWrapper}), lambda *a: None
@@ -348,11 +355,12 @@ def test_listen_queue_reads_the_accept_queue_and_its_limit() -> None:
     assert (found.queue, found.queue_limit) == (3, 7)
 
 
-def test_memory_of_this_process() -> None:
+def test_memory_of_this_process_own_pss_rss() -> None:
     memory = sb.read_memory(os.getpid())
     assert memory is not None
-    own, shared, rss, _ = memory
-    assert own > 0 and rss == own + shared
+    assert memory.measure == "USS"  # Linux: from /proc/PID/smaps_rollup
+    assert 0 < memory.own <= memory.rss and memory.rss == memory.own + memory.shared
+    assert memory.pss is not None and memory.own <= memory.pss <= memory.rss
     assert sb.read_memory(2**22 + 12345) is None
 
 
@@ -391,9 +399,12 @@ def test_report_and_its_text(board: Scoreboard) -> None:
     assert data["in_flight"] == 1
     [shown] = data["workers"]
     assert shown["pid"] == os.getpid()
-    assert shown["memory"]["own"] > 0
+    assert shown["memory"]["own"] > 0 and shown["memory"]["pss"] >= shown["memory"]["own"]
+    assert (shown["memory"]["measure"], data["memory_measure"]) == ("USS", "USS")
+    assert data["max_worker_memory"] is None
     text = render(data)
     assert "GET /slow [rid-9]" in text
+    assert "OWN = USS" in text and " PSS " in text and "no --max-worker-memory" in text
     assert f"microsvc master {os.getpid()}" in text
     del worker
 
@@ -442,3 +453,40 @@ def test_launcher_hooks_keep_the_slot_and_still_call_the_configured_hooks(
     assert calls == ["when_ready", "pre_fork", "post_fork", "worker_abort", "worker_exit"]
     app = launcher.load()
     assert isinstance(app, ScoreboardApp)
+
+
+def test_memory_falls_back_to_psutil_without_smaps_rollup(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_open = open
+
+    def no_rollup(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith("/smaps_rollup"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_rollup)
+    memory = sb.read_memory(os.getpid())
+    assert memory is not None and memory.measure == "USS" and 0 < memory.own <= memory.rss
+
+
+def test_the_master_publishes_given_samples_and_the_memory_limit(board: Scoreboard) -> None:
+    worker = Attached(board)
+    sample = sb.MemorySample(10 * 2**20, 30 * 2**20, 90 * 2**20, "USS", time.time())
+    board.max_worker_memory = 150_000_000
+    board.sample([], {os.getpid(): sample})
+    snapshot = board.snapshot()
+    assert snapshot.max_worker_memory == 150_000_000
+    [view] = snapshot.workers
+    assert view.memory is not None
+    assert {key: view.memory[key] for key in ("own", "pss", "rss", "shared", "measure")} == {
+        "own": 10 * 2**20,
+        "pss": 30 * 2**20,
+        "rss": 90 * 2**20,
+        "shared": 80 * 2**20,
+        "measure": "USS",
+    }
+    board.stopping(os.getpid(), "memory")  # the sample stays while the worker stops
+    [view] = board.snapshot().workers
+    assert view.memory is not None and view.memory["pss"] == 30 * 2**20
+    text = render(build_report(board.snapshot(), time.time()))
+    assert "--max-worker-memory 143.1M (of OWN)" in text
+    del worker

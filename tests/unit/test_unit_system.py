@@ -11,7 +11,9 @@ from microsvc.planning.system import (
     cgroup_dirs,
     read_cpu_quota,
     read_memory_limit,
+    read_memory_measure,
     read_system_facts,
+    with_app_memory,
 )
 
 V1_CPU = (
@@ -446,3 +448,17 @@ def test_read_system_facts_without_limits(tmp_path: Path) -> None:
     facts = read_system_facts(v1_tree(tmp_path, {}))
     assert (facts.cpu_quota, facts.cpu_quota_source) == (None, None)
     assert (facts.memory_limit, facts.memory_limit_source) == (None, None)
+
+
+def test_the_memory_measure_is_uss_where_linux_gives_it(tmp_path: Path) -> None:
+    assert Path("/proc/self/smaps_rollup").exists()  # the development machines' kernels
+    assert read_memory_measure() == "USS"
+    assert read_system_facts(v1_tree(tmp_path, {})).memory_measure == "USS"
+
+
+def test_with_app_memory_keeps_the_facts_and_says_how_it_was_measured(tmp_path: Path) -> None:
+    facts = read_system_facts(v1_tree(tmp_path, {}))
+    measured = with_app_memory(facts, 300 * 1024**2, "USS")
+    assert measured.app_memory == 300 * 1024**2
+    assert measured.app_memory_source == "own memory (USS) of a process that imported the app"
+    assert (measured.host_cpus, measured.memory_limit) == (facts.host_cpus, facts.memory_limit)

@@ -1,0 +1,176 @@
+"""Recording a worker's request metrics at a small, fixed cost per request.
+
+`RequestRecorder` writes what `InstrumentedApp` measured into the metrics of
+`RequestMetrics`: the request counter and duration histogram of the request's series
+(method, route, status), the queue-time histogram, the shed counter and the in-flight
+gauge. In prometheus_client's multiprocess mode (always, under `--metrics`) it writes
+each value in place in the worker's own files (`store.InPlaceValues`): the places of a
+series are looked up once, the first time the series is seen, and a request then costs
+a dictionary lookup, a bucket search and a few float additions in shared memory, under
+one lock (threads of a gthread worker record at the same time).
+
+Nothing is buffered: a value is in the worker's file, where the exporter reads it, as
+soon as the request is recorded. A worker killed with SIGKILL loses only what it had
+not recorded yet: its requests in flight, and at most one request whose values were
+being written at that moment (the lock lets one thread write at a time): its count may
+be in the file without its duration, or the other way round.
+
+Without multiprocess mode (metrics read in the same process, as tests do), or when a
+value cannot be placed, it records through prometheus_client's own methods.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from bisect import bisect_left
+from typing import Any, TypeAlias
+
+from microsvc.metrics.instruments import RequestMetrics
+from microsvc.metrics.store import InPlaceValues
+
+#: A series: counter view and index, histogram view, sum index, bucket indices.
+_Series: TypeAlias = "tuple[memoryview[float], int, memoryview[float], int, tuple[int, ...]]"
+#: The values every request touches, in the same form: in-flight gauge view and index,
+#: queue-time histogram view, sum index and bucket indices, shed counter view and index.
+_Fixed: TypeAlias = (
+    "tuple[memoryview[float], int, memoryview[float], int, tuple[int, ...], memoryview[float], int]"
+)
+
+_recorders: weakref.WeakSet[RequestRecorder] = weakref.WeakSet()
+
+
+def _forget_after_fork() -> None:
+    for recorder in list(_recorders):
+        recorder._forget()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class RequestRecorder:
+    """Records requests into `metrics` (see the module docstring)."""
+
+    def __init__(self, metrics: RequestMetrics) -> None:
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._places = InPlaceValues()
+        #: Placed values: those every request touches, and those of each series.
+        self._fixed: _Fixed | None = None
+        self._series: dict[tuple[str, str, str], _Series] = {}
+        #: Series written through their metrics (counter, histogram).
+        self._unplaced: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        #: False once the fixed values could not be placed: all goes through the metrics.
+        self._in_place = True
+        self._duration_bounds = tuple(metrics.duration._upper_bounds)
+        self._queue_bounds = tuple(metrics.queue_time._upper_bounds)
+        _recorders.add(self)
+
+    def started(self) -> None:
+        """A request is in flight."""
+        with self._lock:
+            fixed = self._fixed or self._place_fixed()
+            if fixed is None:
+                self.metrics.in_flight.inc()
+            else:
+                fixed[0][fixed[1]] += 1.0
+
+    def finished(
+        self, key: tuple[str, str, str], seconds: float, waited: float | None, shed: bool
+    ) -> None:
+        """A request ended: count it under `key` (method, route, status) with its
+        duration, its queue time (None: unknown) and whether it was shed."""
+        with self._lock:
+            fixed = self._fixed
+            series = self._series.get(key)
+            if fixed is None or series is None:
+                self._finished_slowly(key, seconds, waited, shed)
+                return
+            counts, count_at, durations, sum_at, buckets = series
+            counts[count_at] += 1.0
+            durations[sum_at] += seconds
+            durations[buckets[bisect_left(self._duration_bounds, seconds)]] += 1.0
+            gauges, in_flight_at, queue, queue_sum_at, queue_buckets, shed_counts, shed_at = fixed
+            if waited is not None:
+                queue[queue_sum_at] += waited
+                queue[queue_buckets[bisect_left(self._queue_bounds, waited)]] += 1.0
+            if shed:
+                shed_counts[shed_at] += 1.0
+            gauges[in_flight_at] -= 1.0
+
+    # the first request of a series, or values that could not be placed (under the lock)
+
+    def _finished_slowly(
+        self, key: tuple[str, str, str], seconds: float, waited: float | None, shed: bool
+    ) -> None:
+        fixed = self._fixed or self._place_fixed()
+        if key not in self._series and key not in self._unplaced:
+            self._add_series(key, placing=fixed is not None)
+        series = self._series.get(key)
+        if series is None:
+            counter, histogram = self._unplaced[key]
+            counter.inc()
+            histogram.observe(seconds)
+        else:
+            counts, count_at, durations, sum_at, buckets = series
+            counts[count_at] += 1.0
+            durations[sum_at] += seconds
+            durations[buckets[bisect_left(self._duration_bounds, seconds)]] += 1.0
+        if fixed is None:
+            if waited is not None:
+                self.metrics.queue_time.observe(waited)
+            if shed:
+                self.metrics.shed.inc()
+            self.metrics.in_flight.dec()
+        else:
+            gauges, in_flight_at, queue, queue_sum_at, queue_buckets, shed_counts, shed_at = fixed
+            if waited is not None:
+                queue[queue_sum_at] += waited
+                queue[queue_buckets[bisect_left(self._queue_bounds, waited)]] += 1.0
+            if shed:
+                shed_counts[shed_at] += 1.0
+            gauges[in_flight_at] -= 1.0
+
+    def _place_fixed(self) -> _Fixed | None:
+        if not self._in_place:
+            return None
+        metrics = self.metrics
+        in_flight = self._places.place(metrics.in_flight._value)
+        queue = self._place_histogram(metrics.queue_time)
+        shed = self._places.place(metrics.shed._value)
+        if in_flight is None or queue is None or shed is None:
+            self._in_place = False
+            return None
+        self._fixed = (*in_flight, *queue, *shed)
+        return self._fixed
+
+    def _add_series(self, key: tuple[str, str, str], *, placing: bool) -> None:
+        counter = self.metrics.requests.labels(*key)
+        histogram = self.metrics.duration.labels(*key)
+        if placing:
+            count = self._places.place(counter._value)
+            durations = self._place_histogram(histogram)
+            if count is not None and durations is not None:
+                self._series[key] = (*count, *durations)
+                return
+        self._unplaced[key] = (counter, histogram)
+
+    def _place_histogram(
+        self, histogram: Any
+    ) -> tuple[memoryview[float], int, tuple[int, ...]] | None:
+        """The view, sum index and bucket indices of a histogram (its sum and buckets
+        are in one file: the view placed last maps them all)."""
+        places = [self._places.place(value) for value in (histogram._sum, *histogram._buckets)]
+        found = [place for place in places if place is not None]
+        if len(found) != len(places):
+            return None
+        return found[-1][0], found[0][1], tuple(index for _view, index in found[1:])
+
+    def _forget(self) -> None:
+        """In a child after a fork: the places found so far are the parent's."""
+        self._lock = threading.Lock()
+        self._places.forget()
+        self._fixed = None
+        self._series.clear()
+        self._unplaced.clear()
