@@ -10,6 +10,9 @@ from types import MappingProxyType
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: Peer addresses whose trust is remembered at most (the memory is emptied when full).
+TRUST_CACHE_SIZE = 1024
+
 DEFAULT_SECURE_SCHEME_HEADERS: Mapping[str, str] = MappingProxyType(
     {"X-FORWARDED-PROTOCOL": "ssl", "X-FORWARDED-PROTO": "https", "X-FORWARDED-SSL": "on"}
 )
@@ -98,6 +101,10 @@ class HTTPConfig:
         fields = self.limit_request_fields * (self.limit_request_field_size + 2)
         return self.limit_request_line + 2 + fields + 2
 
+    @cached_property
+    def _trust_by_address(self) -> dict[object, bool]:
+        return {}
+
     def peer_is_trusted(self, peer: object) -> bool:
         """Whether a peer may set the forwarding and scheme headers. A peer that is not an
         (address, port) pair, as on a Unix socket, is trusted, like in gunicorn."""
@@ -105,8 +112,20 @@ class HTTPConfig:
             return True
         if self.trust_all_peers:
             return True
+        # Peers come back (a proxy, returning clients): each address is parsed once.
+        known = self._trust_by_address
+        address = peer[0]
+        trusted = known.get(address)
+        if trusted is None:
+            trusted = self._address_is_trusted(address)
+            if len(known) >= TRUST_CACHE_SIZE:
+                known.clear()
+            known[address] = trusted
+        return trusted
+
+    def _address_is_trusted(self, text: object) -> bool:
         try:
-            address = ipaddress.ip_address(peer[0])
+            address = ipaddress.ip_address(text)  # type: ignore[arg-type]
         except ValueError:
             return False
         return any(address in network for network in self.trusted_networks)

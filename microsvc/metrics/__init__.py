@@ -22,6 +22,11 @@ from microsvc.wsgi import WSGIApp
 __all__ = ["EXIT_REASONS", "METRICS_PATH", "ROUTE_KEY", "MetricsService"]
 
 
+#: Worker classes whose requests are recorded by one thread at a time (sync: one
+#: thread; gevent, eventlet: green threads); any other decides in the worker.
+_THREADS = {"sync": False, "gevent": False, "eventlet": False}
+
+
 class MetricsService:
     """Metrics of one server, owned by its master. Raises BindError when `address` is
     taken. Create it before the app is imported and workers are forked. With
@@ -36,6 +41,8 @@ class MetricsService:
         scoreboard: Path | None = None,
     ) -> None:
         self.address = address
+        self._scoreboard = scoreboard
+        self._worker_class = str(worker_class)
         self.store = MetricsStore.create()
         try:
             enable_multiprocess(str(self.store.path))
@@ -58,7 +65,13 @@ class MetricsService:
     def instrument(self, app: WSGIApp, user_app: WSGIApp | None = None) -> InstrumentedApp:
         """`app` with request metrics; routes are read from `user_app` (the app `app`
         wraps) when it is a Flask app."""
-        return InstrumentedApp(app, routes_from=user_app)
+        return InstrumentedApp(
+            app,
+            routes_from=user_app,
+            # With a scoreboard, the exporter reads requests in flight from it.
+            in_flight=self._scoreboard is None,
+            threads=_THREADS.get(self._worker_class),
+        )
 
     # in the master
 

@@ -155,23 +155,31 @@ class Exporter:
 # the exporter process
 
 
-class _Collector:
-    """The store's files, summed under its shared lock."""
+#: Requests in flight: read from the scoreboard when there is one (workers note each
+#: request there anyway), else from the workers' files.
+IN_FLIGHT = "microsvc_http_requests_in_flight"
 
-    def __init__(self, store: MetricsStore) -> None:
+
+class _Collector:
+    """The store's files, summed under its shared lock (`skip`: names of metrics read
+    elsewhere)."""
+
+    def __init__(self, store: MetricsStore, skip: frozenset[str] = frozenset()) -> None:
         from prometheus_client.multiprocess import MultiProcessCollector
 
         self.store = store
+        self.skip = skip
         self._files = MultiProcessCollector(None, path=str(store.path))
 
     def collect(self) -> Any:
         with self.store.reading():
-            return list(self._files.collect())
+            return [family for family in self._files.collect() if family.name not in self.skip]
 
 
 class _ScoreboardCollector:
-    """Gauges read from the scoreboard at each scrape: busy workers and busy ratio,
-    listen-queue length and limit per listener, own and shared memory per worker slot."""
+    """Gauges read from the scoreboard at each scrape: requests in flight, busy workers
+    and busy ratio, listen-queue length and limit per listener, own and shared memory per
+    worker slot."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -191,6 +199,12 @@ class _ScoreboardCollector:
         live = [w for w in snapshot.workers if w.state != "stopping"]
         busy = sum(1 for w in live if w.in_flight > 0)
         families = [
+            # A stopping worker still serves the requests it has.
+            GaugeMetricFamily(
+                IN_FLIGHT,
+                "HTTP requests being served right now, in all workers.",
+                sum(w.in_flight for w in snapshot.workers),
+            ),
             GaugeMetricFamily(
                 "microsvc_workers_busy", "Workers serving at least one request now.", busy
             ),
@@ -283,7 +297,7 @@ def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = N
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(_Collector(store))
+    registry.register(_Collector(store, frozenset() if scoreboard is None else frozenset({IN_FLIGHT})))
     if scoreboard is not None:
         registry.register(_ScoreboardCollector(scoreboard))
     handler = type("Handler", (_Handler,), {"registry": registry})

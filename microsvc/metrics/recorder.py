@@ -2,17 +2,22 @@
 
 `RequestRecorder` writes what `InstrumentedApp` measured into the metrics of
 `RequestMetrics`: the request counter and duration histogram of the request's series
-(method, route, status), the queue-time histogram, the shed counter and the in-flight
-gauge. In prometheus_client's multiprocess mode (always, under `--metrics`) it writes
+(method, route, status), the queue-time histogram, the shed counter and, with `in_flight`,
+the in-flight gauge (under `--metrics` with a scoreboard the exporter reads requests in
+flight from the scoreboard, where each worker notes them anyway, and workers leave the
+gauge alone). In prometheus_client's multiprocess mode (always, under `--metrics`) it writes
 each value in place in the worker's own files (`store.InPlaceValues`): the places of a
 series are looked up once, the first time the series is seen, and a request then costs
-a dictionary lookup, a bucket search and a few float additions in shared memory, under
-one lock (threads of a gthread worker record at the same time).
+a dictionary lookup, a bucket search and a few float additions in shared memory. Threads
+of a gthread worker record at the same time and write under a lock; a worker with one
+thread (sync) or green threads (gevent, eventlet: none switches to another in the middle
+of a write) needs none, as for the scoreboard (`threads`: None decides in the worker, on
+its first request, as `Scoreboard.attach` does).
 
 Nothing is buffered: a value is in the worker's file, where the exporter reads it, as
 soon as the request is recorded. A worker killed with SIGKILL loses only what it had
 not recorded yet: its requests in flight, and at most one request whose values were
-being written at that moment (the lock lets one thread write at a time): its count may
+being written at that moment (one thread writes at a time): its count may
 be in the file without its duration, or the other way round.
 
 Without multiprocess mode (metrics read in the same process, as tests do), or when a
@@ -29,13 +34,16 @@ from typing import Any, TypeAlias
 
 from microsvc.metrics.instruments import RequestMetrics
 from microsvc.metrics.store import InPlaceValues
+from microsvc.observe.scoreboard import _green_threads
 
 #: A series: counter view and index, histogram view, sum index, bucket indices.
 _Series: TypeAlias = "tuple[memoryview[float], int, memoryview[float], int, tuple[int, ...]]"
-#: The values every request touches, in the same form: in-flight gauge view and index,
-#: queue-time histogram view, sum index and bucket indices, shed counter view and index.
+#: The values every request touches, in the same form: queue-time histogram view, sum
+#: index and bucket indices, shed counter view and index, in-flight gauge view and index
+#: (None, 0 without the gauge).
 _Fixed: TypeAlias = (
-    "tuple[memoryview[float], int, memoryview[float], int, tuple[int, ...], memoryview[float], int]"
+    "tuple[memoryview[float], int, tuple[int, ...], memoryview[float], int, "
+    "memoryview[float] | None, int]"
 )
 
 _recorders: weakref.WeakSet[RequestRecorder] = weakref.WeakSet()
@@ -52,8 +60,13 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 class RequestRecorder:
     """Records requests into `metrics` (see the module docstring)."""
 
-    def __init__(self, metrics: RequestMetrics) -> None:
+    def __init__(
+        self, metrics: RequestMetrics, *, in_flight: bool = True, threads: bool | None = True
+    ) -> None:
         self.metrics = metrics
+        #: Whether this recorder writes the in-flight gauge.
+        self.in_flight = in_flight
+        self._threads_given = threads
         self._lock = threading.Lock()
         self._places = InPlaceValues()
         #: Placed values: those every request touches, and those of each series.
@@ -68,35 +81,49 @@ class RequestRecorder:
         _recorders.add(self)
 
     def started(self) -> None:
-        """A request is in flight."""
+        """A request is in flight (only with `in_flight`)."""
         with self._lock:
             fixed = self._fixed or self._place_fixed()
             if fixed is None:
                 self.metrics.in_flight.inc()
             else:
-                fixed[0][fixed[1]] += 1.0
+                gauges = fixed[5]
+                if gauges is not None:
+                    gauges[fixed[6]] += 1.0
+
+    #: Whether requests are recorded without the lock (known on the first request).
+    _unlocked = False
 
     def finished(
         self, key: tuple[str, str, str], seconds: float, waited: float | None, shed: bool
     ) -> None:
         """A request ended: count it under `key` (method, route, status) with its
         duration, its queue time (None: unknown) and whether it was shed."""
+        if self._unlocked:
+            self._finished(key, seconds, waited, shed)
+            return
         with self._lock:
-            fixed = self._fixed
-            series = self._series.get(key)
-            if fixed is None or series is None:
-                self._finished_slowly(key, seconds, waited, shed)
-                return
-            counts, count_at, durations, sum_at, buckets = series
-            counts[count_at] += 1.0
-            durations[sum_at] += seconds
-            durations[buckets[bisect_left(self._duration_bounds, seconds)]] += 1.0
-            gauges, in_flight_at, queue, queue_sum_at, queue_buckets, shed_counts, shed_at = fixed
-            if waited is not None:
-                queue[queue_sum_at] += waited
-                queue[queue_buckets[bisect_left(self._queue_bounds, waited)]] += 1.0
-            if shed:
-                shed_counts[shed_at] += 1.0
+            self._finished(key, seconds, waited, shed)
+
+    def _finished(
+        self, key: tuple[str, str, str], seconds: float, waited: float | None, shed: bool
+    ) -> None:
+        fixed = self._fixed
+        series = self._series.get(key)
+        if fixed is None or series is None:
+            self._finished_slowly(key, seconds, waited, shed)
+            return
+        counts, count_at, durations, sum_at, buckets = series
+        counts[count_at] += 1.0
+        durations[sum_at] += seconds
+        durations[buckets[bisect_left(self._duration_bounds, seconds)]] += 1.0
+        queue, queue_sum_at, queue_buckets, shed_counts, shed_at, gauges, in_flight_at = fixed
+        if waited is not None:
+            queue[queue_sum_at] += waited
+            queue[queue_buckets[bisect_left(self._queue_bounds, waited)]] += 1.0
+        if shed:
+            shed_counts[shed_at] += 1.0
+        if gauges is not None:
             gauges[in_flight_at] -= 1.0
 
     # the first request of a series, or values that could not be placed (under the lock)
@@ -122,27 +149,32 @@ class RequestRecorder:
                 self.metrics.queue_time.observe(waited)
             if shed:
                 self.metrics.shed.inc()
-            self.metrics.in_flight.dec()
+            if self.in_flight:
+                self.metrics.in_flight.dec()
         else:
-            gauges, in_flight_at, queue, queue_sum_at, queue_buckets, shed_counts, shed_at = fixed
+            queue, queue_sum_at, queue_buckets, shed_counts, shed_at, gauges, in_flight_at = fixed
             if waited is not None:
                 queue[queue_sum_at] += waited
                 queue[queue_buckets[bisect_left(self._queue_bounds, waited)]] += 1.0
             if shed:
                 shed_counts[shed_at] += 1.0
-            gauges[in_flight_at] -= 1.0
+            if gauges is not None:
+                gauges[in_flight_at] -= 1.0
 
     def _place_fixed(self) -> _Fixed | None:
+        threads = self._threads_given
+        # In the worker, on its first request: after the fork and after monkey-patching.
+        self._unlocked = not (not _green_threads() if threads is None else threads)
         if not self._in_place:
             return None
         metrics = self.metrics
-        in_flight = self._places.place(metrics.in_flight._value)
+        in_flight = self._places.place(metrics.in_flight._value) if self.in_flight else (None, 0)
         queue = self._place_histogram(metrics.queue_time)
         shed = self._places.place(metrics.shed._value)
         if in_flight is None or queue is None or shed is None:
             self._in_place = False
             return None
-        self._fixed = (*in_flight, *queue, *shed)
+        self._fixed = (*queue, *shed, *in_flight)
         return self._fixed
 
     def _add_series(self, key: tuple[str, str, str], *, placing: bool) -> None:
@@ -170,6 +202,7 @@ class RequestRecorder:
     def _forget(self) -> None:
         """In a child after a fork: the places found so far are the parent's."""
         self._lock = threading.Lock()
+        self._unlocked = False
         self._places.forget()
         self._fixed = None
         self._series.clear()

@@ -112,7 +112,10 @@ class _FlaskRequest(_Request):
 
 class InstrumentedApp:
     """`app` with request metrics (see the module docstring). `routes_from` is the
-    user's app when `app` wraps it (routes are read from a Flask app there)."""
+    user's app when `app` wraps it (routes are read from a Flask app there).
+    `in_flight`: whether to keep the in-flight gauge (False when the exporter reads it
+    from the scoreboard); `threads`: whether requests may be recorded by several threads
+    at once (see `RequestRecorder`)."""
 
     def __init__(
         self,
@@ -120,10 +123,13 @@ class InstrumentedApp:
         metrics: RequestMetrics | None = None,
         *,
         routes_from: WSGIApp | None = None,
+        in_flight: bool = True,
+        threads: bool | None = True,
     ) -> None:
         self.app = app
         self.metrics = metrics or RequestMetrics()
-        self._recorder = RequestRecorder(self.metrics)
+        self._recorder = RequestRecorder(self.metrics, in_flight=in_flight, threads=threads)
+        self._in_flight = in_flight
         self._default_route = UNKNOWN
         self._request_type: type[_Request] = _Request
         _watch_flask_routes(routes_from or app, self)
@@ -136,7 +142,8 @@ class InstrumentedApp:
         request.status = "500"
         request.closed = False
         request.body = ()
-        self._recorder.started()
+        if self._in_flight:
+            self._recorder.started()
         request.started = _now()
         try:
             body = self.app(environ, request.start)

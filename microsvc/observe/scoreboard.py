@@ -34,6 +34,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
@@ -215,11 +216,15 @@ class Scoreboard:
         self._started = 0.0
         self._requests = 0
         self._stop_reason = b""
-        self._active: dict[int, tuple[bytes, bytes, bytes, float]] = {}
+        # requests in progress, by token: (start, method, path, request id)
+        self._active: dict[int, tuple[float, bytes, bytes, bytes]] = {}
         self._shown = 0
         self._shown_since = 0.0
         self._offset = 0
         self._seq = 0
+        self._threads = True
+        self._writing = False
+        self._queue_seq = 0
         # master side
         self._by_pid: dict[int, int] = {}
         self._pending: int | None = None
@@ -475,8 +480,11 @@ class Scoreboard:
 
     # a worker
 
-    def attach(self, slot: int | None, generation: int) -> None:
-        """In a worker just forked: take `slot` (None: no slot, nothing is written)."""
+    def attach(self, slot: int | None, generation: int, threads: bool | None = None) -> None:
+        """In a worker just forked: take `slot` (None: no slot, nothing is written).
+        `threads`: whether the worker's requests may run in several threads at once (None:
+        unless `threading` is gevent's or eventlet's, whose green threads never switch in
+        the middle of a write)."""
         self._slot = slot
         self._pid = os.getpid()
         self._generation = generation
@@ -485,10 +493,14 @@ class Scoreboard:
         self._active = {}
         self._shown, self._shown_since = 0, 0.0
         self._lock = threading.Lock()
+        self._threads = not _green_threads() if threads is None else threads
+        self._writing = False
         if slot is not None:
             self._offset = self._worker_offset(slot)
             seq = _SEQ.unpack_from(self.buffer, self._offset)[0]
             self._seq = seq + (seq & 1)
+            seq = _SEQ.unpack_from(self.buffer, self._offset + _QUEUE_AT)[0]
+            self._queue_seq = seq + (seq & 1)
         self._set_state(BOOTING)
 
     def booted(self) -> None:
@@ -502,123 +514,137 @@ class Scoreboard:
     def _set_state(self, state: int) -> None:
         if self._slot is None:
             return
-        # worker_int and worker_abort run in signal handlers, possibly while this very
-        # thread holds the lock: never wait for it for long. When it stays taken, the
+        # worker_int and worker_abort run in signal handlers, possibly in the middle of a
+        # write of the slot by this very thread: never wait for it for long. Then the
         # state goes out with the next write of the slot.
+        if not self._threads:
+            if self._writing:
+                self._state = state
+            else:
+                self._write_worker(state)
+            return
         if not self._lock.acquire(timeout=0.05):
             self._state = state
             return
         try:
-            self._state = state
-            shown = self._active.get(self._shown)
-            method, path, request_id, since = shown if shown else (b"", b"", b"", 0.0)
-            buffer, offset = self.buffer, self._offset
-            self._seq += 1
-            _SEQ.pack_into(buffer, offset, self._seq)
-            _WORKER.pack_into(
-                buffer,
-                offset + _SEQ.size,
-                self._pid,
-                self._generation,
-                self._started,
-                self._stop_reason,
-                state,
-                len(self._active),
-                self._requests,
-                since,
-                method,
-                path,
-                request_id,
-            )
-            self._seq += 1
-            _SEQ.pack_into(buffer, offset, self._seq)
+            self._write_worker(state)
         finally:
             self._lock.release()
 
-    # The hot path: each request writes its slot twice (a sequence number, the fields
-    # that changed, the sequence number again) under a lock of this process only
-    # (threads of one worker write the same slot).
+    def _write_worker(self, state: int) -> None:
+        self._writing = True
+        self._state = state
+        shown = self._active.get(self._shown)
+        since, method, path, request_id = shown if shown else (0.0, b"", b"", b"")
+        buffer, offset = self.buffer, self._offset
+        self._seq += 1
+        _SEQ.pack_into(buffer, offset, self._seq)
+        _WORKER.pack_into(
+            buffer,
+            offset + _SEQ.size,
+            self._pid,
+            self._generation,
+            self._started,
+            self._stop_reason,
+            state,
+            len(self._active),
+            self._requests,
+            since,
+            method,
+            path,
+            request_id,
+        )
+        self._seq += 1
+        _SEQ.pack_into(buffer, offset, self._seq)
+        self._writing = False
+
+    # The hot path: each request writes its slot when it starts and when it ends (a
+    # sequence number, the fields that changed, the sequence number again). Threads of
+    # one worker (gthread) write the same slot under a lock of this process only; green
+    # threads (gevent, eventlet) need none, as none can switch to another in the middle of
+    # a write. `_writing` tells a signal handler that interrupts a write to leave the
+    # slot alone.
 
     def request_started(self, method: bytes, path: bytes, request_id: bytes) -> int:
-        """A request begins; returns its token for `request_ended`."""
+        """A request begins; returns its token for `request_ended`. The fields are cut to
+        their size in the slot (16, 192 and 64 bytes)."""
         if self._slot is None:
             return 0
-        since = time.time()
-        entry = (method, path, request_id, since)
+        entry = (time.time(), method, path, request_id)
         token = id(entry)
-        with self._lock:
-            active = self._active
-            active[token] = entry
-            if self._state == IDLE:
-                self._state = BUSY
-            buffer, offset = self.buffer, self._offset
-            self._seq += 1
-            _SEQ.pack_into(buffer, offset, self._seq)
-            if len(active) == 1:
-                self._shown, self._shown_since = token, since
-                _W_DYNREQ.pack_into(
-                    buffer,
-                    offset + _DYN_AT,
-                    self._state,
-                    1,
-                    self._requests,
-                    since,
-                    method,
-                    path,
-                    request_id,
-                )
-            else:
-                _W_DYN.pack_into(
-                    buffer,
-                    offset + _DYN_AT,
-                    self._state,
-                    len(active),
-                    self._requests,
-                    self._shown_since,
-                )
-            self._seq += 1
-            _SEQ.pack_into(buffer, offset, self._seq)
+        if self._threads:
+            with self._lock:
+                self._begin(token, entry)
+        else:
+            self._begin(token, entry)
         return token
+
+    def _begin(self, token: int, entry: tuple[float, bytes, bytes, bytes]) -> None:
+        self._writing = True
+        buffer, offset = self.buffer, self._offset
+        self._seq += 1
+        _SEQ.pack_into(buffer, offset, self._seq)
+        active = self._active
+        active[token] = entry
+        if self._state == IDLE:
+            self._state = BUSY
+        if len(active) == 1:
+            self._shown, self._shown_since = token, entry[0]
+            _W_DYNREQ.pack_into(buffer, offset + _DYN_AT, self._state, 1, self._requests, *entry)
+        else:
+            _W_DYN.pack_into(
+                buffer,
+                offset + _DYN_AT,
+                self._state,
+                len(active),
+                self._requests,
+                self._shown_since,
+            )
+        self._seq += 1
+        _SEQ.pack_into(buffer, offset, self._seq)
+        self._writing = False
 
     def request_ended(self, token: int) -> None:
         if self._slot is None:
             return
-        with self._lock:
-            active = self._active
-            active.pop(token, None)
-            self._requests += 1
-            if not active and self._state == BUSY:
+        if self._threads:
+            with self._lock:
+                self._end(token)
+        else:
+            self._end(token)
+
+    def _end(self, token: int) -> None:
+        self._writing = True
+        buffer, offset = self.buffer, self._offset
+        self._seq += 1
+        _SEQ.pack_into(buffer, offset, self._seq)
+        active = self._active
+        active.pop(token, None)
+        self._requests += 1
+        if not active:
+            if self._state == BUSY:
                 self._state = IDLE
-            buffer, offset = self.buffer, self._offset
-            self._seq += 1
-            _SEQ.pack_into(buffer, offset, self._seq)
-            if token == self._shown and active:
-                self._shown = next(iter(active))
-                method, path, request_id, self._shown_since = active[self._shown]
-                _W_DYNREQ.pack_into(
-                    buffer,
-                    offset + _DYN_AT,
-                    self._state,
-                    len(active),
-                    self._requests,
-                    self._shown_since,
-                    method,
-                    path,
-                    request_id,
-                )
-            else:
-                if token == self._shown:
-                    self._shown, self._shown_since = 0, 0.0
-                _W_DYN.pack_into(
-                    buffer,
-                    offset + _DYN_AT,
-                    self._state,
-                    len(active),
-                    self._requests,
-                    self._shown_since,
-                )
-            self._seq += 1
-            _SEQ.pack_into(buffer, offset, self._seq)
+            self._shown, self._shown_since = 0, 0.0
+            _W_DYN.pack_into(buffer, offset + _DYN_AT, self._state, 0, self._requests, 0.0)
+        elif token == self._shown:
+            self._shown = shown = next(iter(active))
+            entry = active[shown]
+            self._shown_since = entry[0]
+            _W_DYNREQ.pack_into(
+                buffer, offset + _DYN_AT, self._state, len(active), self._requests, *entry
+            )
+        else:
+            _W_DYN.pack_into(
+                buffer,
+                offset + _DYN_AT,
+                self._state,
+                len(active),
+                self._requests,
+                self._shown_since,
+            )
+        self._seq += 1
+        _SEQ.pack_into(buffer, offset, self._seq)
+        self._writing = False
 
     # queue time (a worker) and the worker count (the master, --autoscale)
 
@@ -629,11 +655,23 @@ class Scoreboard:
         answered 503 for it)."""
         if self._slot is None:
             return
-        with self._lock:
-            if shed:
-                self._shed_total += 1
-            offset = self._worker_offset(self._slot) + _QUEUE_AT
-            self._write(offset, _QUEUE, self._pid, seconds, time.time(), self._shed_total)
+        if self._threads:
+            with self._lock:
+                self._note_queue(seconds, shed)
+        else:
+            self._note_queue(seconds, shed)
+
+    def _note_queue(self, seconds: float, shed: bool) -> None:
+        if shed:
+            self._shed_total += 1
+        buffer, offset = self.buffer, self._offset + _QUEUE_AT
+        self._queue_seq += 1
+        _SEQ.pack_into(buffer, offset, self._queue_seq)
+        _QUEUE.pack_into(
+            buffer, offset + _SEQ.size, self._pid, seconds, time.time(), self._shed_total
+        )
+        self._queue_seq += 1
+        _SEQ.pack_into(buffer, offset, self._queue_seq)
 
     def publish_autoscale(self, minimum: int, maximum: int, target: int, reason: str) -> None:
         """In the master: the bounds and the count --autoscale keeps, and why."""
@@ -873,6 +911,17 @@ class _SizedBody(_Body):
         return len(cast(Sized, self.body))
 
 
+class _ListBody(_SizedBody):
+    """A list, the most common body: nothing to close."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        token, self.token = self.token, 0
+        if token:
+            self.board.request_ended(token)
+
+
 class ScoreboardApp:
     """`app`, with each request noted in this worker's slot while it runs: method, path
     (no query string), X-Request-ID, start time."""
@@ -883,15 +932,17 @@ class ScoreboardApp:
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         board = self.board
+        if board._slot is None:  # a worker without a slot: nothing to note
+            return self.app(environ, start_response)
         raw = environ.get("RAW_URI")
         if raw:
             path = raw.partition("?")[0]
         else:
             path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         token = board.request_started(
-            environ.get("REQUEST_METHOD", "").encode("latin-1", "replace")[:16],
-            path.encode("latin-1", "replace")[:192],
-            environ.get("HTTP_X_REQUEST_ID", "").encode("latin-1", "replace")[:64],
+            environ.get("REQUEST_METHOD", "").encode("latin-1", "replace"),
+            path.encode("latin-1", "replace"),
+            environ.get("HTTP_X_REQUEST_ID", "").encode("latin-1", "replace"),
         )
         try:
             body = self.app(environ, start_response)
@@ -899,13 +950,24 @@ class ScoreboardApp:
             board.request_ended(token)
             raise
         waited = environ.get(QUEUE_TIME_KEY)
-        if isinstance(waited, float):
+        if waited is not None and isinstance(waited, float):
             board.note_queue(waited, environ.get(SHED_KEY) is True)
+        if type(body) is list:
+            return _ListBody(body, board, token)
         wrapper = environ.get("wsgi.file_wrapper")
         if isinstance(wrapper, type) and isinstance(body, wrapper):
             board.request_ended(token)  # sent by the server with sendfile; close() is its
             return body
         return (_SizedBody if hasattr(body, "__len__") else _Body)(body, board, token)
+
+
+def _green_threads() -> bool:
+    """Whether `threading` is gevent's or eventlet's in this process."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        return True
+    patcher = sys.modules.get("eventlet.patcher")
+    return bool(patcher is not None and patcher.is_monkey_patched("thread"))
 
 
 # finding instances

@@ -330,12 +330,22 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             is_ready=self.state.is_ready,
             trusted_proxies=settings.forwarded_allow_ips,
             max_queue_time=settings.max_queue_time,
+            queue_sample_interval=self._queue_sample_interval(),
         )
         if self.metrics is not None:
             wrapped = self.metrics.instrument(wrapped, app)
         if self.scoreboard is not None:
             wrapped = ScoreboardApp(wrapped, self.scoreboard)
         return wrapped
+
+    def _queue_sample_interval(self) -> float:
+        """0 (every request) when something reads each request's queue time: the metrics,
+        an access log, shedding; else only the scoreboard does, and a sample is enough."""
+        if self.settings.metrics or self.settings.max_queue_time is not None:
+            return 0.0
+        if self.cfg.accesslog or self.settings.access_log:
+            return 0.0
+        return middleware.QUEUE_SAMPLE_INTERVAL
 
     # running
 

@@ -40,7 +40,11 @@
   request's last data (TCP_INFO `tcpi_last_data_recv`), which covers the listen queue
   and any wait inside the worker. A header from an untrusted peer is ignored; a stamp in
   the future (clocks apart) counts as 0, one more than `MAX_BELIEVED_QUEUE_TIME` old as
-  none. Without either source the keys are absent.
+  none. Without either source the keys are absent. With `queue_sample_interval`, for a
+  server where nothing reads every request's queue time (no metrics, no access log,
+  no `max_queue_time`: only the scoreboard, which shows each worker's latest figure), it
+  is measured for one request per interval at most: the first request once the interval
+  has passed since the last measurement, so requests that far apart all have it.
 - Load shedding, with `max_queue_time`: a request whose queue time is above it is
   answered `503` with `Retry-After` at once and the app is not called;
   `environ["microsvc.shed"]` is True and its route for the metrics is `(shed)`. The
@@ -101,6 +105,8 @@ SHED_ROUTE = "(shed)"
 MAX_BELIEVED_QUEUE_TIME = 3600.0
 #: Shortest time between two log lines about shed requests, per worker.
 SHED_LOG_INTERVAL = 10.0
+#: With no reader of every request's queue time: measure it once per this many seconds.
+QUEUE_SAMPLE_INTERVAL = 0.01
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -118,10 +124,10 @@ _NOT_ALLOWED = json.dumps({"error": "method not allowed"}).encode()
 _OVERLOADED = json.dumps({"error": "overloaded, retry later"}).encode()
 _STAMP_RE = re.compile(r"(?:t=)?([0-9]{1,20}(?:\.[0-9]{1,9})?)")
 #: TCP_INFO up to tcpi_last_data_recv (milliseconds, a u32 at offset 52).
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)
 _TCP_INFO_LENGTH = 56
 _LAST_DATA_RECV = struct.Struct("=I")
 _LAST_DATA_RECV_AT = 52
-_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 _log = logging.getLogger("gunicorn.error")
 
 
@@ -154,14 +160,15 @@ def kernel_queue_time(sock: object) -> float | None:
     """Seconds since the kernel received the last data on this TCP connection (Linux
     TCP_INFO `tcpi_last_data_recv`, millisecond resolution at best), or None when `sock`
     is not a TCP socket or the kernel does not say."""
-    tcp_info = getattr(socket, "TCP_INFO", None)
-    if tcp_info is None or getattr(sock, "family", None) not in _TCP_FAMILIES:
+    if sock is None or _TCP_INFO is None:
         return None
+    # Asked of any socket: a Unix socket refuses it (and reading `family` first would cost
+    # as much as asking).
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, _TCP_INFO_LENGTH)  # type: ignore[attr-defined]
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)  # type: ignore[attr-defined]
     except (OSError, AttributeError, TypeError):
         return None
-    if not isinstance(info, bytes) or len(info) < _LAST_DATA_RECV_AT + 4:
+    if type(info) is not bytes or len(info) < _LAST_DATA_RECV_AT + 4:
         return None
     return float(_LAST_DATA_RECV.unpack_from(info, _LAST_DATA_RECV_AT)[0]) / 1000.0
 
@@ -273,9 +280,14 @@ class Middleware:
         is_ready: Callable[[], bool],
         trusted: TrustedProxies,
         max_queue_time: float | None = None,
+        queue_sample_interval: float = 0.0,
     ) -> None:
         if max_queue_time is not None and not max_queue_time > 0:
             raise ValueError(f"max_queue_time must be above 0, not {max_queue_time!r}")
+        if not queue_sample_interval >= 0:
+            raise ValueError(
+                f"queue_sample_interval must be 0 or more, not {queue_sample_interval!r}"
+            )
         for path in (health_path, ready_path):
             if path is not None and not (isinstance(path, str) and path.startswith("/")):
                 raise ValueError(f"{path!r} is not a path starting with '/'")
@@ -285,6 +297,10 @@ class Middleware:
         self.is_ready = is_ready
         self.trusted = trusted
         self.max_queue_time = max_queue_time
+        # shedding needs every request's queue time
+        self.queue_sample_interval = 0.0 if max_queue_time is not None else queue_sample_interval
+        self._next_sample = -math.inf
+        self._trusts_anyone = trusted.trusts_anyone
         self._retry_after = str(max(1, math.ceil(max_queue_time or 1)))
         self._shed_count = 0
         self._shed_logged_at = -math.inf
@@ -300,8 +316,16 @@ class Middleware:
         if is_ready_path is not None:
             environ[ROUTE_KEY] = path
             return self._answer(is_ready_path, environ, start_response)
-        waited = self._queue_time(environ)
-        if self.trusted.trusts_anyone and (
+        interval = self.queue_sample_interval
+        if not interval:
+            waited = self._queue_time(environ)
+        else:
+            now = time.monotonic()
+            if now >= self._next_sample:
+                self._next_sample = now + interval
+                self._queue_time(environ)
+            waited = None  # not shedding
+        if self._trusts_anyone and (
             "HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_HOST" in environ
         ):
             self._apply_forwarded(environ)
@@ -312,19 +336,19 @@ class Middleware:
 
     def _queue_time(self, environ: Environ) -> float | None:
         """The request's queue time, noted in the environ (see the module docstring)."""
-        waited = None
         stamp = environ.get("HTTP_X_REQUEST_START")
-        if isinstance(stamp, str) and self.trusted.trusts_anyone:
+        if stamp is not None and self._trusts_anyone and isinstance(stamp, str):
             peer = environ.get("REMOTE_ADDR")
             if isinstance(peer, str) and self.trusted.peer_is_trusted(peer):
                 waited = parse_request_start(stamp, time.time())
-                source = "proxy"
-        if waited is None:
-            waited = kernel_queue_time(environ.get("gunicorn.socket"))
-            source = "kernel"
+                if waited is not None:
+                    environ[QUEUE_TIME_KEY] = waited
+                    environ[QUEUE_SOURCE_KEY] = "proxy"
+                    return waited
+        waited = kernel_queue_time(environ.get("gunicorn.socket"))
         if waited is not None:
             environ[QUEUE_TIME_KEY] = waited
-            environ[QUEUE_SOURCE_KEY] = source
+            environ[QUEUE_SOURCE_KEY] = "kernel"
         return waited
 
     def _shed(
@@ -403,6 +427,7 @@ def wrap(
     trusted_proxies: Sequence[str],
     trust_socket_peers: bool = True,
     max_queue_time: float | None = None,
+    queue_sample_interval: float = 0.0,
 ) -> Middleware:
     """`app` behind microsvc's health and readiness endpoints and proxy trust.
 
@@ -411,8 +436,10 @@ def wrap(
     networks (or `*`) whose X-Forwarded-For and X-Forwarded-Host are believed;
     `trust_socket_peers` whether unix-socket peers are too; the same peers' X-Request-Start
     is believed. `max_queue_time` (seconds, None: off): shed requests that waited longer.
-    Raises ValueError for a bad path, address or limit. The module docstring has the
-    details.
+    `queue_sample_interval` (seconds, 0: every request): when only the scoreboard reads the
+    queue time, measure it for one request per interval at most (ignored with
+    `max_queue_time`). Raises ValueError for a bad path, address or limit. The module
+    docstring has the details.
     """
     trusted = TrustedProxies(trusted_proxies, socket_peers=trust_socket_peers)
     return Middleware(
@@ -422,4 +449,5 @@ def wrap(
         is_ready=is_ready,
         trusted=trusted,
         max_queue_time=max_queue_time,
+        queue_sample_interval=queue_sample_interval,
     )

@@ -276,9 +276,6 @@ class EngineWorker:
                         self._post_request(self, request, environ, response)
                     except Exception:
                         self.log.exception("Exception in post_request hook")
-            check = getattr(self, "check_recycling", None)
-            if check is not None:
-                check()
         finally:
             self.after_response()
 

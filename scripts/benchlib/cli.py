@@ -27,6 +27,15 @@ from benchlib.engine import (
 from benchlib.errors import BenchError
 from benchlib.machine import Pinning, choose_pinning, machine_info, raise_open_files_limit
 from benchlib.options import Options, parse_options
+from benchlib.overload import (
+    ESTIMATE_S,
+    check_overload_option,
+    draw_overload,
+    overload_failures,
+    overload_markdown,
+    overload_ratios,
+    run_overload,
+)
 from benchlib.points import ASYNC_IO_CONNECTIONS, Plan, Point, Run, build_plan
 from benchlib.report import (
     Results,
@@ -84,6 +93,7 @@ def _check_environment(options: Options) -> str:
         if importlib.util.find_spec(module) is None:
             raise BenchError(f"{module} is not installed for {sys.executable} ({hint})")
     check_engine_option(options.peers, options.sections)
+    check_overload_option(options.sections)
     return wrk
 
 
@@ -121,6 +131,8 @@ def _main(argv: list[str]) -> int:
 
     runs = len(plan.points) * options.repeat
     estimate = runs * (options.duration + options.warmup + RUN_OVERHEAD_S)
+    if "overload" in options.sections:
+        estimate += ESTIMATE_S
     say(f"scripts/bench {options.label}: {machine['cpu_model']}, {machine['host_cpus']} CPUs")
     say(f"pinning: {pinning.describe()}")
     say(
@@ -132,24 +144,35 @@ def _main(argv: list[str]) -> int:
     if nofile[0] != resource.RLIM_INFINITY and nofile[0] < ASYNC_IO_CONNECTIONS + 200:
         say(f"warning: open files limit is {nofile[0]}: 1000 connections may fail")
     say(
-        f"{len(plan.points)} points x {options.repeat} = {runs} runs, about {estimate / 60:.0f} min"
+        f"{len(plan.points)} points x {options.repeat} = {runs} runs"
+        + (" and the overload section" if "overload" in options.sections else "")
+        + f", about {estimate / 60:.0f} min"
     )
 
     with tempfile.TemporaryDirectory(prefix="msvc-bench-", dir="/tmp") as tmp:
         runner = _Runner(options, plan, pinning, Wrk(Path(tmp), wrk), Path(tmp), runs)
         runner.run_all()
+        if "overload" in options.sections:
+            plan.overload = run_overload(
+                options, pinning, runner.wrk, runner.workdir, runner.runtime_dir, runner.env, say
+            )
 
-    results.ratios = compute_ratios(results) + engine_ratios(results)
+    results.ratios = compute_ratios(results) + engine_ratios(results) + overload_ratios(results)
 
     paths = [options.out / f"{options.label}.{ext}" for ext in ("md", "json", "png")]
     md_path, json_path, png_path = paths
     write_json(results, json_path)
     md_path.write_text(
-        render_markdown(results, png_path.name if options.plot else None, engine_markdown(results))
+        render_markdown(
+            results,
+            png_path.name if options.plot else None,
+            engine_markdown(results) + overload_markdown(results),
+        )
     )
     if options.plot:
         try:
-            write_png(results, png_path, draw_engine if plan.engine else None)
+            extra = draw_engine if plan.engine else draw_overload if plan.overload else None
+            write_png(results, png_path, extra)
         except Exception as exc:  # matplotlib failing must not hide the numbers written
             raise BenchError(f"could not draw {png_path}: {exc}") from None
 
@@ -160,10 +183,12 @@ def _main(argv: list[str]) -> int:
     for item in plan.skipped:
         say(item)
     failed = sum(1 for point in plan.points for run in point.runs if not run.ok)
+    failed += overload_failures(results)
     missed = sum(1 for ratio in results.ratios if ratio.status == "MISS")
     say()
     say("wrote " + ", ".join(str(path) for path in paths[: 3 if options.plot else 2]))
     if failed:
+        runs += len(plan.overload.get("commands", {}))
         say(f"{failed} of {runs} runs failed (see the Markdown file)")
     if missed:
         say(f"{missed} target(s) missed")
@@ -232,8 +257,11 @@ class _Runner:
             load = {"connections": point.connections, "threads": _wrk_threads(pinning)}
             if self.options.warmup:
                 self.wrk.run(url, seconds=self.options.warmup, cpus=pinning.wrk_cpus, **load)
+            cpu, wall = server.cpu_seconds(), time.monotonic()
             result = self.wrk.run(url, seconds=self.options.duration, cpus=pinning.wrk_cpus, **load)
+            cpu, wall = server.cpu_seconds() - cpu, time.monotonic() - wall
             run.ok, run.result = True, result.as_dict()
+            run.cpu_busy = cpu / wall if wall > 0 else None
         except HarnessError as exc:
             run.error = f"load: {str(exc).splitlines()[0]}"
         finally:

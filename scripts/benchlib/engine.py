@@ -16,6 +16,7 @@ once the server answers, before any load.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -252,7 +253,8 @@ def engine_ratios(results: Results) -> list[Ratio]:
 
 def _io_ratios(cls: str, found: Found) -> list[Ratio]:
     """gthread: against threads / 50 ms. gevent, eventlet: no error, and against
-    connections / 50 ms, or the class's /data throughput where one CPU cannot serve that."""
+    connections / 50 ms, or, where the server's CPU is the bound, what it serves with
+    that CPU busy all the time (its rps over the share of the CPU it used)."""
     point = found[("io", cls, "microsvc")]
     s = point.summary
     kind, subject = "engine /io / ideal", f"{cls} /io"
@@ -261,9 +263,11 @@ def _io_ratios(cls: str, found: Found) -> list[Ratio]:
         how = f"{ideal:,.0f} ({point.threads} threads / 50 ms)"
         return [against_ideal(kind, subject, s, ideal, how, TARGET_GTHREAD_IO)]
     ideal, how = point.connections / IO_WAIT_S, f"{point.connections} connections / 50 ms"
-    data = found.get(("data", cls, "microsvc"))
-    if data and data.summary.rps and data.summary.rps < ideal:
-        ideal, how = data.summary.rps, "its /data throughput: the CPU's bound"
+    pinned = point.pinning.server_cpus if point.pinning else None
+    cpus = len(pinned) if pinned else len(os.sched_getaffinity(0))
+    if s.rps and s.cpu_busy and s.rps * cpus / s.cpu_busy < ideal:
+        ideal = s.rps * cpus / s.cpu_busy
+        how = f"at {s.cpu_busy:.0%} of {cpus} CPU: the CPU's bound"
     return [
         no_errors(f"{cls} /io, engine", point),
         against_ideal(kind, subject, s, ideal, f"{ideal:,.0f} ({how})", TARGET_ASYNC_IO),
@@ -319,8 +323,11 @@ def engine_markdown(results: Results) -> list[str]:
         f"`microsvc run -k CLASS --workers 1 --http-engine microsvc|gunicorn APP` ({workers}); "
         f"{engine['pinning']}. Flask: `{APPS['data']}` at `/data`; bare: `{APPS['bare']}` (a WSGI "
         f"callable without a framework) at `/bare`; {granian}. "
-        "`/io` ideal for gevent and eventlet: connections / 50 ms, or the class's own `/data` "
-        "throughput where one CPU cannot serve that many. Memory: each worker's USS (private "
+        "`/io` ideal for gevent and eventlet: connections / 50 ms, or, where the server's CPU "
+        "cannot serve that many, its throughput with the CPU busy all the time (rps over the "
+        "share of the CPU the server used during the run: a server that keeps its CPU busy "
+        "is at its bound; a `/io` request costs more CPU than a `/data` one, so `/data` "
+        "throughput is no bound for it). Memory: each worker's USS (private "
         "pages, `/proc/PID/smaps_rollup`) once the server answers, before load.",
         "",
         *table(header, rows),

@@ -15,9 +15,10 @@ from benchlib.errors import UsageError
 
 CLASSES = ("sync", "gthread", "gevent", "eventlet")
 ENDPOINTS = {"data": "/data", "io": "/io?ms=50"}
-SECTIONS = ("auto", "plain", "guide", "sweep", "metrics", "parser", "engine")
-#: The engine section pins its servers to one CPU: it runs only when named.
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("auto", "plain", "guide", "sweep", "metrics", "parser", "engine", "overload")
+#: The engine section pins its servers to one CPU, the overload section needs nginx:
+#: they run only when named.
+DEFAULT_SECTIONS = SECTIONS[:-2]
 PEERS = ("granian",)
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -13,7 +13,8 @@ Sections:
 - metrics: `microsvc run -k CLASS --workers auto --metrics` (on /data, against auto: the
   cost of recording every request);
 - parser: microsvc with `--set http_parser=python` and `--set http_parser=fast`;
-- engine: `benchlib.engine`.
+- engine: `benchlib.engine`;
+- overload: `benchlib.overload` (no points: it runs its own measurement, behind nginx).
 
 Points that are compared with each other share a group (class and endpoint); the runner
 runs each group's points in turn, `--repeat` times (ABAB...), so slow drift of a shared
@@ -99,6 +100,9 @@ class Run:
     workers_seen: int | None = None
     #: Median private memory (USS) of the workers once the server answers, before load.
     idle_uss_bytes: int | None = None
+    #: The server's CPU time during the measured run over its wall time (1.0: one CPU
+    #: busy all along).
+    cpu_busy: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -117,6 +121,7 @@ class Summary:
     rps_each: tuple[float, ...]
     errors_each: tuple[str, ...]
     idle_uss_bytes: float | None = None
+    cpu_busy: float | None = None
 
     @property
     def errors(self) -> int:
@@ -154,6 +159,7 @@ class Point:
         """The medians of the successful runs (errors are summed)."""
         good = [run.result for run in self.runs if run.ok and run.result]
         uss = [run.idle_uss_bytes for run in self.runs if run.idle_uss_bytes is not None]
+        busy = [run.cpu_busy for run in self.runs if run.ok and run.cpu_busy is not None]
 
         def median(name: str) -> float | None:
             return statistics.median(float(result[name]) for result in good) if good else None
@@ -171,6 +177,7 @@ class Point:
             rps_each=tuple(float(result["rps"]) for result in good),
             errors_each=failures,
             idle_uss_bytes=statistics.median(uss) if uss else None,
+            cpu_busy=statistics.median(busy) if busy else None,
         )
 
 
@@ -303,6 +310,8 @@ class Plan:
     skipped: list[str] = field(default_factory=list)
     #: What the engine section ran with (pinning, peers), for the result files.
     engine: dict[str, Any] = field(default_factory=dict)
+    #: What the overload section measured (`benchlib.overload`), for the result files.
+    overload: dict[str, Any] = field(default_factory=dict)
 
     @property
     def points(self) -> list[Point]:

@@ -467,6 +467,7 @@ def write_json(results: Results, path: Path) -> None:
         "sweep": plan.sweep,
         "skipped": plan.skipped,
         "engine": plan.engine or None,
+        "overload": plan.overload or None,
         "microsvc": {cls: asdict(setup) for cls, setup in plan.setups.items()},
         "points": points,
         "ratios": [asdict(ratio) for ratio in results.ratios],
@@ -549,6 +550,8 @@ def write_png(
     scope = (
         f"({plan.usable_cpus} CPUs for the server); star = --workers auto"
         if endpoints
+        else "(overload, behind nginx)"
+        if plan.overload and not plan.engine
         else "(HTTP engine, per core)"
     )
     fig.suptitle(

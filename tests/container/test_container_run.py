@@ -205,7 +205,7 @@ def test_leaking_worker_is_recycled_before_the_oom_killer(run_container: RunCont
     failed = [answer for answer in seen if not isinstance(answer, dict)]
     assert not failed, seen
     logs = container.logs()
-    recycled = re.findall(r"Recycling worker \(pid: \d+\): (memory [\d.]+MiB)", logs)
+    recycled = re.findall(r"Recycling worker \(pid: \d+\): (memory \(\w+\) [\d.]+MiB)", logs)
     assert recycled, logs
     assert "SIGKILL" not in logs and "out of memory" not in logs, logs
     assert _oom_kills(container) == 0

@@ -188,3 +188,13 @@ def test_peers_without_the_engine_section_is_a_usage_error(tmp_path: Path) -> No
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "engine" in lines[0], lines
     assert list(tmp_path.iterdir()) == []
+
+
+def test_engine_and_overload_sections_run_only_when_named() -> None:
+    done = run_bench("--help", timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = " ".join(done.stdout.split())
+    assert (
+        "parts to run: auto,plain,guide,sweep,metrics,parser,engine,overload "
+        "(default auto,plain,guide,sweep,metrics,parser)"
+    ) in text, text

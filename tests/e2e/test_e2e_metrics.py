@@ -117,11 +117,24 @@ def wait_for(check, what: str, server, deadline: float = 30.0):  # type: ignore[
         time.sleep(0.2)
 
 
-def exporter_of(server) -> psutil.Process:  # type: ignore[no-untyped-def]
+def find_exporter(server) -> psutil.Process | None:  # type: ignore[no-untyped-def]
+    """The exporter process, or None (between a death and the restart, none runs; the
+    dead one may be a zombie, or gone while it is being looked at)."""
     for child in psutil.Process(server.pid).children():
-        if "microsvc.metrics.exporter" in " ".join(child.cmdline()):
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "microsvc.metrics.exporter" in command:
             return child
-    pytest.fail(f"no metrics exporter process: {server.describe()}")
+    return None
+
+
+def exporter_of(server) -> psutil.Process:  # type: ignore[no-untyped-def]
+    found = find_exporter(server)
+    if found is None:
+        pytest.fail(f"no metrics exporter process: {server.describe()}")
+    return found
 
 
 def store_of(server) -> Path:  # type: ignore[no-untyped-def]
@@ -280,7 +293,11 @@ def test_a_killed_exporter_is_reported_as_killed_restarted_and_loses_nothing(
         rf"Metrics exporter \(pid: {first.pid}\) was killed by signal 9 \(SIGKILL\); "
         "starting it again"
     )
-    wait_for(lambda: exporter_of(server).pid != first.pid, "a new exporter", server)
+    wait_for(
+        lambda: (new := find_exporter(server)) is not None and new.pid != first.pid,
+        "a new exporter",
+        server,
+    )
     scraped = wait_for(lambda: _try_scrape(address), "metrics again", server)
     assert_totals(client, scraped)
     assert server.stop() == 0

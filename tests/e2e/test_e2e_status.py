@@ -271,6 +271,24 @@ def test_the_listen_queue_counts_connections_no_worker_took(serve: Any, own_runt
     assert queue >= 1
 
 
+def test_status_shows_the_queue_time_of_the_last_request(serve: Any, own_runtime: Path) -> None:
+    """With nothing else reading queue times (no metrics, no access log, no shedding) a
+    worker measures them for one request per 10 ms at most: three slow requests at once
+    to one sync worker, the last waits in the listen queue for the two before it, and
+    status shows that wait."""
+    server = serve(["-k", "sync", "--workers", "1"], env={"XDG_RUNTIME_DIR": str(own_runtime)})
+    slow = [SlowRequest(server.url, ms=600) for _ in range(3)]
+    for request in slow:
+        request.join()
+    assert [request.status for request in slow] == [200, 200, 200]
+    data = status_json(own_runtime)
+    [worker] = data["workers"]
+    assert worker["requests"] >= 3
+    assert worker["queue"] is not None and worker["queue"]["shed"] == 0
+    assert 1.0 <= worker["queue"]["seconds"] < 10, worker["queue"]
+    assert data["queue_time_seconds"] == worker["queue"]["seconds"]
+
+
 #: Each call to /leak keeps ~20 MB more in the worker (written, so it is its own).
 LEAKY_APP = """\
 import os

@@ -621,6 +621,36 @@ def test_scheme_headers_count_only_from_trusted_peers() -> None:
     assert raw.startswith(b"HTTP/1.1 400 ")
 
 
+def test_peer_trust_is_decided_once_per_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection's peer is checked against forwarded_allow_ips once per address, not
+    parsed again for every connection; the memory of addresses stays bounded."""
+    import ipaddress
+
+    from microsvc.http import config as http_config
+
+    config = HTTPConfig(forwarded_allow_ips=("10.0.0.0/8", "::1"))
+    parsed: list[object] = []
+    real = ipaddress.ip_address
+
+    def counting(text: Any) -> Any:
+        parsed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(ipaddress, "ip_address", counting)
+    for port in (1000, 1001, 1002):
+        assert config.peer_is_trusted(("10.1.2.3", port))
+        assert not config.peer_is_trusted(("203.0.113.9", port))
+        assert config.peer_is_trusted(("::1", port, 0, 0))
+        assert not config.peer_is_trusted(("not an address", port))
+    assert parsed == ["10.1.2.3", "203.0.113.9", "::1", "not an address"]
+    assert config.peer_is_trusted("/run/app.sock")  # a Unix socket peer
+    monkeypatch.setattr(http_config, "TRUST_CACHE_SIZE", 3)
+    for last in range(10):
+        assert config.peer_is_trusted((f"10.0.0.{last}", 1))
+        assert not config.peer_is_trusted((f"192.0.2.{last}", 1))
+    assert len(config._trust_by_address) <= 3
+
+
 def test_script_name_header_counts_only_from_a_trusted_peer() -> None:
     request = b"GET /app/x HTTP/1.1\r\nSCRIPT_NAME: /app\r\n\r\n"
     environ = environ_of(request)

@@ -256,3 +256,23 @@ def test_the_app_sits_behind_health_and_readiness() -> None:
     app({"REQUEST_METHOD": "GET", "PATH_INFO": "/readyz"}, start_response)
     assert statuses[-1].startswith("200")
     assert app({"REQUEST_METHOD": "GET", "PATH_INFO": "/other"}, start_response) == [b"ok"]
+
+
+@pytest.mark.parametrize(
+    ("options", "every_request"),
+    [
+        ({}, False),
+        ({"metrics": True}, True),
+        ({"access_log": "-"}, True),
+        ({"max_queue_time": 1.0}, True),
+    ],
+)
+def test_queue_time_is_sampled_only_when_the_scoreboard_alone_reads_it(
+    options: dict[str, object], every_request: bool
+) -> None:
+    from microsvc.serving import middleware
+
+    app = make(wsgi_app, **options).load()
+    assert isinstance(app, middleware.Middleware)
+    expected = 0.0 if every_request else middleware.QUEUE_SAMPLE_INTERVAL
+    assert app.queue_sample_interval == expected

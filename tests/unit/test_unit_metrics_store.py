@@ -377,6 +377,7 @@ def test_threads_record_at_the_same_time_without_losing_a_count(
     assert totals(store)[("microsvc_http_requests_in_flight", ())] == 0
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_worker_writes_its_own_file_and_a_kill_loses_nothing_it_recorded(
     store: MetricsStore, multiprocess: Any
 ) -> None:

@@ -771,3 +771,48 @@ def test_no_queue_time_without_a_tcp_socket() -> None:
     inner = InnerApp()
     call(make(inner), **{**env("/x"), "gunicorn.socket": object()})
     assert middleware.QUEUE_TIME_KEY not in inner.last
+
+
+def test_no_queue_time_from_a_unix_socket() -> None:
+    import socket
+
+    inner = InnerApp()
+    left, right = socket.socketpair()
+    with left, right:
+        call(make(inner), **{**env("/x", remote=""), "gunicorn.socket": left})
+    assert middleware.QUEUE_TIME_KEY not in inner.last
+
+
+def test_queue_time_sampled_when_only_the_scoreboard_reads_it() -> None:
+    """With a sample interval, the first request after the interval has its queue time,
+    the others within it do not; a limit to shed by needs every request's."""
+    import socket
+    import time
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = socket.create_connection(server.getsockname())
+        conn, _ = server.accept()
+        with client, conn:
+            client.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            conn.recv(1024)
+            direct = {**env("/x", remote="127.0.0.1"), "gunicorn.socket": conn}
+            inner = InnerApp()
+            sampled = make(inner, queue_sample_interval=0.2)
+            for _ in range(3):
+                call(sampled, **direct)
+            first, *rest = inner.seen
+            assert first[middleware.QUEUE_SOURCE_KEY] == "kernel"
+            assert [middleware.QUEUE_TIME_KEY in seen for seen in rest] == [False, False]
+            time.sleep(0.25)
+            call(sampled, **direct)
+            assert inner.last[middleware.QUEUE_SOURCE_KEY] == "kernel"
+            inner.seen.clear()
+            limited = make(inner, queue_sample_interval=60.0, max_queue_time=30.0)
+            for _ in range(3):
+                call(limited, **direct)
+            assert all(middleware.QUEUE_TIME_KEY in seen for seen in inner.seen)
+
+
+def test_a_negative_sample_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="queue_sample_interval"):
+        make(queue_sample_interval=-1.0)

@@ -338,6 +338,66 @@ def test_a_signal_handler_that_interrupts_a_write_does_not_deadlock(board: Score
     assert (view.state, view.requests) == ("stopping", 1)
 
 
+def test_green_threads_write_the_slot_without_the_lock(board: Scoreboard) -> None:
+    """gevent's and eventlet's green threads never switch in the middle of a write: the
+    requests of such a worker write their slot without taking the lock, and still show
+    the oldest request, the count in flight and the queue time."""
+    board.reserve(1)
+    board.started(os.getpid())
+    board.attach(0, 1, threads=False)
+    board.booted()
+    with board._lock:  # held by no one who writes: the writes do not wait for it
+        first = board.request_started(b"GET", b"/first", b"1")
+        second = board.request_started(b"GET", b"/second", b"2")
+        board.note_queue(0.25, shed=True)
+        view = worker_view(board, os.getpid())
+        assert view.request is not None
+        assert (view.state, view.in_flight, view.request["path"]) == ("busy", 2, "/first")
+        assert view.queue is not None and (view.queue["seconds"], view.queue["shed"]) == (0.25, 1)
+        board.request_ended(first)
+        view = worker_view(board, os.getpid())
+        assert view.request is not None and view.request["path"] == "/second"
+        board.request_ended(second)
+        view = worker_view(board, os.getpid())
+        assert (view.state, view.in_flight, view.requests, view.request) == ("idle", 0, 2, None)
+
+
+def test_green_threads_a_signal_handler_leaves_a_write_in_progress_alone(
+    board: Scoreboard,
+) -> None:
+    """Without a lock, a signal handler (worker_int, worker_abort) that interrupts a write
+    of the slot must not write it too: its state goes out with the next write."""
+    worker = Attached(board)
+    board.attach(0, 1, threads=False)
+    board.booted()
+    board._writing = True  # as if interrupted halfway through request_started
+    board.worker_stopping("timeout")
+    board._writing = False
+    assert worker.view().state == "idle"
+    board.request_ended(board.request_started(b"GET", b"/", b""))
+    assert (worker.view().state, worker.view().requests) == ("stopping", 1)
+
+
+@pytest.mark.parametrize(
+    ("patch", "green"),
+    [
+        ("", "False"),
+        ("from gevent import monkey; monkey.patch_all()", "True"),
+        ("import eventlet; eventlet.monkey_patch()", "True"),
+    ],
+)
+def test_a_worker_writes_without_the_lock_only_under_green_threads(patch: str, green: str) -> None:
+    import subprocess
+    import sys
+
+    code = f"{patch}\nfrom microsvc.observe import scoreboard\nprint(scoreboard._green_threads())"
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [green]
+
+
 # what the master measures
 
 

@@ -12,7 +12,8 @@ Lua script that counts every response exactly.
     server.kill_leftovers()
 
 `harness.nginx` puts a real nginx in front of servers (configured by `microsvc nginx`);
-`harness.corpus` reads gunicorn's request corpus.
+`harness.corpus` reads gunicorn's request corpus; `harness.overload` measures a server
+behind nginx under three times the load it can serve.
 """
 
 from harness.corpus import KINDS, STRICTER, TRUNCATED, case_paths, expectation, request_bytes
@@ -28,6 +29,8 @@ from harness.nginx import (
     upstream_args,
     wrapper_conf,
 )
+from harness.overload import Outcome
+from harness.overload import measure as measure_overload
 from harness.servers import (
     DROPPED_ENV,
     START_DEADLINE,
@@ -65,6 +68,7 @@ __all__ = [
     "TRUNCATED",
     "HarnessError",
     "Nginx",
+    "Outcome",
     "Server",
     "Wrk",
     "WrkResult",
@@ -77,6 +81,7 @@ __all__ = [
     "find_wrk",
     "free_port",
     "free_port_on",
+    "measure_overload",
     "microsvc_command",
     "nginx_test",
     "parse_output",

@@ -188,6 +188,22 @@ class Server:
             return []
         return [child for child in children if _is_running(child)]
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by the master and its living children;
+        the difference of two readings is what the server used in between."""
+        total = 0.0
+        try:
+            processes = [psutil.Process(self.pid), *self.workers()]
+        except psutil.NoSuchProcess:
+            return total
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
     def app_workers(self) -> list[psutil.Process]:
         """The gunicorn workers alone: the living children but the metrics exporter."""
         return [child for child in self.workers() if not _is_metrics_exporter(child)]
