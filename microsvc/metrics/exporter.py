@@ -297,7 +297,9 @@ def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = N
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(_Collector(store, frozenset() if scoreboard is None else frozenset({IN_FLIGHT})))
+    registry.register(
+        _Collector(store, frozenset() if scoreboard is None else frozenset({IN_FLIGHT}))
+    )
     if scoreboard is not None:
         registry.register(_ScoreboardCollector(scoreboard))
     handler = type("Handler", (_Handler,), {"registry": registry})

@@ -23,12 +23,15 @@ import ssl
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httptools
 import pytest
 
 from harness import STRICTER, TRUNCATED, expectation, request_bytes
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
 
 pytestmark = pytest.mark.e2e
 
@@ -198,7 +201,9 @@ def _invalid_cases() -> list[Path]:
 
 
 @pytest.mark.parametrize("worker_class", CLASSES)
-def test_invalid_requests_get_a_4xx_or_a_close_never_a_500(serve, tmp_path, worker_class):
+def test_invalid_requests_get_a_4xx_or_a_close_never_a_500(
+    serve: ServeFactory, tmp_path: Path, worker_class: str
+) -> None:
     server = _start(serve, tmp_path, worker_class, "--access-log", "-")
     cases = _invalid_cases()
     assert len(cases) >= 50
@@ -236,8 +241,8 @@ def _valid_cases() -> list[Path]:
 
 @pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
 def test_valid_requests_give_the_app_the_same_environ_on_both_engines(
-    serve, tmp_path, worker_class
-):
+    serve: ServeFactory, tmp_path: Path, worker_class: str
+) -> None:
     (tmp_path / "engine_app.py").write_text(APP)
     args = ["engine_app:app", "-k", worker_class, "-w", "1"]
     ours = serve([*args, "--http-engine", "microsvc"], ready_path="/healthz")
@@ -265,7 +270,9 @@ def test_valid_requests_give_the_app_the_same_environ_on_both_engines(
 
 @pytest.mark.both_engines
 @pytest.mark.parametrize("worker_class", CLASSES)
-def test_header_injection_from_the_app_never_reaches_the_wire(serve, tmp_path, worker_class):
+def test_header_injection_from_the_app_never_reaches_the_wire(
+    serve: ServeFactory, tmp_path: Path, worker_class: str
+) -> None:
     server = _start(serve, tmp_path, worker_class)
     for kind in ("crlf", "lf", "cr", "nul", "name", "status"):
         raw = _exchange(server.port, f"GET /inject/{kind} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -276,7 +283,9 @@ def test_header_injection_from_the_app_never_reaches_the_wire(serve, tmp_path, w
 
 
 @pytest.mark.parametrize("worker_class", CLASSES)
-def test_hooks_access_log_bodies_limits_and_keep_alive(serve, tmp_path, worker_class):
+def test_hooks_access_log_bodies_limits_and_keep_alive(
+    serve: ServeFactory, tmp_path: Path, worker_class: str
+) -> None:
     (tmp_path / "hooks.py").write_text(HOOKS)
     server = _start(
         serve,
@@ -357,7 +366,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("worker_class", CLASSES)
-def test_tls_on_every_class(serve, tmp_path, worker_class, certificate):
+def test_tls_on_every_class(
+    serve: ServeFactory, tmp_path: Path, worker_class: str, certificate: tuple[Path, Path]
+) -> None:
     cert, key = certificate
     (tmp_path / "engine_app.py").write_text(APP)
     threads = ("--threads", "2") if worker_class == "gthread" else ()
@@ -400,7 +411,9 @@ def test_tls_on_every_class(serve, tmp_path, worker_class, certificate):
     assert TRACEBACK not in server.log_text(), server.describe()
 
 
-def test_gthread_keeps_idle_connections_without_holding_threads(serve, tmp_path):
+def test_gthread_keeps_idle_connections_without_holding_threads(
+    serve: ServeFactory, tmp_path: Path
+) -> None:
     # 2 threads, 12 keep-alive connections that each wait between their requests: every
     # connection is served again on the same connection, so none of them held a thread
     # while it was idle (gunicorn's engine closes each connection after its response).

@@ -20,14 +20,18 @@ import json
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
 import requests
 
 from harness import free_port_on, nginx_test, render, upstream_args, wrapper_conf
+
+if TYPE_CHECKING:
+    from tests.conftest import NginxFactory, ServeFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.nginx]
 
@@ -117,7 +121,9 @@ def masters_of(pids: set[int]) -> set[int]:
     return masters
 
 
-def test_three_instances_share_load_and_survive_a_killed_one(serve, start_nginx, free_port):
+def test_three_instances_share_load_and_survive_a_killed_one(
+    serve: ServeFactory, start_nginx: NginxFactory, free_port: Callable[[], int]
+) -> None:
     instances = [serve(["-k", "sync", "--workers", "2"], name=f"inst{i}") for i in range(3)]
     port = free_port()
     conf = render(
@@ -167,7 +173,9 @@ def get_addr(host: str, port: int, source: str, headers: dict[str, str]) -> dict
         conn.close()
 
 
-def test_app_sees_the_client_address_not_a_forged_one(serve, start_nginx, tmp_path):
+def test_app_sees_the_client_address_not_a_forged_one(
+    serve: ServeFactory, start_nginx: NginxFactory, tmp_path: Path
+) -> None:
     (tmp_path / "addr_app.py").write_text(ADDR_APP)
     # Only nginx's address (it connects from 127.0.0.1) is a trusted proxy.
     instance = serve(["addr_app:app", "--forwarded-allow-ips", "127.0.0.1"], name="addr")

@@ -22,17 +22,26 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import requests
 
-from harness import overload
+from harness import Server, Wrk, overload
+
+if TYPE_CHECKING:
+    from tests.conftest import ServeFactory
+    from tests.reliability.conftest import Figures
 
 pytestmark = [pytest.mark.reliability]
 
 
 @pytest.mark.nginx
-def test_shedding_keeps_goodput_and_latency_where_gunicorn_queues(serve, wrk, figures, tmp_path):
+def test_shedding_keeps_goodput_and_latency_where_gunicorn_queues(
+    serve: ServeFactory, wrk: Wrk, figures: Figures, tmp_path: Path
+) -> None:
     microsvc = serve(
         [
             "-k",
@@ -88,11 +97,11 @@ COOLDOWN_S = 3.0
 MOST = 4
 
 
-def workers_now(server) -> int:
+def workers_now(server: Server) -> int:
     return len(server.app_workers())
 
 
-def wait_for_workers(server, wanted, deadline: float) -> float:
+def wait_for_workers(server: Server, wanted: int, deadline: float) -> float:
     """Seconds until the server runs exactly `wanted` workers (fails after `deadline`)."""
     started = time.monotonic()
     while workers_now(server) != wanted:
@@ -104,7 +113,7 @@ def wait_for_workers(server, wanted, deadline: float) -> float:
     return time.monotonic() - started
 
 
-def status(server, runtime_dir) -> dict:
+def status(server: Server, runtime_dir: Path) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "microsvc", "status", "--pid", str(server.pid), "--json"],
         env={"XDG_RUNTIME_DIR": str(runtime_dir), "PATH": "/usr/bin:/bin"},
@@ -114,13 +123,13 @@ def status(server, runtime_dir) -> dict:
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    data: dict = json.loads(done.stdout)
+    data: dict[str, Any] = json.loads(done.stdout)
     return data
 
 
 def test_autoscale_follows_a_step_of_load_and_fails_no_request(
-    serve, wrk, figures, free_port, runtime_dir
-):
+    serve: ServeFactory, wrk: Wrk, figures: Figures, free_port: Callable[[], int], runtime_dir: Path
+) -> None:
     metrics_port = free_port()
     server = serve(
         [

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
 
 from microsvc.metrics import exporter as exporter_module
-from microsvc.metrics.exporter import Exporter, describe_wait_status, main
+from microsvc.metrics.exporter import IN_FLIGHT, Exporter, describe_wait_status, main
 from microsvc.metrics.store import MetricsStore
 
 
@@ -137,3 +138,33 @@ def test_wait_statuses_in_words(code: str, expected: str) -> None:
     _, status = os.waitpid(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     assert describe_wait_status(status) == expected
+
+
+def test_requests_in_flight_are_read_from_the_scoreboard_not_the_files(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from microsvc.observe.scoreboard import Scoreboard
+
+    store = MetricsStore(tmp_path / "store")
+    store.path.mkdir()
+    # A worker's file still holds the gauge (as workers create it): it is not reported.
+    values = MmapedDict(str(store.path / "gauge_livesum_1.db"))
+    values.write_value(mmap_key(IN_FLIGHT, IN_FLIGHT, [], [], "help"), 5.0, 0.0)
+    values.close()
+    board = Scoreboard.create(4, worker_class="sync", http_engine="gunicorn", directory=tmp_path)
+    try:
+        board.reserve(generation=1)
+        board.attach(board.reserved, 1)
+        board.booted()
+        board.started(os.getpid())
+        board.request_started(b"GET", b"/a", b"")
+        board.request_started(b"GET", b"/b", b"")
+        registry = CollectorRegistry(auto_describe=True)
+        registry.register(exporter_module._Collector(store, frozenset({IN_FLIGHT})))
+        registry.register(exporter_module._ScoreboardCollector(board.path))
+        text = generate_latest(registry).decode()
+    finally:
+        board.remove()
+    assert [line for line in text.splitlines() if line.startswith(IN_FLIGHT)] == [
+        f"{IN_FLIGHT} 2.0"
+    ]

@@ -407,3 +407,35 @@ def test_a_forked_worker_writes_its_own_file_and_a_kill_loses_nothing_it_recorde
     assert request_totals(store, "(unknown)", "200") == (8, 8)
     serve_one(app, "/")  # the parent still writes its own file
     assert request_totals(store, "(unknown)", "200") == (9, 9)
+
+
+class CountingLock:
+    """Stands in for the recorder's lock and counts how often it is taken."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def __enter__(self) -> None:
+        self.taken += 1
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@pytest.mark.parametrize("threads", [False, True])
+def test_only_threaded_workers_take_the_lock_and_in_flight_can_be_left_to_the_scoreboard(
+    store: MetricsStore, multiprocess: Any, threads: bool
+) -> None:
+    app = InstrumentedApp(bare, in_flight=False, threads=threads)
+    serve_one(app, "/")  # the first request places the values (under the lock)
+    lock = CountingLock()
+    app._recorder._lock = lock  # type: ignore[assignment]
+    for _ in range(20):
+        serve_one(app, "/")
+    assert lock.taken == (20 if threads else 0)
+    assert request_totals(store, "(unknown)", "200") == (21, 21)
+    body = app({"REQUEST_METHOD": "GET"}, lambda *args: None)
+    # The scoreboard counts requests in flight: the gauge in the files stays 0.
+    assert totals(store).get(("microsvc_http_requests_in_flight", ()), 0.0) == 0
+    body.close()  # type: ignore[attr-defined]
+    assert request_totals(store, "(unknown)", "200") == (22, 22)
