@@ -239,7 +239,7 @@ def _valid_cases() -> list[Path]:
     return found
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+@pytest.mark.parametrize("worker_class", CLASSES)
 def test_valid_requests_give_the_app_the_same_environ_on_both_engines(
     serve: ServeFactory, tmp_path: Path, worker_class: str
 ) -> None:
