@@ -7,20 +7,18 @@ Needs root and a cgroup v1 cpu controller; skipped otherwise.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import math
 import os
 import re
 import secrets
-import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psutil
 import pytest
+
+from harness import remove_cgroup
 
 if TYPE_CHECKING:
     from tests.conftest import ServeFactory
@@ -64,24 +62,6 @@ class CpuCgroup:
         return [int(pid) for pid in text.split()]
 
 
-def _remove(path: Path) -> None:
-    """rmdir once the cgroup is empty; what is still in it was started by this test."""
-    end = time.monotonic() + 20
-    while True:
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > end:
-                raise
-        for pid in (int(p) for p in (path / "cgroup.procs").read_text().split()):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-
-
 @pytest.fixture
 def cpu_cgroup() -> Iterator[Callable[[float], CpuCgroup]]:
     """`cpu_cgroup(cpus)` creates a fresh cgroup with that CPU quota; all are removed
@@ -102,7 +82,7 @@ def cpu_cgroup() -> Iterator[Callable[[float], CpuCgroup]]:
     yield make
 
     for group in made:
-        _remove(group.path)
+        remove_cgroup(group.path)
 
 
 def host_cpus() -> int:

@@ -9,17 +9,14 @@ before exec). Needs root and a cgroup v1 memory controller; skipped otherwise.
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import os
 import secrets
-import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from harness import remove_cgroup
 
 pytestmark = pytest.mark.e2e
 
@@ -65,20 +62,7 @@ def memory_cgroup() -> Iterator[Callable[[int], Path]]:
     yield make
 
     for path in made:
-        end = time.monotonic() + 20
-        while True:
-            try:
-                path.rmdir()
-                break
-            except FileNotFoundError:
-                break
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or time.monotonic() > end:
-                    raise
-            for pid in (int(p) for p in (path / "cgroup.procs").read_text().split()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.2)
+        remove_cgroup(path)
 
 
 def enter(path: Path) -> Callable[[], None]:

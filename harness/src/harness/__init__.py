@@ -16,6 +16,7 @@ Lua script that counts every response exactly.
 behind nginx under three times the load it can serve.
 """
 
+from harness.cgroups import remove_cgroup
 from harness.corpus import KINDS, STRICTER, TRUNCATED, case_paths, expectation, request_bytes
 from harness.errors import HarnessError
 from harness.nginx import (
@@ -85,6 +86,7 @@ __all__ = [
     "microsvc_command",
     "nginx_test",
     "parse_output",
+    "remove_cgroup",
     "render",
     "request_bytes",
     "signal_group",
