@@ -214,7 +214,7 @@ def plan(
         click.echo(memory.describe())
     for line in configuration.plan.explain():
         click.echo(line)
-    click.echo(f"http engine: {report['http_engine']}")
+    click.echo(f"http engine: {report['http_engine_build']}")
     click.echo("settings:")
     for spec in OPTIONS:
         value = getattr(configuration.settings, spec.name)
@@ -231,6 +231,8 @@ def plan(
 
 
 def plan_report(app: str, configuration: Configuration) -> dict[str, Any]:
+    from microsvc.http.build import describe_engine
+
     plan_data = configuration.plan.as_dict()
     settings = {
         spec.name: {
@@ -250,6 +252,7 @@ def plan_report(app: str, configuration: Configuration) -> dict[str, Any]:
         "workers": plan_data["workers"],
         "threads": plan_data["threads"],
         "http_engine": str(configuration.settings.http_engine),
+        "http_engine_build": describe_engine(str(configuration.settings.http_engine)),
         "plan": plan_data,
         "settings": settings,
         "gunicorn_settings": gunicorn,

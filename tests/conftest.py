@@ -227,22 +227,70 @@ def start_nginx(tmp_path: Path) -> Iterator[NginxFactory]:
         server.kill()
 
 
+#: The figures tests record as `user_properties` (reliability: `figures`; container: its
+#: `_figures_in_reports`), printed at the end of the run: property name, section title,
+#: whether each line starts with the test's name.
+FIGURE_SECTIONS = (
+    ("figures", "reliability figures", True),
+    ("container figures", "container figures", False),
+)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """The figures of every test that ran, read from its reports, which reach this
+    process from pytest-xdist's workers too (and this conftest is the one every run
+    loads, where the workers alone collect the tiers' own)."""
+    for prop, title, named in FIGURE_SECTIONS:
+        figures: dict[str, list[str]] = {}
+        for reports in terminalreporter.stats.values():
+            for report in reports:
+                properties = getattr(report, "user_properties", ())
+                lines = [str(value) for name, value in properties if name == prop]
+                # Each phase's report carries the lines so far; the last has them all.
+                if len(lines) > len(figures.get(report.nodeid, ())):
+                    figures[report.nodeid] = lines
+        if not figures:
+            continue
+        terminalreporter.section(title)
+        for nodeid, lines in sorted(figures.items()):
+            for line in lines:
+                prefix = f"{nodeid.rpartition('/')[2]}: " if named else ""
+                terminalreporter.write_line(prefix + line)
+
+
 #: The tiers of the suite: the directories under tests/, each selected by the marker of
 #: its name (`pytest -m reliability`), declared in pyproject.toml.
 TIERS = ("unit", "cli", "e2e", "reliability", "container")
 _TESTS_DIR = Path(__file__).resolve().parent
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+#: With pytest-xdist, the order the tiers' files are handed out in (scripts/run-pytest):
+#: the tiers whose files take longest first, so that the short files of the unit and CLI
+#: tiers fill the end of the run instead of a long file starting last.
+PARALLEL_ORDER = ("reliability", "container", "e2e", "cli", "unit")
+
+
+def _tier_of(item: pytest.Item) -> str | None:
+    try:
+        parts = item.path.resolve().relative_to(_TESTS_DIR).parts
+    except ValueError:
+        return None
+    return parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test with its tier, the directory it is in. The directory decides: a
     tier marker that a module, class or test gives itself is dropped, so `-m TIER`
-    selects that directory and nothing else."""
+    selects that directory and nothing else.
+
+    In a pytest-xdist worker, the tests are put in PARALLEL_ORDER of their tiers (each
+    tier's in the order collected): every worker collects the same order, and with
+    `--dist loadfile --no-loadscope-reorder` the files are handed out in it."""
+    if hasattr(config, "workerinput"):
+        rank = {tier: index for index, tier in enumerate(PARALLEL_ORDER)}
+        items.sort(key=lambda item: rank.get(_tier_of(item) or "", len(rank)))
     for item in items:
-        try:
-            parts = item.path.resolve().relative_to(_TESTS_DIR).parts
-        except ValueError:
-            continue
-        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        tier = _tier_of(item)
         for node in item.listchain():
             node.own_markers[:] = [
                 mark for mark in node.own_markers if mark.name not in TIERS or mark.name == tier

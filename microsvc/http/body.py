@@ -1,10 +1,11 @@
-"""`wsgi.input`, streamed from the connection as the application reads it, and
-`wsgi.file_wrapper`."""
+"""`wsgi.input`, streamed from the connection as the application reads it
+(`wsgi.file_wrapper` is in `filewrapper`, which is not compiled)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import SupportsIndex
 
 from microsvc.http.parser import Message, RequestStream
 
@@ -48,25 +49,26 @@ class RequestBody:
         """True while the 100 Continue owed to the client has not been sent."""
         return self._on_first_read is not None
 
-    def read(self, size: int | None = -1) -> bytes:
+    def read(self, size: SupportsIndex | None = -1) -> bytes:
         buffer = self._buffer
-        if size is None or size < 0:
+        limit = -1 if size is None else operator.index(size)
+        if limit < 0:
             parts = [buffer]
             while chunk := self._next():
                 parts.append(chunk)
             self._buffer = b""
             return b"".join(parts)
-        while len(buffer) < size:
+        while len(buffer) < limit:
             chunk = self._next()
             if not chunk:
                 break
             buffer = buffer + chunk if buffer else chunk
-        self._buffer = buffer[size:]
-        return buffer[:size]
+        self._buffer = buffer[limit:]
+        return buffer[:limit]
 
-    def readline(self, size: int | None = -1) -> bytes:
+    def readline(self, size: SupportsIndex | None = -1) -> bytes:
         buffer = self._buffer
-        limit = -1 if size is None else size
+        limit = -1 if size is None else operator.index(size)
         start = 0
         while True:
             end = buffer.find(b"\n", start)
@@ -87,13 +89,14 @@ class RequestBody:
         self._buffer = buffer[end:]
         return buffer[:end]
 
-    def readlines(self, hint: int | None = -1) -> list[bytes]:
+    def readlines(self, hint: SupportsIndex | None = -1) -> list[bytes]:
+        limit = -1 if hint is None else operator.index(hint)
         lines: list[bytes] = []
         total = 0
         while line := self.readline():
             lines.append(line)
             total += len(line)
-            if hint is not None and 0 < hint <= total:
+            if 0 < limit <= total:
                 break
         return lines
 
@@ -121,23 +124,3 @@ class RequestBody:
     def finished(self) -> bool:
         """Whether the whole body is off the connection (read or not by the app)."""
         return self._done or self._message.complete
-
-
-class FileWrapper:
-    """`wsgi.file_wrapper`: iterates a file in blocks. When the application returns one
-    for a real file on a plain socket, the connection sends it with sendfile(2)."""
-
-    def __init__(self, filelike: IO[bytes] | Any, blksize: int = 8192) -> None:
-        self.filelike = filelike
-        self.blksize = blksize
-        if hasattr(filelike, "close"):
-            self.close = filelike.close
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self
-
-    def __next__(self) -> bytes:
-        data: bytes = self.filelike.read(self.blksize)
-        if data:
-            return data
-        raise StopIteration

@@ -5,7 +5,7 @@ thread, and a greenlet under gevent's or eventlet's monkey-patching alike. A wor
 serves connections in green threads also gives its `GreenIO` (see `green`): the engine
 then reads and writes the socket under the green socket directly, with no timer per wait,
 and yields to the other connections after each response. A worker that parks idle
-keep-alive connections in a poller (gthread) uses `HTTPConnection.serve` with
+keep-alive connections in a poller (gthread, sync) uses `HTTPConnection.serve` with
 `hand_back=True`: it returns as soon as no further request is buffered, and is called
 again when the socket turns readable."""
 
@@ -20,10 +20,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from microsvc.http.body import FileWrapper, RequestBody
+from microsvc.http.body import RequestBody
 from microsvc.http.config import HTTPConfig
 from microsvc.http.environ import connection_environ, request_environ
 from microsvc.http.errors import ConnectionLost, InvalidBody, RequestError, ResponseError
+from microsvc.http.filewrapper import FileWrapper
 from microsvc.http.green import GreenIO
 from microsvc.http.parser import Message, RequestStream
 from microsvc.http.response import Response
@@ -292,7 +293,8 @@ _perf_counter = time.perf_counter
 
 
 def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) -> bool:
-    result = app(environ, response.start_response)
+    # What the application returns is checked as it is sent (bytes, nothing else).
+    result: Iterable[object] = app(environ, response.start_response)
     try:
         if environ.get(TAKEN_OVER_KEY):
             return False  # the app answered on the socket itself: write nothing more
@@ -315,7 +317,7 @@ def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) ->
     return response.keep_alive
 
 
-def _one_block(result: Iterable[bytes]) -> bool:
+def _one_block(result: Iterable[object]) -> bool:
     size = getattr(result, "__len__", None)
     if size is None or type(result) is list or isinstance(result, FileWrapper):
         return False

@@ -14,7 +14,7 @@ from microsvc.wsgi import Environ
 
 def connection_environ(config: HTTPConfig, client: Any, server: Any) -> Environ:
     """The keys that are the same for every request on a connection."""
-    from microsvc.http.body import FileWrapper
+    from microsvc.http.filewrapper import FileWrapper
 
     environ: Environ = {
         "wsgi.version": (1, 0),

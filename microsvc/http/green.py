@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 #: How often the sweeper looks for waits past their deadline, in seconds.
 SWEEP_INTERVAL = 0.1
 
@@ -46,6 +48,7 @@ class _Wait:
         self.green = green
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GreenIO:
     """A green-thread library's waits, for one worker process. Subclasses give `park`
     (wait until a socket is ready), `call_in_hub` (run a function in the event loop's

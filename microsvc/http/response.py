@@ -7,9 +7,9 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 from microsvc.http.errors import ConnectionLost, ResponseError
 from microsvc.http.parser import Message
@@ -72,7 +72,7 @@ _time = time.time
 _STATUSES: dict[str, tuple[int, bytes]] = {}
 # Validated (name, value) pairs -> (lower-case name, the header line as sent): most
 # responses repeat them.
-_CHECKED_HEADERS: dict[tuple[str, str], tuple[str, bytes]] = {}
+_CHECKED_HEADERS: dict[object, tuple[str, bytes]] = {}
 _CACHE_SIZE = 4096
 _FRAMING = _HOP_BY_HOP | {"content-length"}
 
@@ -146,11 +146,14 @@ class Response:
 
     def start_response(
         self,
-        status: str,
-        headers: list[tuple[str, str]],
-        exc_info: ExcInfo | None = None,
+        status: object,
+        headers: Iterable[object],
+        exc_info: ExcInfo | Sequence[Any] | None = None,
     ) -> WriteCallable:
-        """PEP 3333's start_response. Raises ResponseError for an invalid status or header."""
+        """PEP 3333's start_response. Raises ResponseError for an invalid status or header.
+
+        What the application gives is checked here, whatever its type (the parameters say
+        what it should give): an invalid value is a ResponseError, never a TypeError."""
         if exc_info is not None:
             try:
                 if self.headers_sent:
@@ -159,8 +162,14 @@ class Response:
                 exc_info = None
         elif self.status:
             raise AssertionError("start_response called twice without exc_info")
-        checked = _STATUSES.get(status) if type(status) is str else None
+        if type(status) is not str:
+            raise ResponseError(f"invalid status line {status!r}")
+        checked = _STATUSES.get(status)
         code, self._status_line = checked if checked is not None else _check_status(status)
+        if type(headers) is not list:
+            if not isinstance(headers, Iterable):
+                raise ResponseError(f"response headers are not a list: {headers!r}")
+            headers = list(headers)
         lines: list[bytes] = []
         content_length: int | None = None
         app_close = False
@@ -169,7 +178,7 @@ class Response:
             known = cache.get(header) if type(header) is tuple else None
             lower, line = known if known is not None else _check_header(header)
             if lower in _FRAMING:
-                value = header[1].strip(" \t")
+                value = cast("Sequence[str]", header)[1].strip(" \t")
                 if lower == "content-length":
                     if not value.isdigit() or content_length is not None:
                         raise ResponseError(f"invalid Content-Length {value!r}")
@@ -182,7 +191,7 @@ class Response:
         self.status = status
         self.status_code = code
         self._lines = lines
-        self.app_headers = headers
+        self.app_headers = cast("list[tuple[str, str]]", headers)  # each one checked
         self._app_close = app_close
         omits_body = message.method == "HEAD" or code in (204, 304) or 100 <= code < 200
         if omits_body and (code == 204 or code < 200):
@@ -248,28 +257,25 @@ class Response:
         self.sent += len(data)
         return data
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: object) -> None:
         """PEP 3333's write callable, also used for each item the application yields."""
-        if type(data) is not bytes:
-            data = _as_bytes(data)
-        payload = self._frame(data)
+        payload = self._frame(data if type(data) is bytes else _as_bytes(data))
         if not self.headers_sent:
             payload = self._head() + payload
         if payload:
             self._send(payload)
 
-    def finish_one(self, data: bytes) -> None:
+    def finish_one(self, data: object) -> None:
         """Sends a body given as one block (a list of one item): with a Content-Length
         when the application gave none, head and body in one write."""
         if type(data) is bytes:
             self.set_length(len(data))
         self.finish(data)
 
-    def finish(self, last: bytes = b"") -> None:
+    def finish(self, last: object = b"") -> None:
         """Sends what is left: the head if nothing was sent, `last`, the final chunk."""
-        if type(last) is not bytes:
-            last = _as_bytes(last)
-        payload = self._frame(last) if last else b""
+        data = last if type(last) is bytes else _as_bytes(last)
+        payload = self._frame(data) if data else b""
         if not self.headers_sent:
             payload = self._head() + payload
         if self.chunked:

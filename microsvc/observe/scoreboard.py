@@ -503,6 +503,11 @@ class Scoreboard:
             self._queue_seq = seq + (seq & 1)
         self._set_state(BOOTING)
 
+    @property
+    def has_slot(self) -> bool:
+        """In a worker: whether it writes a slot (see `attach`)."""
+        return getattr(self, "_slot", None) is not None
+
     def booted(self) -> None:
         self._set_state(IDLE)
 

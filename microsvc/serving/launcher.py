@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from microsvc._gunicorn import BaseApplication, Config
 from microsvc._version import __version__
-from microsvc.config.options import Settings, WorkerClass
+from microsvc.config.options import HttpEngine, Settings, WorkerClass
 from microsvc.config.pipeline import HEARTBEAT_DIR as HEARTBEAT_DIR
 from microsvc.config.pipeline import JSON_LOGGER as JSON_LOGGER
 from microsvc.config.pipeline import Configuration, build, replan
@@ -334,7 +334,9 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         )
         if self.metrics is not None:
             wrapped = self.metrics.instrument(wrapped, app)
-        if self.scoreboard is not None:
+        if self.scoreboard is not None and self.settings.http_engine == HttpEngine.GUNICORN:
+            # microsvc's engine notes each request in the scoreboard from its hooks
+            # (`microsvc.workers.engine`), without a wrapper around the app and its body.
             wrapped = ScoreboardApp(wrapped, self.scoreboard)
         return wrapped
 
@@ -449,11 +451,13 @@ class Launcher(BaseApplication):  # type: ignore[misc]
                 arbiter.log.warning("%s", warning)
             if self.scoreboard is None and self._scoreboard_error:
                 arbiter.log.warning("%s", self._scoreboard_error)
+            from microsvc.http.build import describe_engine
+
             arbiter.log.info(
                 "microsvc %s: %s; HTTP engine: %s",
                 __version__,
                 self.plan.summary(),
-                self.settings.http_engine,
+                describe_engine(self.settings.http_engine),
             )
             if worker_class == WorkerClass.EVENTLET:
                 arbiter.log.warning(

@@ -2,7 +2,7 @@
 
 gunicorn keeps the arbiter, signals, configuration, hooks and the worker life cycle; for
 each accepted connection, a worker of `--http-engine microsvc` calls
-`microsvc.http.serve_connection` (or `HTTPConnection.serve` for gthread) instead of
+`microsvc.http.serve_connection` (or `HTTPConnection.serve` for gthread and sync) instead of
 gunicorn's parser and response. `EngineWorker` is the mixin that does it for every class:
 
 - `http_config(cfg)` turns gunicorn's settings into an `HTTPConfig` (limits, keep-alive,
@@ -35,6 +35,8 @@ from microsvc.errors import UsageError
 from microsvc.http import Hooks, HTTPConfig, RequestRecord
 from microsvc.http.green import GreenIO
 from microsvc.http.parser import Message
+from microsvc.observe.scoreboard import Scoreboard
+from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
 from microsvc.workers.deadlines import InFlightRequests
 from microsvc.wsgi import Environ
 
@@ -63,6 +65,8 @@ _REFUSED: dict[str, Callable[[Any], bool]] = {
 
 #: Where the request-like object of pre_request waits for post_request.
 _REQUEST_KEY = "microsvc.engine.request"
+#: Where a request's scoreboard token waits for the end of its response.
+_SCOREBOARD_KEY = "microsvc.engine.scoreboard"
 
 
 def http_config(cfg: Any, *, multithread: bool = False) -> HTTPConfig:
@@ -179,13 +183,13 @@ def route_engine_log(error_log: logging.Logger | None) -> None:
 
 class EngineWorker:
     """Mixin for a gunicorn worker class (put it first): serves each connection with
-    microsvc's HTTP engine. A class sets `engine_multithread`; a class that serves one
-    request per connection (sync) sets `engine_keepalive = False`."""
+    microsvc's HTTP engine. A class whose requests may run in several threads at once
+    sets `engine_multithread`."""
 
     engine_multithread = False
-    engine_keepalive = True
 
     # Provided by gunicorn's Worker (and Recycling).
+    app: Any
     alive: bool
     nr: int
     max_requests: int
@@ -195,6 +199,7 @@ class EngineWorker:
 
     http_config: HTTPConfig
     http_hooks: Hooks
+    _board: Scoreboard | None = None
 
     # Provided by RequestDeadlines (`deadlines`): None while --request-timeout is off.
     _deadlines: InFlightRequests | None = None
@@ -210,11 +215,14 @@ class EngineWorker:
     def setup_engine(self) -> None:
         cfg = self.cfg
         self.http_config = http_config(cfg, multithread=self.engine_multithread)
-        self._engine_keepalive = self.engine_keepalive and cfg.keepalive > 0
+        self._engine_keepalive = cfg.keepalive > 0
         self._wsgi_errors = WSGIErrorsWrapper(cfg)
         self._pre_request = None if _is_default(cfg, "pre_request") else cfg.pre_request
         self._post_request = None if _is_default(cfg, "post_request") else cfg.post_request
         self._log_access = bool(getattr(self.log, "access_log_enabled", True))
+        # This worker's scoreboard slot (see `microsvc.observe.scoreboard`), if it has one.
+        board = getattr(getattr(self, "app", None), "scoreboard", None)
+        self._board = board if isinstance(board, Scoreboard) and board.has_slot else None
         route_engine_log(getattr(self.log, "error_log", None))
         self.http_hooks = Hooks(
             before=self._before_request, after=self._after_request, keep_serving=self.keep_serving
@@ -240,6 +248,13 @@ class EngineWorker:
     # hooks
 
     def _before_request(self, environ: Environ, message: Message) -> None:
+        board = self._board
+        if board is not None:
+            environ[_SCOREBOARD_KEY] = board.request_started(
+                message.method.encode("latin-1", "replace"),
+                message.path.encode("latin-1", "replace"),
+                environ.get("HTTP_X_REQUEST_ID", "").encode("latin-1", "replace"),
+            )
         if self._deadlines is not None:  # --request-timeout (see `deadlines`)
             self.deadline_begin(environ, message.method, message.path)
         self.nr += 1
@@ -258,6 +273,14 @@ class EngineWorker:
                 self._pre_request(self, request)
 
     def _after_request(self, environ: Environ, record: RequestRecord) -> None:
+        board = self._board
+        if board is not None:
+            waited = environ.get(QUEUE_TIME_KEY)
+            if waited is not None and isinstance(waited, float):
+                board.note_queue(waited, environ.get(SHED_KEY) is True)
+            token = environ.get(_SCOREBOARD_KEY)
+            if token:
+                board.request_ended(token)
         if self._deadlines is not None:
             self.deadline_end()
         try:

@@ -20,7 +20,12 @@ right after the next one in line, so that accepting alternates with serving. So 
 accepts only while one of its threads is free, and a new client waits behind the
 requests that were ready before it, never behind every request that the busy
 connections keep sending. Idle connections close after the keep-alive timeout, new ones
-that send nothing after the engine's header timeout.
+that send nothing after the engine's header timeout. The main loop makes one pass over
+the line as it stands, then polls again (its heartbeat at most every NOTIFY_INTERVAL).
+
+That loop is `EngineLineWorker`; `EngineThreadWorker` gives the first in line to a free
+thread, and the sync worker on the engine (`microsvc.workers.sync.EngineSyncWorker`)
+serves it in the main thread itself, one at a time, with no threads.
 
 The connections are `QuickSocket`s (see `quicksocket`): a request that is already there
 and a response that fits in the socket's buffer cost one system call each. A connection
@@ -58,6 +63,9 @@ STOP_LINGER = 2.0
 LOOP_WAIT = 1.0
 #: The shortest time between two heartbeats (and recycling checks) of a busy worker.
 NOTIFY_INTERVAL = 0.1
+#: A pass over the line ends once it has taken this long (sync, which serves in the
+#: main thread): the loop polls again, and what turned readable meanwhile joins the line.
+PASS_TIME = 0.01
 
 _GONE = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED)
 
@@ -75,16 +83,31 @@ class BalancedThreadWorker(Recycling, ThreadDeadlines, ThreadWorker):  # type: i
 
 
 class _Connection:
-    """One client connection of an EngineThreadWorker: in a thread, in line, or parked."""
+    """One client connection of an EngineLineWorker: served, in line, or parked (in
+    `queue`). Watched in the poller by its descriptor `fd` (TLS replaces `sock`)."""
 
-    __slots__ = ("client", "http", "server", "sock", "timeout")
+    __slots__ = (
+        "client",
+        "fd",
+        "http",
+        "queue",
+        "server",
+        "since",
+        "sock",
+        "timeout",
+        "watched",
+    )
 
     def __init__(self, sock: Any, client: Any, server: Any) -> None:
         self.sock = sock
+        self.fd: int = sock.fileno()
         self.client = client
         self.server = server
         self.timeout = 0.0
         self.http: HTTPConnection | None = None
+        self.queue: deque[_Connection] | None = None  # parked or waiting: that queue
+        self.watched = False
+        self.since = 0.0  # when its request was seen to arrive (in line)
 
     def close(self, graceful: bool = False) -> None:
         if graceful:
@@ -108,30 +131,46 @@ class _Listener:
         self.resume = 0.0  # after a failed accept: not watched again before this time
 
 
-class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
-    """gthread on microsvc's HTTP engine (see the module docstring)."""
+class EngineLineWorker(EngineWorker, BalancedThreadWorker):
+    """The loop of a worker on microsvc's HTTP engine that parks idle connections and
+    serves its FIFO line (see the module docstring), `slots` connections at a time. A
+    subclass says how a connection in turn is served (`enqueue_req`) and reports it back
+    (`finish_connection`): gthread in its threads (`EngineThreadWorker`), sync in the
+    main thread (`microsvc.workers.sync.EngineSyncWorker`)."""
 
-    engine_multithread = True
+    #: Whether a connection stays in the poller while it is in line and served, so that
+    #: parking it again costs no system call. Only for a worker that serves in the main
+    #: thread: the poller then reports a connection in line again and again (ignored),
+    #: and never one that another thread reads.
+    watch_while_served = False
 
     _lingering: LingeringCloses  # made in the worker process (run)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.busy = 0  # connections handed to a thread and not yet back (main thread only)
+        self.slots = self.serving_slots(self.cfg)
+        self.max_keepalived = self.worker_connections - self.slots
+        self.busy = 0  # connections being served and not yet back (main thread only)
         self.parked: deque[_Connection] = deque()  # idle, waiting for their next request
         self.waiting: deque[_Connection] = deque()  # new, waiting for their first request
-        self.ready: deque[_Connection | _Listener] = deque()  # in line for a free thread
+        self.ready: deque[_Connection | _Listener] = deque()  # in line for a free slot
         self.listeners: list[_Listener] = []
         self._next_notify = 0.0
 
     @classmethod
+    def serving_slots(cls, cfg: Any) -> int:
+        """How many connections the worker serves at once."""
+        return 1
+
+    @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
-        if cfg.keepalive and cfg.worker_connections <= cfg.threads:
+        slots = cls.serving_slots(cfg)
+        if cfg.keepalive and cfg.worker_connections <= slots:
             log.warning(
-                "gthread keeps no idle connection open: worker_connections (%s) leaves no "
-                "room beyond the %s threads",
+                "the worker keeps no idle connection open: worker_connections (%s) leaves "
+                "no room beyond the %s connection(s) it serves at once",
                 cfg.worker_connections,
-                cfg.threads,
+                slots,
             )
 
     def keep_serving(self) -> bool:
@@ -181,7 +220,7 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         self.ready.append(listener)
 
     def _accept(self, listener: _Listener) -> None:
-        """Accepts one connection (a thread is free): serves it at once if its request
+        """Accepts one connection (a slot is free): serves it at once if its request
         is there, parks it until it is; puts the listener back in line."""
         if not self.alive or self.nr_conns >= self.worker_connections:
             return
@@ -194,43 +233,71 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
             return
         listener.failures.succeeded()
         self.nr_conns += 1
-        conn = _Connection(sock, addr, listener.acceptor.name)
-        if has_data(sock):
+        self._accepted(_Connection(sock, addr, listener.acceptor.name), listener)
+
+    def _accepted(self, conn: _Connection, listener: _Listener) -> None:
+        """A new connection, in the turn of a free slot: served at once if its request is
+        there, parked until it is. More connections may wait: accepting them alternates
+        with serving the line (the listener's next turn is after the first one in line)."""
+        if has_data(conn.sock):
             self.enqueue_req(conn)
         else:
             self._park(conn, self.waiting, self.http_config.header_timeout)
-        # More connections may wait: accepting them alternates with serving the line
-        # (the listener's next turn is after the first one in line).
         listener.in_line = True
         self.ready.insert(min(1, len(self.ready)), listener)
 
     def _dispatch(self) -> None:
-        """Gives each free thread the first in line."""
+        """Gives each free slot the first in line, in one pass over the line as it stands,
+        at most PASS_TIME long (then the loop polls again: its heartbeat, and the
+        connections that turned readable meanwhile join the line, behind the ones
+        before them)."""
         ready = self.ready
-        threads = self.cfg.threads
-        while ready and self.busy < threads:
+        slots = self.slots
+        turns = len(ready)
+        clock = time.monotonic
+        until = clock() + PASS_TIME
+        while turns and ready and self.busy < slots:
+            turns -= 1
             first = ready.popleft()
             if isinstance(first, _Connection):
                 self.enqueue_req(first)
             else:
                 first.in_line = False
                 self._accept(first)
+            if clock() >= until:
+                break
 
-    def enqueue_req(self, conn: Any) -> None:
-        self.busy += 1
-        super().enqueue_req(conn)
+    def _poll_wait(self, timeout: float) -> float:
+        """How long the loop may wait for events: not at all while a slot is free for
+        the first in line."""
+        return 0.0 if self.ready and self.busy < self.slots else timeout
 
     def _park(self, conn: _Connection, queue: deque[_Connection], timeout: float) -> None:
         conn.timeout = time.monotonic() + timeout
         if not self.alive:
             conn.timeout = min(conn.timeout, time.monotonic() + STOP_LINGER)
+        if not conn.watched:
+            self.poller.register(conn.fd, selectors.EVENT_READ, (self._readable, conn, None))
+            conn.watched = True
         queue.append(conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ, (self._readable, conn, queue))
+        conn.queue = queue
 
-    def _readable(self, conn: _Connection, queue: deque[_Connection]) -> None:
-        self.poller.unregister(conn.sock)
+    def _readable(self, conn: _Connection, _: None) -> None:
+        queue = conn.queue
+        if queue is None:
+            return  # in line or served already (watch_while_served)
+        if not self.watch_while_served:
+            self._unwatch(conn)
         queue.remove(conn)
+        conn.queue = None
+        conn.since = time.monotonic()
         self.ready.append(conn)
+
+    def _unwatch(self, conn: _Connection) -> None:
+        if conn.watched:
+            conn.watched = False
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                self.poller.unregister(conn.fd)
 
     def wait_for_and_dispatch_events(self, timeout: float) -> None:
         try:
@@ -246,20 +313,21 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
             else:
                 data(key.fileobj)
 
-    def finish_request(self, conn: _Connection, fs: Any) -> None:
+    def finish_connection(self, conn: _Connection, idle: bool) -> None:
+        """A connection served in its turn is back: parked when it turned `idle`
+        (`handle` returned True), else closed."""
         self.busy -= 1
-        try:
-            result = fs.result() if not fs.cancelled() else False
-        except Exception:
-            result = False
-        try:
-            if result is True:
+        if idle:
+            try:
                 self._park(conn, self.parked, self.http_config.keepalive_timeout)
-            else:
-                self.nr_conns -= 1
-                self._close(conn)
+                return
+            except Exception:
+                pass  # it cannot be watched (its socket failed meanwhile): closed now
+        self.nr_conns -= 1
+        self._unwatch(conn)  # before the close: the descriptor may be reused at once
+        try:
+            self._close(conn)
         except Exception:
-            self.nr_conns -= 1
             conn.close()
 
     def _close(self, conn: _Connection) -> None:
@@ -274,8 +342,8 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         now = time.monotonic()
         while queue and (everything or queue[0].timeout <= now):
             conn = queue.popleft()
-            with contextlib.suppress(OSError, KeyError, ValueError):
-                self.poller.unregister(conn.sock)
+            conn.queue = None
+            self._unwatch(conn)
             self.nr_conns -= 1
             conn.close()
 
@@ -295,7 +363,7 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
                 if not self.is_parent_alive():
                     break
             pause = self._watch_listeners()
-            self.wait_for_and_dispatch_events(timeout=self.check_interval(pause))
+            self.wait_for_and_dispatch_events(self._poll_wait(self.check_interval(pause)))
             self._dispatch()
             self._expire(self.parked)
             self._expire(self.waiting)
@@ -314,7 +382,7 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         while self.nr_conns > 0 and time.monotonic() < deadline:
             self.notify()
             self.wait_for_and_dispatch_events(
-                timeout=0.1 if self.parked or self.waiting else LOOP_WAIT
+                self._poll_wait(0.1 if self.parked or self.waiting else LOOP_WAIT)
             )
             self._dispatch()
             self._expire(self.parked)
@@ -325,18 +393,20 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         for left in self.ready:  # not served within the graceful timeout
             if isinstance(left, _Connection):
                 self.nr_conns -= 1
+                self._unwatch(left)
                 left.close()
         self.poller.unregister(lingering.fileno())
         lingering.close_all()
-        self.tpool.shutdown(wait=False)
+        if self.tpool is not None:
+            self.tpool.shutdown(wait=False)
         self.poller.close()
         self.method_queue.close()
         for listener in self.sockets:
             listener.close()
 
-    # request threads
+    # serving a connection in its turn (gthread: in a request thread)
 
-    def handle(self, conn: _Connection) -> Any:
+    def handle(self, conn: _Connection) -> bool:
         try:
             if conn.http is None:
                 sock = conn.sock
@@ -357,3 +427,25 @@ class EngineThreadWorker(EngineWorker, BalancedThreadWorker):
         if type(conn.sock) is not QuickSocket:
             conn.close(graceful=True)  # TLS: the close_notify and the wait, in this thread
         return False  # the main thread closes it
+
+
+class EngineThreadWorker(EngineLineWorker):
+    """gthread on microsvc's HTTP engine (see the module docstring): the line's first
+    connection goes to a free thread of the pool."""
+
+    engine_multithread = True
+
+    @classmethod
+    def serving_slots(cls, cfg: Any) -> int:
+        return int(cfg.threads)
+
+    def enqueue_req(self, conn: _Connection) -> None:
+        self.busy += 1
+        super().enqueue_req(conn)  # gunicorn's: handle in a thread, then finish_request
+
+    def finish_request(self, conn: _Connection, fs: Any) -> None:
+        try:
+            idle = fs.result() is True if not fs.cancelled() else False
+        except Exception:
+            idle = False
+        self.finish_connection(conn, idle)

@@ -1,31 +1,50 @@
 """gunicorn's sync worker, recycled by memory and lifetime (see `recycling`), and the
 same worker on microsvc's HTTP engine (`EngineSyncWorker`, see `engine`).
 
-A sync worker serves one connection at a time, so either engine serves one request per
-connection and closes it (`Connection: close`): a kept-alive connection would hold the
-whole worker while its client thinks."""
+Either runs one request at a time, in its main thread: an application that is not
+thread-safe is safe in it.
+
+gunicorn's sync worker (`--http-engine gunicorn`) serves one request per connection and
+closes it (`Connection: close`): a kept-alive connection would hold the whole worker
+while its client thinks.
+
+On microsvc's HTTP engine, the sync worker keeps connections alive without letting an
+idle one hold it. It runs gthread's loop (`microsvc.workers.gthread.EngineLineWorker`)
+with no threads: between requests, the main thread watches, in one poller, its listening
+sockets, its idle keep-alive connections (at most `worker_connections - 1`, gunicorn's
+1000 by default; beyond that a response says `Connection: close`) and new connections
+whose first request has not arrived yet. Whatever turns readable joins one first-in,
+first-out line, and the main thread serves the line in turn: a connection until no
+further request is buffered (pipelined requests are answered in order), then it is
+parked again; a listener accepts one connection and takes its next turn after the next
+one in line, so accepting alternates with serving. A new connection whose request is
+already there goes into the line by the age of that request (the kernel's time since it
+arrived), before the connections that turned readable after it, and while the ones it
+accepts came before the last one in line the listener goes again at once: requests are
+served about in the order they came, on a kept-alive connection or a new one, so a
+request that `--max-queue-time` sheds is shed after about that long. Idle connections
+close after `--keep-alive` seconds, new ones that send nothing after the engine's header
+timeout; with `--keep-alive 0` every response says `Connection: close`. A connection to
+close waits for its client's end (at most 2 s) in `LingeringCloses` while the worker
+serves on. A client that sends only part of a request holds the worker until the rest
+comes or the engine's timeout for it passes, as with gunicorn's sync worker.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
-import ssl
 import time
 from typing import Any
 
-from gunicorn import sock as gunicorn_sock
-from gunicorn import util
+from gunicorn.workers.base import Worker
 from gunicorn.workers.sync import SyncWorker as _GunicornSyncWorker
 
-from microsvc.http import serve_connection
+from microsvc.serving.middleware import kernel_queue_time
 from microsvc.workers.deadlines import ThreadDeadlines
-from microsvc.workers.engine import EngineWorker, set_nodelay
-from microsvc.workers.quicksocket import Acceptor, LingeringCloses, QuickSocket
+from microsvc.workers.gthread import EngineLineWorker, _Connection, _Listener
+from microsvc.workers.quicksocket import has_data
 from microsvc.workers.recycling import Recycling
-
-#: The shortest time between two heartbeats (and recycling checks) of a busy worker.
-NOTIFY_INTERVAL = 0.1
 
 
 class SyncWorker(Recycling, ThreadDeadlines, _GunicornSyncWorker):  # type: ignore[misc]
@@ -39,82 +58,58 @@ class SyncWorker(Recycling, ThreadDeadlines, _GunicornSyncWorker):  # type: igno
                 os.write(self.PIPE[1], b"1")
 
 
-class EngineSyncWorker(EngineWorker, SyncWorker):
-    """The sync worker on microsvc's HTTP engine: one request per connection.
+class EngineSyncWorker(EngineLineWorker):
+    """The sync worker on microsvc's HTTP engine: gthread's loop (`EngineLineWorker`)
+    without threads. The main thread serves the first in line itself, one request at a
+    time, and parks the connection again once no further request is buffered (see the
+    module docstring)."""
 
-    Connections are accepted as `QuickSocket`s (see `quicksocket`): blocking, close on
-    exec and with TCP_NODELAY from the start, their timeouts set in the kernel only when
-    a read or write has to wait. After its response a connection waits for its client to
-    close (at most 2 s) in `LingeringCloses`, while the worker serves the next one."""
+    watch_while_served = True
 
-    engine_keepalive = False
+    def get_thread_pool(self) -> None:
+        return None  # the main thread serves
 
-    wait_fds: list[Any]  # gunicorn's: the listeners and the wake-up pipe
-    _lingering: LingeringCloses  # made in the worker process (run)
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        Worker.handle_quit(self, sig, frame)  # gthread's would stop its thread pool first
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._acceptors: dict[Any, Acceptor] = {}
-        self._next_notify = 0.0
+    def enqueue_req(self, conn: _Connection) -> None:
+        self.busy += 1
+        self.finish_connection(conn, self.handle(conn))
 
-    def notify(self) -> None:
-        # gunicorn's loop calls this before each accept: a heartbeat (a system call) and
-        # the recycling checks, per request. Enough at most every NOTIFY_INTERVAL.
-        now = time.monotonic()
-        if now >= self._next_notify:
-            self._next_notify = now + NOTIFY_INTERVAL
-            super().notify()
-
-    def run(self) -> None:
-        lingering = self._lingering = LingeringCloses()
-        self.wait_fds = [*self.wait_fds, lingering.fileno()]
-        try:
-            super().run()
-        except BaseException:
-            lingering.close_all(wait=False)
-            raise
-        lingering.close_all()
-
-    def wait(self, timeout: float) -> Any:
-        lingering = self._lingering
-        if lingering:
-            lingering.reap()
-            deadline = lingering.next_deadline()
-            if deadline is not None:
-                timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-        ready = super().wait(timeout)
-        if ready:
-            fileno = lingering.fileno()
-            ready = [fd for fd in ready if fd != fileno]
-        return ready
-
-    def accept(self, listener: Any) -> None:
-        if self._lingering:
-            self._lingering.reap()
-        if listener == self._lingering.fileno():
+    def _accepted(self, conn: _Connection, listener: _Listener) -> None:
+        # The line and the listening socket's backlog are merged by the age of their
+        # requests (the kernel says when a new connection's request arrived): a new
+        # connection whose request came before some in line goes in before them, so
+        # requests are served about in the order they came, whichever way they came. As
+        # long as a new connection is older than the last one in line, the listener goes
+        # again at once (the backlog may hold more of them): a backlog of requests that
+        # waited drains as fast as they are answered, and one that came while the line
+        # waited goes behind it, without overtaking requests that waited longer.
+        waited = kernel_queue_time(conn.sock) if has_data(conn.sock) else None
+        if waited is None:
+            super()._accepted(conn, listener)  # parked until its request comes
             return
-        acceptor = self._acceptors.get(listener)
-        if acceptor is None:
-            acceptor = self._acceptors[listener] = Acceptor(listener)
-        client, addr = acceptor.accept()
-        self._serve(client, addr, acceptor.name)
+        since = conn.since = time.monotonic() - waited
+        ready = self.ready
+        index = len(ready)
+        while index:
+            before = ready[index - 1]
+            if isinstance(before, _Connection) and before.since <= since:
+                break
+            index -= 1
+        listener.in_line = True
+        if index == 0:  # nothing in line came before it
+            self.enqueue_req(conn)
+            ready.appendleft(listener)
+        elif index == len(ready):  # the youngest: the backlog holds younger ones only
+            ready.append(conn)
+            ready.insert(1, listener)
+        else:
+            ready.insert(index, conn)
+            ready.appendleft(listener)
 
-    def handle(self, listener: Any, client: Any, addr: Any) -> None:
-        set_nodelay(client)
-        self._serve(client, addr, listener.getsockname())
-
-    def _serve(self, client: Any, addr: Any, server: Any) -> None:
-        try:
-            if self.cfg.is_ssl:
-                client = gunicorn_sock.ssl_wrap_socket(client, self.cfg)
-            serve_connection(client, addr, server, self.wsgi, self.http_config, self.http_hooks)
-        except ssl.SSLError as exc:
-            self.log.debug("TLS with %s failed: %s", addr, exc)
-        except OSError as exc:
-            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
-                self.log.exception("Socket error processing request.")
-        finally:
-            if type(client) is QuickSocket:
-                self._lingering.close(client)
-            else:
-                util.close_graceful(client)
+    def retire_done(self, now: float) -> bool:
+        # A request past its deadline holds the only thread that serves: the parked
+        # connections wait for nothing the worker can still do.
+        requests = self._deadlines
+        return requests is not None and requests.counts()[1] > 0

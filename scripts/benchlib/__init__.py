@@ -1,2 +1,3 @@
-"""The parts of `scripts/bench`: options, the machine, points, the engine section, the
-report. Servers and wrk come from the shared `harness` package."""
+"""The parts of `scripts/bench`: options, machine, plan (the sections as data), ratios (the
+targets as data), report, overload, cli. Servers, wrk and the overload measurement come
+from the shared `harness` package."""

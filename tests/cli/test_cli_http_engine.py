@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from microsvc.http import BUILD
+
 if TYPE_CHECKING:
     from tests.cli.conftest import Microsvc
 
@@ -16,9 +18,11 @@ if TYPE_CHECKING:
 def test_plan_says_the_engine_and_microsvc_is_the_default(microsvc: Microsvc) -> None:
     result = microsvc("plan")
     assert result.returncode == 0, result.describe()
-    assert "http engine: microsvc" in result.stdout.splitlines(), result.describe()
     report = json.loads(microsvc("plan", "--json").stdout)
     assert report["http_engine"] == "microsvc"
+    build = report["http_engine_build"]
+    assert build == f"microsvc ({BUILD.describe()})"
+    assert f"http engine: {build}" in result.stdout.splitlines(), result.describe()
     assert report["settings"]["http_engine"] == {"value": "microsvc", "source": "default"}
 
 
@@ -37,6 +41,7 @@ def test_gunicorns_engine_on_request(
     assert result.returncode == 0, result.describe()
     report = json.loads(result.stdout)
     assert report["http_engine"] == "gunicorn"
+    assert report["http_engine_build"] == "gunicorn"
     assert source in report["settings"]["http_engine"]["source"]
 
 

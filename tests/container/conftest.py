@@ -25,7 +25,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from podmanlib import (
@@ -57,12 +56,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.timeout(TEST_TIMEOUT))
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not FIGURES:
-        return
-    terminalreporter.section("container figures")
-    for line in FIGURES:
-        terminalreporter.write_line(line)
+#: The name of a figure line among a test's `user_properties` (tests/conftest.py prints
+#: them at the end of the run).
+FIGURE = "container figures"
+
+
+@pytest.fixture(autouse=True)
+def _figures_in_reports(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Hand the figures measured since the last test (this test's and the session
+    fixtures' it set up) to this test's report, which reaches the process that prints the
+    summary, pytest-xdist's controller too."""
+    yield
+    while FIGURES:
+        request.node.user_properties.append((FIGURE, FIGURES.pop(0)))
 
 
 # --- fixtures ------------------------------------------------------------------------

@@ -30,11 +30,12 @@ def master_uid(container: Container) -> int:
 def test_image_is_the_dockerfile_on_the_local_base(
     podman: Podman, image: str, base_image: str
 ) -> None:
-    (from_line,) = [
+    # Both stages (the wheel's, with a compiler, and the image's) start from the base.
+    (from_line,) = {
         line.split()[1]
         for line in (ROOT / "Dockerfile").read_text().splitlines()
         if line.upper().startswith("FROM ")
-    ]
+    }
     assert base_image.endswith("/" + from_line)
     inspected = podman.inspect(image)
     config = inspected["Config"]
@@ -45,6 +46,11 @@ def test_image_is_the_dockerfile_on_the_local_base(
     assert config["Cmd"][:2] == ["microsvc", "run"]
     python = podman("run", "--rm", "--pull=never", image, "python", "--version")
     figure(f"image {image}: Python inside is {python.stdout.strip()} (Debian's, on the local base)")
+    # The request path as the wheel stage built it, with its compiler and Python's headers.
+    code = "import microsvc.http as h; print(h.BUILD.describe())"
+    build = podman("run", "--rm", "--pull=never", image, "python", "-c", code).stdout.strip()
+    assert build == "compiled", build
+    figure(f"image {image}: request path {build}")
 
 
 def test_limited_container_plans_from_quota_and_memory_limit(run_container: RunContainer) -> None:

@@ -1,5 +1,5 @@
 """scripts/bench end to end, tiny: two sweep points of 2 s each, the engine section with
-2 s points, and bad command lines."""
+2 s points, the metrics section pinned with 1 s points, and bad command lines."""
 
 from __future__ import annotations
 
@@ -87,12 +87,12 @@ def test_two_point_sweep_writes_markdown_json_and_png(tmp_path: Path) -> None:
     assert "## Machine and method" in markdown and "## Targets" in markdown
     rows = {}
     for line in markdown.splitlines():
-        match = re.match(r"\| microsvc --workers (\d+) \| microsvc \| sync \|", line)
+        match = re.match(r"\| microsvc --workers (\d+) +\| sync +\|", line)
         if match and "`/data`" in line:
             rows[int(match.group(1))] = line
     assert set(rows) == {1, 2}, markdown
     for line in rows.values():
-        rps = int(line.split("|")[8].strip().replace(",", ""))
+        rps = int(line.split("|")[6].strip().replace(",", ""))
         assert rps > 0, line
     assert "![" in markdown and "smoke.png" in markdown
 
@@ -142,10 +142,10 @@ def test_engine_section_compares_both_engines_and_writes_the_files(tmp_path: Pat
     data = json.loads((tmp_path / "engine.json").read_text())
     points = {(p["config"], p["worker_class"], p["path"]): p for p in data["points"]}
     expected = {
-        (f"{engine} engine{suffix}", cls, path)
+        (f"{engine} engine", cls, path)
         for engine in ("microsvc", "gunicorn")
         for cls in ("sync", "gevent")
-        for suffix, path in (("", "/data"), (", bare", "/bare"))
+        for path in ("/data", "/bare")
     } | {("microsvc engine", "gevent", "/io?ms=50")}
     assert set(points) == expected, sorted(points)
     for point in points.values():
@@ -153,20 +153,21 @@ def test_engine_section_compares_both_engines_and_writes_the_files(tmp_path: Pat
         run = point["runs"][0]
         assert run["ok"], run
         assert run["result"]["rps"] > 0 and run["result"]["errors"] == 0, run
-        assert run["idle_uss_bytes"] > 1_000_000, run
-    assert "--http-engine" in points[("gunicorn engine, bare", "sync", "/bare")]["command"]
-    assert "microsvc.demo:bare" in points[("microsvc engine, bare", "sync", "/bare")]["command"]
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert data["engine"]["pinning"].startswith("server pinned to CPUs"), data["engine"]
+        assert run["result"]["idle_uss_bytes"] > 1_000_000, run
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert len(point["pinning"]["server_cpus"]) == 1, point["pinning"]
+    shown = {key: point["command"]["display"] for key, point in points.items()}
+    assert "--http-engine gunicorn" in shown[("gunicorn engine", "sync", "/bare")]
+    assert "microsvc.demo:bare" in shown[("microsvc engine", "sync", "/bare")]
     assert any("Granian skipped" in line for line in data["skipped"]), data["skipped"]
 
     ratios = {(r["kind"], r["subject"]): r for r in data["ratios"]}
     for key in (
         ("engine / gunicorn engine, Flask", "sync /data"),
         ("engine / gunicorn engine, bare", "gevent bare callable"),
-        ("engine /io / ideal", "gevent /io"),
+        ("engine /io / ideal", "gevent /io?ms=50"),
         ("p99 engine / gunicorn engine", "gevent /data"),
-        ("idle worker memory, engine - gunicorn engine (MB)", "sync"),
+        ("idle worker memory, engine - gunicorn engine (MB)", "sync /data"),
     ):
         assert ratios[key]["status"] in ("PASS", "MISS"), ratios.get(key, sorted(ratios))
         assert isinstance(ratios[key]["value"], float), ratios[key]
@@ -174,8 +175,8 @@ def test_engine_section_compares_both_engines_and_writes_the_files(tmp_path: Pat
     markdown = (tmp_path / "engine.md").read_text()
     assert "## HTTP engine" in markdown and "## Targets" in markdown
     section = markdown.split("## HTTP engine", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith(("| sync |", "| gevent |"))]
-    assert len(rows) == 2 and all(line.count("|") == 10 for line in rows), rows
+    rows = [line for line in section.splitlines() if line.startswith("| microsvc engine ")]
+    assert len(rows) == 5 and all(line.count("|") == 12 for line in rows), rows
     assert "engine.png" in markdown
 
     width, height = png_size((tmp_path / "engine.png").read_bytes())
@@ -195,6 +196,35 @@ def test_engine_and_overload_sections_run_only_when_named() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     text = " ".join(done.stdout.split())
     assert (
-        "parts to run: auto,plain,guide,sweep,metrics,parser,engine,overload "
-        "(default auto,plain,guide,sweep,metrics,parser)"
+        "parts to run: auto,plain,guide,sweep,metrics,engine,overload "
+        "(default auto,plain,guide,sweep,metrics)"
     ) in text, text
+
+
+@pytest.mark.timeout(120)
+def test_metrics_section_alternates_on_and_off_with_one_pinned_worker(tmp_path: Path) -> None:
+    if WRK is None:
+        pytest.skip("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+    args = ("--sections", "metrics", "--classes", "sync", "--duration", "1", "--warmup", "0")
+    done = run_bench(*args, "--repeat", "2", "--label", "metrics", "--out", str(tmp_path))
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    # On and off alternate: on, off, on, off.
+    order = re.findall(r"metrics (on|off) .* round (\d):", output)
+    assert order == [("on", "1"), ("off", "1"), ("on", "2"), ("off", "2")], output
+
+    data = json.loads((tmp_path / "metrics.json").read_text())
+    points = {p["config"]: p for p in data["points"]}
+    assert set(points) == {"metrics on", "metrics off"}, sorted(points)
+    assert "--metrics" in points["metrics on"]["command"]["argv"]
+    assert "--metrics" not in points["metrics off"]["command"]["argv"]
+    for point in points.values():
+        assert point["workers"] == 1 and len(point["runs"]) == 2, point
+        assert all(run["ok"] and not run["notes"] for run in point["runs"]), point["runs"]
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert point["pinning"]["server_cpus"] != point["pinning"]["wrk_cpus"], point
+            assert len(point["pinning"]["server_cpus"]) == 1, point["pinning"]
+    (ratio,) = [r for r in data["ratios"] if r["kind"] == "metrics on / off"]
+    assert ratio["subject"] == "sync /data" and ratio["target"] == ">= 0.97", ratio
+    assert ratio["status"] in ("PASS", "MISS") and isinstance(ratio["value"], float), ratio
+    assert "## Metrics cost" in (tmp_path / "metrics.md").read_text()

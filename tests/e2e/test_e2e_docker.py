@@ -73,8 +73,11 @@ def test_dockerfile_lints_clean() -> None:
 
 
 def test_dockerfile_follows_the_house_rules() -> None:
-    (base,) = only("FROM")
-    assert re.fullmatch(r"python:3\.1[0-9]+-slim-\w+", base), base
+    # A stage that builds the wheel (with a compiler), then the image, on the same base.
+    *builders, final = only("FROM")
+    assert [builder.split()[1:] for builder in builders] == [["AS", "wheel"]], builders
+    assert {line.split()[0] for line in [*builders, final]} == {final}
+    assert re.fullmatch(r"python:3\.1[0-9]+-slim-\w+", final), final
     env = " ".join(only("ENV"))
     for setting in ("PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1", "PIP_NO_CACHE_DIR=1"):
         assert setting in env
@@ -86,13 +89,14 @@ def test_dockerfile_follows_the_house_rules() -> None:
     assert exec_form(cmd)[:2] == ["microsvc", "run"]
     installs = [run for run in only("RUN") if "pip install" in run]
     assert all("--no-cache-dir" in run for run in installs)
-    # Dependencies are installed before the code is copied in.
-    order = [(kw, rest) for kw, rest in instructions() if kw in ("COPY", "RUN")]
-    first_install = next(i for i, (kw, rest) in enumerate(order) if "pip install" in rest)
-    code_copy = next(i for i, (kw, rest) in enumerate(order) if rest.startswith("microsvc/ "))
+    # In the image, dependencies are installed before the code (the wheel) comes in.
+    steps = [(kw, rest) for kw, rest in instructions() if kw in ("FROM", "COPY", "RUN")]
+    image = steps[max(i for i, (kw, _) in enumerate(steps) if kw == "FROM") + 1 :]
+    first_install = next(i for i, (kw, rest) in enumerate(image) if "pip install" in rest)
+    code_copy = next(i for i, (kw, rest) in enumerate(image) if rest.startswith("--from=wheel "))
     assert first_install < code_copy
-    assert "[gevent]" in order[first_install][1]
-    assert "--no-deps" in next(rest for kw, rest in order[code_copy:] if "pip install" in rest)
+    assert "[gevent]" in image[first_install][1]
+    assert "--no-deps" in next(rest for kw, rest in image[code_copy:] if "pip install" in rest)
 
 
 def _container_path(path: str, root: Path) -> str:
@@ -124,19 +128,29 @@ def test_dockerfile_install_and_cmd_serve_and_stop(tmp_path: Path, serve: ServeF
     workdir = "/"
     container_dirs: set[str] = set()
     ran_install = False
+    stages: dict[str, Path] = {}  # each stage's files, by its name (FROM ... AS name)
 
     for keyword, rest in instructions():
-        if keyword == "WORKDIR":
+        if keyword == "FROM":
+            image = tmp_path / f"stage-{len(stages)}"
+            image.mkdir()
+            stages[rest.split()[-1] if " AS " in rest.upper() else str(len(stages))] = image
+            workdir = "/"
+        elif keyword == "WORKDIR":
             workdir = rest
             (image / rest.lstrip("/")).mkdir(parents=True, exist_ok=True)
             container_dirs.add("/" + rest.strip("/").split("/")[0])
         elif keyword == "COPY":
             *sources, dest = shlex.split(rest)
+            origin = ROOT  # the build context, or the stage of --from=
+            for option in sources:
+                if option.startswith("--from="):
+                    origin = stages[option.removeprefix("--from=")]
             sources = [s for s in sources if not s.startswith("--")]
             container_dirs.add("/" + dest.strip("/").split("/")[0])
             target = Path(_container_path(dest, image))
             for source in sources:
-                src = ROOT / source
+                src = origin / source.lstrip("/")
                 if src.is_dir():
                     shutil.copytree(
                         src,
@@ -150,9 +164,13 @@ def test_dockerfile_install_and_cmd_serve_and_stop(tmp_path: Path, serve: ServeF
                 else:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src, target)
-        elif keyword == "RUN" and "pip install" in rest:
-            # The same commands, against the fresh virtualenv and the copied files. The
-            # wheel cache is allowed here (--no-cache-dir dropped) to keep the test fast.
+        elif keyword == "RUN" and ("pip install" in rest or "pip wheel" in rest):
+            # The same commands, against the fresh virtualenv and the copied files (the
+            # compiler stage's apt-get is the host's). The wheel cache is allowed here
+            # (--no-cache-dir dropped) to keep the test fast.
+            wheel_dir = re.search(r"(?:--wheel-dir|-w)[ =](/[^\s/]+)", rest)
+            if wheel_dir:  # a directory the step makes: in the stage, never on the host
+                container_dirs.add(wheel_dir.group(1))
             command = _rewrite(rest, image, container_dirs).replace("--no-cache-dir", "")
             done = subprocess.run(
                 ["bash", "-euo", "pipefail", "-c", command],

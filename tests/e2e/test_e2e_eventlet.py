@@ -31,10 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
+
+from microsvc.observe.scoreboard import Scoreboard, ScoreboardError, scoreboard_path
 
 if TYPE_CHECKING:
     from tests.conftest import ServeFactory
@@ -322,12 +323,32 @@ def _probe(port: int) -> str:
 
 
 def _listening(port: int) -> bool:
-    return any(
-        connection.status == psutil.CONN_LISTEN
-        and connection.laddr  # () for a socket without an address
-        and connection.laddr.port == port
-        for connection in psutil.net_connections(kind="tcp4")
-    )
+    """Whether an IPv4 TCP socket listens on `port`, read from the kernel's table
+    (/proc/net/tcp: local address, then state, 0A for LISTEN) alone; psutil's
+    net_connections also searches every process's file descriptors, which takes seconds
+    on a machine busy with other servers."""
+    wanted = f":{port:04X}"
+    with open("/proc/net/tcp") as table:
+        next(table)  # the header
+        for line in table:
+            fields = line.split()
+            if fields[3] == "0A" and fields[1].endswith(wanted):
+                return True
+    return False
+
+
+def _wait_in_flight(board: Scoreboard, wanted: int, deadline: float = 10.0) -> int:
+    """Wait until the app runs `wanted` requests (as the workers note them in the
+    scoreboard) or `deadline` seconds pass; return the last count."""
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            running = sum(worker.in_flight for worker in board.snapshot().workers)
+        except ScoreboardError:  # the header is being written: read again
+            running = 0
+        if running >= wanted or time.monotonic() > end:
+            return running
+        time.sleep(0.02)
 
 
 #: The request in flight while the worker stops.
@@ -336,7 +357,7 @@ SLOW_MS = 4000
 
 @pytest.mark.parametrize("stop", ["term", "recycle-reuse-port"])
 def test_stopping_worker_stops_taking_new_connections_at_once(
-    serve: ServeFactory, stop: str
+    serve: ServeFactory, runtime_dir: Path, stop: str
 ) -> None:
     args = ["-k", "eventlet", "--workers", "1", "--graceful-timeout", "20"]
     if stop == "recycle-reuse-port":
@@ -355,9 +376,11 @@ def test_stopping_worker_stops_taking_new_connections_at_once(
             slow["error"] = repr(exc)
 
     thread = threading.Thread(target=slow_request, daemon=True)
+    board = Scoreboard.open(scoreboard_path(server.pid, runtime_dir))
     thread.start()
     try:
-        time.sleep(0.5)  # the slow request is in the app
+        running = _wait_in_flight(board, 1)
+        assert running == 1, f"the slow request is not in the app\n{server.describe()}"
         if stop == "term":
             server.proc.send_signal(signal.SIGTERM)
             server.wait_log(r"Handling signal: term")
@@ -372,4 +395,5 @@ def test_stopping_worker_stops_taking_new_connections_at_once(
         assert outcome in ("refused", "served"), f"new connection: {outcome}\n{server.describe()}"
     finally:
         thread.join(30)
+        board.close()
     assert slow == {"status": 200}, f"{slow}\n{server.describe()}"

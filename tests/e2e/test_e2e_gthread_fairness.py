@@ -1,5 +1,6 @@
-"""gthread on microsvc's HTTP engine: a new client is served while kept-alive clients
-keep every thread of the worker busy; they do not starve the accept."""
+"""gthread and sync on microsvc's HTTP engine: a new client is served while kept-alive
+clients keep every thread of the worker (sync: its one thread) busy; they do not starve
+the accept."""
 
 from __future__ import annotations
 
@@ -58,12 +59,17 @@ def read_response(sock: socket.socket) -> bytes:
     return head.split(b"\r\n", 1)[0]
 
 
+@pytest.mark.parametrize(
+    "worker_class",
+    [("-k", "gthread", "--threads", "1"), ("-k", "sync")],
+    ids=["gthread", "sync"],
+)
 def test_new_clients_are_served_while_kept_alive_clients_keep_every_thread_busy(
-    serve: ServeFactory, tmp_path: Path
+    serve: ServeFactory, tmp_path: Path, worker_class: tuple[str, ...]
 ) -> None:
     (tmp_path / "fair_app.py").write_text(APP)
     server = serve(
-        ["fair_app:app", "-k", "gthread", "-w", "1", "--threads", "1", "--keep-alive", "30"],
+        ["fair_app:app", *worker_class, "-w", "1", "--keep-alive", "30"],
         env={"MICROSVC_HTTP_ENGINE": "microsvc"},
     )
     stop = threading.Event()

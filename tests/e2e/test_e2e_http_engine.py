@@ -328,20 +328,17 @@ def test_hooks_access_log_bodies_limits_and_keep_alive(
     raw = _exchange(server.port, long_line)
     assert re.match(rb"HTTP/1\.1 4(00|14) ", raw), raw[:200]
 
-    # Keep-alive: an idle connection is closed after --keep-alive (sync: after each answer).
+    # Keep-alive: an idle connection is closed after --keep-alive.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"GET /env HTTP/1.1\r\nHost: x\r\n\r\n")
         first = sock.recv(65536)
         assert first.startswith(b"HTTP/1.1 200 "), first
-        if worker_class == "sync":
-            assert b"Connection: close" in first
-        else:
-            assert b"Connection: close" not in first
-            started = time.monotonic()
-            rest = b""
-            while chunk := sock.recv(65536):
-                rest += chunk
-            assert 0.5 <= time.monotonic() - started < 5, time.monotonic() - started
+        assert b"Connection: close" not in first
+        started = time.monotonic()
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+        assert 0.5 <= time.monotonic() - started < 5, time.monotonic() - started
     assert TRACEBACK not in server.log_text(), server.describe()
 
 
@@ -406,8 +403,7 @@ def test_tls_on_every_class(
     got = parse_responses(answer)
     assert got[0]["status"] == 200, answer[:300]
     assert json.loads(got[0]["body"])["wsgi.url_scheme"] == "https"
-    if worker_class != "sync":  # sync serves one request per connection
-        assert got[1]["body"] == b"abc", answer[-300:]
+    assert got[1]["body"] == b"abc", answer[-300:]
     assert TRACEBACK not in server.log_text(), server.describe()
 
 

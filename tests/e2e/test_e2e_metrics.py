@@ -152,11 +152,29 @@ def start(serve, free_port, *args: str):  # type: ignore[no-untyped-def]
     return server, address
 
 
-def assert_totals(client: Client, scraped: Scrape) -> None:
+def assert_totals(client: Client, address: str, deadline: float = 10.0) -> Scrape:
+    """Scrape until every request the client sent is counted (or `deadline` seconds
+    pass), check the totals in that scrape and return it. A request is counted when the
+    server closes its response, just after the client has it: on a busy machine, after
+    the client has had the answers to later requests from other workers too."""
     sent = {key: float(count) for key, count in client.sent.items()}
+
+    def counted(scraped: Scrape) -> bool:
+        return (
+            scraped.by_request() == sent
+            and scraped.by_request("microsvc_http_request_duration_seconds_count") == sent
+            and scraped.value("microsvc_http_requests_in_flight") == 0
+        )
+
+    end = time.monotonic() + deadline
+    scraped = scrape(address)
+    while not counted(scraped) and time.monotonic() < end:
+        time.sleep(0.1)
+        scraped = scrape(address)
     assert scraped.by_request() == sent
     assert scraped.by_request("microsvc_http_request_duration_seconds_count") == sent
     assert scraped.value("microsvc_http_requests_in_flight") == 0
+    return scraped
 
 
 @pytest.mark.both_engines
@@ -173,7 +191,7 @@ def test_totals_equal_requests_sent_through_three_workers_and_recycles(
             break
     assert len(client.pids) == 3, client.pids
     client.mix(5)
-    assert_totals(client, scrape(address))
+    assert_totals(client, address)
 
     client.mix(25)  # 150 more requests: each worker recycles after 40..45
 
@@ -184,7 +202,7 @@ def test_totals_equal_requests_sent_through_three_workers_and_recycles(
         return scraped if exits == recycles and scraped.value("microsvc_workers") == 3 else None
 
     scraped = wait_for(settled, "every recycled worker to be counted and replaced", server)
-    assert_totals(client, scraped)
+    assert_totals(client, address)
     assert scraped.exits()["max-requests"] >= 2
     assert scraped.value("microsvc_worker_starts_total") == 3 + sum(scraped.exits().values())
 
@@ -214,8 +232,7 @@ def test_crash_and_reload_are_counted_with_their_reasons(
     server.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: scrape(address).exits()["reload"] == 2, "the reload count", server)
     client.mix(3)
-    scraped = scrape(address)
-    assert_totals(client, scraped)
+    scraped = assert_totals(client, address)
     assert {reason: count for reason, count in scraped.exits().items() if count} == {
         "crash": 1,
         "reload": 2,
@@ -230,8 +247,7 @@ def test_lifetime_recycles_are_counted(serve: ServeFactory, free_port: Callable[
     client.mix(2)
     wait_for(lambda: scrape(address).exits()["lifetime"] >= 2, "two lifetime recycles", server)
     client.mix(2)
-    scraped = scrape(address)
-    assert_totals(client, scraped)
+    scraped = assert_totals(client, address)
     assert scraped.exits()["crash"] == 0
 
 
@@ -254,8 +270,7 @@ def test_requests_in_flight_across_workers(
     finally:
         slow.join()
     client.mix(4)
-    scraped = scrape(address)
-    assert_totals(client, scraped)
+    scraped = assert_totals(client, address)
     assert scraped.value("microsvc_info", version=__version__, worker_class=worker_class) == 1
 
 
@@ -298,8 +313,8 @@ def test_a_killed_exporter_is_reported_as_killed_restarted_and_loses_nothing(
         "a new exporter",
         server,
     )
-    scraped = wait_for(lambda: _try_scrape(address), "metrics again", server)
-    assert_totals(client, scraped)
+    wait_for(lambda: _try_scrape(address), "metrics again", server)
+    assert_totals(client, address)
     assert server.stop() == 0
     # Both exporters shared the master's output: every line of it is still JSON.
     for number, line in enumerate(server.log_text().splitlines(), 1):

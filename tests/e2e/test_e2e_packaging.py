@@ -32,11 +32,23 @@ from pathlib import Path
 
 import pytest
 
+from microsvc.http.build import COMPILED_MODULES
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
 #: What a checkout holds besides its files: left out of the copy that is built.
-GENERATED = (".git", ".venv", ".venvs", "build", "dist", "*.egg-info", "__pycache__", "*_cache")
+GENERATED = (
+    ".git",
+    ".venv",
+    ".venvs",
+    "build",
+    "dist",
+    "*.egg-info",
+    "__pycache__",
+    "*_cache",
+    "*.so",
+)
 
 #: What the build hooks are called with: print the file name the hook returns.
 BUILD_HOOK = (
@@ -120,7 +132,16 @@ def test_wheel_carries_the_package_its_types_and_the_license_and_no_tests(built:
     assert "microsvc/metrics/exporter.py" in names
     assert license_text == (ROOT / "LICENSE").read_text()
     tops = {name.split("/")[0] for name in names}
-    assert tops == {"microsvc", built.wheel.name.split("-py3")[0] + ".dist-info"}, tops
+    assert tops == {"microsvc", "-".join(built.wheel.name.split("-")[:2]) + ".dist-info"}, tops
+    # The request path: its sources always, compiled modules for all of it or none of it.
+    http = {name.split("/")[-1].split(".")[0] for name in names if name.startswith("microsvc/")}
+    compiled = {
+        name.split("/")[-1].split(".")[0]
+        for name in names
+        if name.startswith("microsvc/http/") and name.endswith(".so")
+    }
+    assert set(COMPILED_MODULES) <= http
+    assert compiled in (set(), {*COMPILED_MODULES, "_native__mypyc"}), compiled
 
 
 def test_sdist_carries_the_sources_and_the_license_and_no_tests(built: Built) -> None:
@@ -204,3 +225,16 @@ def test_the_wheel_installs_into_a_fresh_virtualenv_and_runs(built: Built, tmp_p
         check=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(venv), where
+    # The installed wheel runs the build it carries (pip writes each .py after its .so).
+    build = subprocess.run(
+        [str(python), "-c", "import microsvc.http as h; print(h.BUILD.describe())"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    with zipfile.ZipFile(built.wheel) as archive:
+        compiled = any(name.endswith(".so") for name in archive.namelist())
+    assert build == ("compiled" if compiled else "Python: not compiled (see setup.py)"), build

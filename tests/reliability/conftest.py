@@ -43,7 +43,9 @@ def wrk(wrk_script: Path) -> Iterator[Wrk]:
 
 # --- figures -------------------------------------------------------------------------
 
-_FIGURES: list[tuple[str, str]] = []
+#: The name of a figure line among a test's `user_properties` (tests/conftest.py prints
+#: them at the end of the run).
+FIGURE = "figures"
 
 
 @dataclass
@@ -57,8 +59,7 @@ class Figures:
     def __call__(self, text: str | WrkResult) -> str:
         line = str(text)
         self.lines.append(line)
-        _FIGURES.append((self.nodeid, line))
-        self.node.user_properties.append(("figures", line))
+        self.node.user_properties.append((FIGURE, line))
         print(f"FIGURES {self.nodeid}: {line}", flush=True)
         return line
 
@@ -66,11 +67,3 @@ class Figures:
 @pytest.fixture
 def figures(request: pytest.FixtureRequest) -> Figures:
     return Figures(request.node.nodeid.rpartition("/")[2], request.node)
-
-
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _FIGURES:
-        return
-    terminalreporter.section("reliability figures")
-    for nodeid, line in _FIGURES:
-        terminalreporter.write_line(f"{nodeid}: {line}")

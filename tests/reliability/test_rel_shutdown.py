@@ -1,10 +1,12 @@
 """SIGTERM to the master while slow requests are in flight: every one of them completes.
 
 Each client opens its own connection and asks for /io?ms=2000 (the demo sleeps 2 s).
-Once the workers hold every connection (counted from the workers' own sockets, so none
-is still waiting in the listen backlog, where a closing listener would reset it), TERM
-goes to the master alone, as a container runtime sends it. gunicorn's graceful
-shutdown lets the workers finish, so every client gets 200 and the master exits 0.
+The clients start one after another, each once the request of the one before runs (the
+requests in flight that the workers note in the scoreboard): so no connection waits in
+the listen backlog, where a closing listener would reset it, nor in a worker that
+accepted it while another request held it. Then TERM goes to the master alone, as a
+container runtime sends it. gunicorn's graceful shutdown lets the workers finish, so
+every client gets 200 and the master exits 0.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-import psutil
 import pytest
 
-from harness import Server
+from microsvc.observe.scoreboard import Scoreboard, ScoreboardError, scoreboard_path
 
 if TYPE_CHECKING:
     from tests.conftest import ServeFactory
@@ -29,6 +31,8 @@ pytestmark = pytest.mark.e2e
 
 SLOW_MS = 2000
 CLIENT_TIMEOUT = 30.0
+#: How long the clients may take to have every request running.
+START_DEADLINE = 10.0
 
 #: worker class -> (arguments, in-flight requests). A sync worker serves one request at a
 #: time, so sync gets one worker per request (10, to spare the 2-core machines).
@@ -68,25 +72,27 @@ def slow_get(port: int, path: str, clients: SlowClients) -> None:
         connection.close()
 
 
-def accepted_connections(server: Server) -> int:
-    """Connections to the server's port that its workers have accepted."""
-    total = 0
-    for worker in server.workers():
-        try:
-            connections = worker.net_connections(kind="tcp")
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-        total += sum(
-            1
-            for c in connections
-            if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == server.port
-        )
-    return total
+def requests_in_flight(board: Scoreboard) -> int:
+    """Requests the server's app runs now, as its workers note them in the scoreboard."""
+    try:
+        return sum(worker.in_flight for worker in board.snapshot().workers)
+    except ScoreboardError:  # the header is being written: read again
+        return 0
+
+
+def wait_in_flight(board: Scoreboard, wanted: int, end: float) -> int:
+    """Poll until `wanted` requests run or the monotonic clock passes `end`; return the
+    last count."""
+    running = requests_in_flight(board)
+    while running < wanted and time.monotonic() < end:
+        time.sleep(0.005)
+        running = requests_in_flight(board)
+    return running
 
 
 @pytest.mark.parametrize("worker_class", list(CASES))
 def test_sigterm_with_slow_requests_in_flight_completes_them_all(
-    serve: ServeFactory, figures: Figures, worker_class: str
+    serve: ServeFactory, runtime_dir: Path, figures: Figures, worker_class: str
 ) -> None:
     args, in_flight = CASES[worker_class]
     server = serve(args)
@@ -100,26 +106,30 @@ def test_sigterm_with_slow_requests_in_flight_completes_them_all(
         )
         for _ in range(in_flight)
     ]
-    for thread in threads:
-        thread.start()
-    end = time.monotonic() + 10
-    accepted = 0
-    while time.monotonic() < end:
-        accepted = accepted_connections(server)
-        if accepted >= in_flight:
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)  # let the workers read the requests they accepted
-    assert accepted >= in_flight, f"only {accepted} of {in_flight} accepted: {server.describe()}"
+    board = Scoreboard.open(scoreboard_path(server.pid, runtime_dir))
+    try:
+        first_at = time.monotonic()
+        end = first_at + START_DEADLINE
+        running = 0
+        for started, thread in enumerate(threads, 1):
+            thread.start()
+            running = wait_in_flight(board, started, end)
+            if running < started:
+                break
+    finally:
+        board.close()
+    assert running >= in_flight, f"only {running} of {in_flight} running: {server.describe()}"
 
     term_at = time.monotonic()
+    ramp = term_at - first_at
     code = server.stop(signal.SIGTERM, group=False)
     stopped_after = time.monotonic() - term_at
     for thread in threads:
         thread.join(CLIENT_TIMEOUT + 5)
     early = sum(1 for t in clients.finished_at if t < term_at)
     figures(
-        f"{in_flight} requests in flight at TERM, {clients.statuses.count(200)} got 200, "
+        f"{in_flight} requests in flight at TERM ({ramp:.2f} s after the first began), "
+        f"{clients.statuses.count(200)} got 200, "
         f"{in_flight - clients.statuses.count(200)} failed; master exit {code} after "
         f"{stopped_after:.1f} s [{worker_class} {' '.join(args[2:])}]"
     )

@@ -44,11 +44,13 @@ def free_port() -> int:
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """os.environ without MICROSVC_* and DROPPED_ENV, unbuffered, updated with `extra`."""
+    """os.environ without MICROSVC_* (but MICROSVC_PURE_PYTHON, the build under test) and
+    DROPPED_ENV, unbuffered, updated with `extra`."""
     env = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith("MICROSVC_") and name not in DROPPED_ENV
+        if (not name.startswith("MICROSVC_") or name == "MICROSVC_PURE_PYTHON")
+        and name not in DROPPED_ENV
     }
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})
