@@ -215,26 +215,22 @@ def test_the_wheel_installs_into_a_fresh_virtualenv_and_runs(built: Built, tmp_p
     )
     assert version.returncode == 0, version.stderr
     assert re.fullmatch(r"microsvc, version \d+\.\d+\.\d+\S*\n", version.stdout), version.stdout
-    where = subprocess.run(
-        [str(python), "-c", "import microsvc, gunicorn; print(microsvc.__file__)"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
+
+    def python_says(code: str) -> str:
+        return subprocess.run(
+            [str(python), "-c", code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
+
+    where = python_says("import microsvc, gunicorn; print(microsvc.__file__)")
     assert Path(where).is_relative_to(venv), where
     # The installed wheel runs the build it carries (pip writes each .py after its .so).
-    build = subprocess.run(
-        [str(python), "-c", "import microsvc.http as h; print(h.BUILD.describe())"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
+    build = python_says("import microsvc.http as h; print(h.BUILD.describe())")
     with zipfile.ZipFile(built.wheel) as archive:
         compiled = any(name.endswith(".so") for name in archive.namelist())
     assert build == ("compiled" if compiled else "Python: not compiled (see setup.py)"), build
