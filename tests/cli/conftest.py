@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from harness import clean_env, free_port, signal_group
+from microsvc.http.build import PURE_PYTHON_ENV
 
 #: Variables microsvc reads besides MICROSVC_*; none may leak in from the test runner
 #: (`harness.clean_env` drops them, and more, from the children's environment).
@@ -34,8 +35,11 @@ TIMEOUT = 30
 
 @pytest.fixture(autouse=True)
 def _clean_test_environ(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same clean environment for the in-process (CliRunner) tests."""
+    """The same clean environment for the in-process (CliRunner) tests. The build of the
+    request path under test (`MICROSVC_PURE_PYTHON`) stays, as `clean_env` keeps it."""
     for name in list(os.environ):
+        if name == PURE_PYTHON_ENV:
+            continue
         if name.startswith("MICROSVC_") or name in CONVENTION_VARIABLES:
             monkeypatch.delenv(name)
 
