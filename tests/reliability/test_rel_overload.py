@@ -85,8 +85,11 @@ def test_shedding_keeps_goodput_and_latency_where_gunicorn_queues(
     assert shedding.ok_p99 <= overload.TARGET_P99_S, detail
     assert shedding.shed, detail
     assert shedding.other == {} and shedding.socket_errors == 0, detail
-    # a shed request waited for the limit at most, then was answered at once
-    assert shedding.shed_p99 <= overload.MAX_QUEUE_TIME_S + 0.5, detail
+    # A shed request waited for the limit, then was answered at once (gunicorn answers
+    # them all after connections / capacity, about 6 s). The margin: the request before
+    # it in its worker's line (nginx keeps connections to each sync worker alive, so each
+    # worker has a line of its own), on a CPU shared with the suite's other tests.
+    assert shedding.shed_p99 <= overload.MAX_QUEUE_TIME_S + 1.0, detail
     assert "Shed " in microsvc.log_text(), detail
 
 
