@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 
 def compiled_modules() -> list[str]:
@@ -30,7 +30,7 @@ def compiled_modules() -> list[str]:
     raise RuntimeError("COMPILED_MODULES not found in microsvc/http/build.py")
 
 
-def compiled_extensions() -> list:  # type: ignore[type-arg]
+def compiled_extensions() -> list[Extension]:
     if os.environ.get("MICROSVC_PURE_PYTHON", "") not in ("", "0"):
         return []
     try:

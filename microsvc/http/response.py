@@ -77,8 +77,8 @@ _CACHE_SIZE = 4096
 _FRAMING = _HOP_BY_HOP | {"content-length"}
 
 
-def _check_status(status: object) -> tuple[int, bytes]:
-    if type(status) is not str or not _STATUS.fullmatch(status):
+def _check_status(status: str) -> tuple[int, bytes]:
+    if not _STATUS.fullmatch(status):
         raise ResponseError(f"invalid status line {status!r}")
     checked = (int(status[:3]), f"HTTP/1.1 {status}\r\n".encode("latin-1"))
     if len(_STATUSES) < _CACHE_SIZE:

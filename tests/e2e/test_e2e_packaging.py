@@ -204,28 +204,20 @@ def test_the_wheel_installs_into_a_fresh_virtualenv_and_runs(built: Built, tmp_p
     assert install.returncode == 0, f"{install.stdout}\n{install.stderr}"
 
     env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
-    version = subprocess.run(
-        [str(venv / "bin" / "microsvc"), "--version"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert version.returncode == 0, version.stderr
-    assert re.fullmatch(r"microsvc, version \d+\.\d+\.\d+\S*\n", version.stdout), version.stdout
+
+    def installed(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
 
     def python_says(code: str) -> str:
-        return subprocess.run(
-            [str(python), "-c", code],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout.strip()
+        done = installed(str(python), "-c", code)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    version = installed(str(venv / "bin" / "microsvc"), "--version")
+    assert version.returncode == 0, version.stderr
+    assert re.fullmatch(r"microsvc, version \d+\.\d+\.\d+\S*\n", version.stdout), version.stdout
 
     where = python_says("import microsvc, gunicorn; print(microsvc.__file__)")
     assert Path(where).is_relative_to(venv), where
