@@ -52,6 +52,7 @@ from microsvc.workers.accepting import AcceptFailures
 from microsvc.workers.deadlines import EventletDeadlines
 from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
+from microsvc.workers.reloading import Reloading
 from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 #: Accept errors that are part of normal operation, or concern one connection (reset or
@@ -79,7 +80,7 @@ class _ListenerName:
         return self._name
 
 
-class EventletWorker(Recycling, EventletDeadlines, AsyncWorker):  # type: ignore[misc]
+class EventletWorker(Reloading, Recycling, EventletDeadlines, AsyncWorker):  # type: ignore[misc]
     wsgi: WSGIApp
     _ssl_context: ssl.SSLContext | None = None
 

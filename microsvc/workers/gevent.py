@@ -40,6 +40,7 @@ from microsvc.http.green import Channel, GreenIO
 from microsvc.workers.deadlines import GeventDeadlines
 from microsvc.workers.engine import EngineWorker
 from microsvc.workers.recycling import Recycling
+from microsvc.workers.reloading import Reloading
 
 #: Connections a worker accepts per turn of its event loop, at most.
 ACCEPT_BATCH = 16
@@ -80,7 +81,7 @@ class ListeningSocket(gevent.socket.socket):  # type: ignore[misc]
         return self._address
 
 
-class GeventWorker(Recycling, GeventDeadlines, gunicorn_gevent.GeventWorker):  # type: ignore[misc]
+class GeventWorker(Reloading, Recycling, GeventDeadlines, gunicorn_gevent.GeventWorker):  # type: ignore[misc]
     """Its run loop calls notify() every second, idle or not."""
 
     sockets: list[Any]  # gunicorn's listeners; ListeningSockets once `patch()` has run

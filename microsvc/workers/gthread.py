@@ -55,6 +55,7 @@ from microsvc.workers.deadlines import ThreadDeadlines
 from microsvc.workers.engine import EngineWorker
 from microsvc.workers.quicksocket import Acceptor, LingeringCloses, QuickSocket, has_data
 from microsvc.workers.recycling import Recycling
+from microsvc.workers.reloading import Reloading
 
 #: How long a stopping worker keeps its parked connections open (at most), for a request
 #: a client may already be sending; such a request is answered with Connection: close.
@@ -70,7 +71,7 @@ PASS_TIME = 0.01
 _GONE = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED)
 
 
-class BalancedThreadWorker(Recycling, ThreadDeadlines, ThreadWorker):  # type: ignore[misc]
+class BalancedThreadWorker(Reloading, Recycling, ThreadDeadlines, ThreadWorker):  # type: ignore[misc]
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         if cfg.worker_connections > cfg.threads:

@@ -45,9 +45,10 @@ from microsvc.workers.deadlines import ThreadDeadlines
 from microsvc.workers.gthread import EngineLineWorker, _Connection, _Listener
 from microsvc.workers.quicksocket import has_data
 from microsvc.workers.recycling import Recycling
+from microsvc.workers.reloading import Reloading
 
 
-class SyncWorker(Recycling, ThreadDeadlines, _GunicornSyncWorker):  # type: ignore[misc]
+class SyncWorker(Reloading, Recycling, ThreadDeadlines, _GunicornSyncWorker):  # type: ignore[misc]
     def wait(self, timeout: float) -> Any:
         # Idle, gunicorn's sync worker sleeps timeout/2 (15 s by default) between checks.
         return super().wait(self.check_interval(timeout))
