@@ -28,6 +28,8 @@ from microsvc.http.filewrapper import FileWrapper
 from microsvc.http.green import GreenIO
 from microsvc.http.parser import Message, RequestStream
 from microsvc.http.response import Response
+from microsvc.http.slot import SlotWriter
+from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
 from microsvc.wsgi import Environ, WSGIApp
 
 log = logging.getLogger("microsvc.http")
@@ -103,11 +105,14 @@ class Hooks:
     says `Connection: close`, and the connection closes after it, as a stopping worker
     needs). A connection whose response announced keep-alive is not closed before its
     next request (the client may be sending it already): that request is served, and
-    its response says `Connection: close`."""
+    its response says `Connection: close`. `slot`, the worker's scoreboard slot, notes
+    each request while it runs (before `before`, until before `after`), and its queue
+    time (`microsvc.serving.middleware`)."""
 
     before: BeforeRequest | None = None
     after: AfterRequest | None = None
     keep_serving: Callable[[], bool] | None = None
+    slot: SlotWriter | None = None
 
 
 NO_HOOKS = Hooks()
@@ -147,6 +152,7 @@ class HTTPConnection:
         "_keep_serving",
         "_plain",
         "_server_header",
+        "_slot",
         "sock",
         "stream",
     )
@@ -175,6 +181,7 @@ class HTTPConnection:
         self._before = hooks.before
         self._after = hooks.after
         self._keep_serving = hooks.keep_serving
+        self._slot = hooks.slot
         self._base = connection_environ(config, client, server)
         self._base["gunicorn.socket"] = sock
         self._server_header = f"Server: {config.server_software}\r\n".encode("latin-1")
@@ -235,7 +242,16 @@ class HTTPConnection:
             stream, message, response.send_continue if message.expect_continue else None
         )
         keep_alive = False
+        slot = self._slot
+        token = 0
         try:
+            if slot is not None:
+                request_id = environ.get("HTTP_X_REQUEST_ID")
+                token = slot.begin(
+                    message.method,
+                    message.path,
+                    request_id if isinstance(request_id, str) else "",
+                )
             before = self._before
             if before is not None:
                 before(environ, message)
@@ -257,6 +273,12 @@ class HTTPConnection:
             log.exception("Error handling request %s", message.request_line)
             _fail(response)
         finally:
+            if slot is not None:
+                waited = environ.get(QUEUE_TIME_KEY)
+                if isinstance(waited, float):
+                    slot.note_queue(waited, environ.get(SHED_KEY) is True)
+                if token:
+                    slot.request_ended(token)
             after = self._after
             if after is not None:
                 sent = response.headers_sent

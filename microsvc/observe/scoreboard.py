@@ -35,15 +35,17 @@ import os
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
 from microsvc.wsgi import Environ, StartResponse, WSGIApp
+
+if TYPE_CHECKING:
+    from microsvc.http.slot import SlotWriter
 
 MAGIC = b"MSVCSB02"
 #: Why a worker ended, in order: counted in the header, and the metrics' exit reasons.
@@ -207,24 +209,9 @@ class Scoreboard:
         self.buffer = buffer
         self.slots = slots
         self.owner = os.getpid()
-        # worker side (after fork)
+        # worker side (after fork): the slot and its writer (`microsvc.http.slot`)
         self._slot: int | None = None
-        self._lock = threading.Lock()
-        self._pid = 0
-        self._generation = 0
-        self._state = FREE
-        self._started = 0.0
-        self._requests = 0
-        self._stop_reason = b""
-        # requests in progress, by token: (start, method, path, request id)
-        self._active: dict[int, tuple[float, bytes, bytes, bytes]] = {}
-        self._shown = 0
-        self._shown_since = 0.0
-        self._offset = 0
-        self._seq = 0
-        self._threads = True
-        self._writing = False
-        self._queue_seq = 0
+        self._writer: SlotWriter | None = None
         # master side
         self._by_pid: dict[int, int] = {}
         self._pending: int | None = None
@@ -485,198 +472,56 @@ class Scoreboard:
         `threads`: whether the worker's requests may run in several threads at once (None:
         unless `threading` is gevent's or eventlet's, whose green threads never switch in
         the middle of a write)."""
+        from microsvc.http.slot import SlotWriter
+
         self._slot = slot
-        self._pid = os.getpid()
-        self._generation = generation
-        self._started = time.time()
-        self._requests = 0
-        self._active = {}
-        self._shown, self._shown_since = 0, 0.0
-        self._lock = threading.Lock()
-        self._threads = not _green_threads() if threads is None else threads
-        self._writing = False
-        if slot is not None:
-            self._offset = self._worker_offset(slot)
-            seq = _SEQ.unpack_from(self.buffer, self._offset)[0]
-            self._seq = seq + (seq & 1)
-            seq = _SEQ.unpack_from(self.buffer, self._offset + _QUEUE_AT)[0]
-            self._queue_seq = seq + (seq & 1)
-        self._set_state(BOOTING)
+        self._writer = None
+        if slot is None:
+            return
+        self._writer = SlotWriter(
+            self.buffer,
+            self._worker_offset(slot),
+            os.getpid(),
+            generation,
+            not _green_threads() if threads is None else threads,
+            BOOTING,
+        )
+        self._writer.set_state(BOOTING)
 
     @property
     def has_slot(self) -> bool:
         """In a worker: whether it writes a slot (see `attach`)."""
-        return getattr(self, "_slot", None) is not None
+        return self._writer is not None
+
+    @property
+    def writer(self) -> SlotWriter | None:
+        """In a worker with a slot: what writes it (the HTTP engine calls it directly)."""
+        return self._writer
 
     def booted(self) -> None:
-        self._set_state(IDLE)
+        if self._writer is not None:
+            self._writer.set_state(IDLE)
 
     def worker_stopping(self, reason: str = "") -> None:
-        if reason:
-            self._stop_reason = _field(reason, 16)
-        self._set_state(STOPPING)
-
-    def _set_state(self, state: int) -> None:
-        if self._slot is None:
-            return
-        # worker_int and worker_abort run in signal handlers, possibly in the middle of a
-        # write of the slot by this very thread: never wait for it for long. Then the
-        # state goes out with the next write of the slot.
-        if not self._threads:
-            if self._writing:
-                self._state = state
-            else:
-                self._write_worker(state)
-            return
-        if not self._lock.acquire(timeout=0.05):
-            self._state = state
-            return
-        try:
-            self._write_worker(state)
-        finally:
-            self._lock.release()
-
-    def _write_worker(self, state: int) -> None:
-        self._writing = True
-        self._state = state
-        shown = self._active.get(self._shown)
-        since, method, path, request_id = shown if shown else (0.0, b"", b"", b"")
-        buffer, offset = self.buffer, self._offset
-        self._seq += 1
-        _SEQ.pack_into(buffer, offset, self._seq)
-        _WORKER.pack_into(
-            buffer,
-            offset + _SEQ.size,
-            self._pid,
-            self._generation,
-            self._started,
-            self._stop_reason,
-            state,
-            len(self._active),
-            self._requests,
-            since,
-            method,
-            path,
-            request_id,
-        )
-        self._seq += 1
-        _SEQ.pack_into(buffer, offset, self._seq)
-        self._writing = False
-
-    # The hot path: each request writes its slot when it starts and when it ends (a
-    # sequence number, the fields that changed, the sequence number again). Threads of
-    # one worker (gthread) write the same slot under a lock of this process only; green
-    # threads (gevent, eventlet) need none, as none can switch to another in the middle of
-    # a write. `_writing` tells a signal handler that interrupts a write to leave the
-    # slot alone.
+        """Safe in a signal handler (see `microsvc.http.slot`)."""
+        if self._writer is not None:
+            self._writer.set_state(STOPPING, _field(reason, 16) if reason else None)
 
     def request_started(self, method: bytes, path: bytes, request_id: bytes) -> int:
-        """A request begins; returns its token for `request_ended`. The fields are cut to
-        their size in the slot (16, 192 and 64 bytes)."""
-        if self._slot is None:
+        """A request begins; returns its token for `request_ended` (0 without a slot)."""
+        if self._writer is None:
             return 0
-        entry = (time.time(), method, path, request_id)
-        token = id(entry)
-        if self._threads:
-            with self._lock:
-                self._begin(token, entry)
-        else:
-            self._begin(token, entry)
-        return token
-
-    def _begin(self, token: int, entry: tuple[float, bytes, bytes, bytes]) -> None:
-        self._writing = True
-        buffer, offset = self.buffer, self._offset
-        self._seq += 1
-        _SEQ.pack_into(buffer, offset, self._seq)
-        active = self._active
-        active[token] = entry
-        if self._state == IDLE:
-            self._state = BUSY
-        if len(active) == 1:
-            self._shown, self._shown_since = token, entry[0]
-            _W_DYNREQ.pack_into(buffer, offset + _DYN_AT, self._state, 1, self._requests, *entry)
-        else:
-            _W_DYN.pack_into(
-                buffer,
-                offset + _DYN_AT,
-                self._state,
-                len(active),
-                self._requests,
-                self._shown_since,
-            )
-        self._seq += 1
-        _SEQ.pack_into(buffer, offset, self._seq)
-        self._writing = False
+        return self._writer.request_started(method, path, request_id)
 
     def request_ended(self, token: int) -> None:
-        if self._slot is None:
-            return
-        if self._threads:
-            with self._lock:
-                self._end(token)
-        else:
-            self._end(token)
-
-    def _end(self, token: int) -> None:
-        self._writing = True
-        buffer, offset = self.buffer, self._offset
-        self._seq += 1
-        _SEQ.pack_into(buffer, offset, self._seq)
-        active = self._active
-        active.pop(token, None)
-        self._requests += 1
-        if not active:
-            if self._state == BUSY:
-                self._state = IDLE
-            self._shown, self._shown_since = 0, 0.0
-            _W_DYN.pack_into(buffer, offset + _DYN_AT, self._state, 0, self._requests, 0.0)
-        elif token == self._shown:
-            self._shown = shown = next(iter(active))
-            entry = active[shown]
-            self._shown_since = entry[0]
-            _W_DYNREQ.pack_into(
-                buffer, offset + _DYN_AT, self._state, len(active), self._requests, *entry
-            )
-        else:
-            _W_DYN.pack_into(
-                buffer,
-                offset + _DYN_AT,
-                self._state,
-                len(active),
-                self._requests,
-                self._shown_since,
-            )
-        self._seq += 1
-        _SEQ.pack_into(buffer, offset, self._seq)
-        self._writing = False
-
-    # queue time (a worker) and the worker count (the master, --autoscale)
-
-    _shed_total = 0
+        if self._writer is not None:
+            self._writer.request_ended(token)
 
     def note_queue(self, seconds: float, shed: bool) -> None:
         """In a worker: a request waited `seconds` before it was taken up (`shed`: and was
         answered 503 for it)."""
-        if self._slot is None:
-            return
-        if self._threads:
-            with self._lock:
-                self._note_queue(seconds, shed)
-        else:
-            self._note_queue(seconds, shed)
-
-    def _note_queue(self, seconds: float, shed: bool) -> None:
-        if shed:
-            self._shed_total += 1
-        buffer, offset = self.buffer, self._offset + _QUEUE_AT
-        self._queue_seq += 1
-        _SEQ.pack_into(buffer, offset, self._queue_seq)
-        _QUEUE.pack_into(
-            buffer, offset + _SEQ.size, self._pid, seconds, time.time(), self._shed_total
-        )
-        self._queue_seq += 1
-        _SEQ.pack_into(buffer, offset, self._queue_seq)
+        if self._writer is not None:
+            self._writer.note_queue(seconds, shed)
 
     def publish_autoscale(self, minimum: int, maximum: int, target: int, reason: str) -> None:
         """In the master: the bounds and the count --autoscale keeps, and why."""

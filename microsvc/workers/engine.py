@@ -36,7 +36,6 @@ from microsvc.http import Hooks, HTTPConfig, RequestRecord
 from microsvc.http.green import GreenIO
 from microsvc.http.parser import Message
 from microsvc.observe.scoreboard import Scoreboard
-from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
 from microsvc.workers.deadlines import InFlightRequests
 from microsvc.wsgi import Environ
 
@@ -65,8 +64,6 @@ _REFUSED: dict[str, Callable[[Any], bool]] = {
 
 #: Where the request-like object of pre_request waits for post_request.
 _REQUEST_KEY = "microsvc.engine.request"
-#: Where a request's scoreboard token waits for the end of its response.
-_SCOREBOARD_KEY = "microsvc.engine.scoreboard"
 
 
 def http_config(cfg: Any, *, multithread: bool = False) -> HTTPConfig:
@@ -199,7 +196,6 @@ class EngineWorker:
 
     http_config: HTTPConfig
     http_hooks: Hooks
-    _board: Scoreboard | None = None
 
     # Provided by RequestDeadlines (`deadlines`): None while --request-timeout is off.
     _deadlines: InFlightRequests | None = None
@@ -220,12 +216,16 @@ class EngineWorker:
         self._pre_request = None if _is_default(cfg, "pre_request") else cfg.pre_request
         self._post_request = None if _is_default(cfg, "post_request") else cfg.post_request
         self._log_access = bool(getattr(self.log, "access_log_enabled", True))
-        # This worker's scoreboard slot (see `microsvc.observe.scoreboard`), if it has one.
+        # This worker's scoreboard slot (see `microsvc.observe.scoreboard`), if it has one:
+        # the engine writes it around each request.
         board = getattr(getattr(self, "app", None), "scoreboard", None)
-        self._board = board if isinstance(board, Scoreboard) and board.has_slot else None
+        slot = board.writer if isinstance(board, Scoreboard) else None
         route_engine_log(getattr(self.log, "error_log", None))
         self.http_hooks = Hooks(
-            before=self._before_request, after=self._after_request, keep_serving=self.keep_serving
+            before=self._before_request,
+            after=self._after_request,
+            keep_serving=self.keep_serving,
+            slot=slot,
         )
 
     def keep_serving(self) -> bool:
@@ -248,13 +248,6 @@ class EngineWorker:
     # hooks
 
     def _before_request(self, environ: Environ, message: Message) -> None:
-        board = self._board
-        if board is not None:
-            environ[_SCOREBOARD_KEY] = board.request_started(
-                message.method.encode("latin-1", "replace"),
-                message.path.encode("latin-1", "replace"),
-                environ.get("HTTP_X_REQUEST_ID", "").encode("latin-1", "replace"),
-            )
         if self._deadlines is not None:  # --request-timeout (see `deadlines`)
             self.deadline_begin(environ, message.method, message.path)
         self.nr += 1
@@ -273,14 +266,6 @@ class EngineWorker:
                 self._pre_request(self, request)
 
     def _after_request(self, environ: Environ, record: RequestRecord) -> None:
-        board = self._board
-        if board is not None:
-            waited = environ.get(QUEUE_TIME_KEY)
-            if waited is not None and isinstance(waited, float):
-                board.note_queue(waited, environ.get(SHED_KEY) is True)
-            token = environ.get(_SCOREBOARD_KEY)
-            if token:
-                board.request_ended(token)
         if self._deadlines is not None:
             self.deadline_end()
         try:

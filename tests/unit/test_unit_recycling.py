@@ -465,10 +465,11 @@ from microsvc.workers import ENGINE_WORKER_CLASSES, WORKER_CLASSES
 from microsvc.workers.engine import EngineWorker
 from microsvc.workers.gthread import BalancedThreadWorker
 from microsvc.workers.recycling import Recycling
+from microsvc.workers.reloading import Reloading
 warnings.simplefilter("ignore")
 for name, path in WORKER_CLASSES.items():
     cls = load_class(path)
-    assert cls.__mro__[1] is Recycling, (name, cls.__mro__)
+    assert cls.__mro__[1:3] == (Reloading, Recycling), (name, cls.__mro__)
     assert cls.__module__.startswith("microsvc.workers."), path
     engine_cls = load_class(ENGINE_WORKER_CLASSES[name])
     mro = engine_cls.__mro__
@@ -479,7 +480,7 @@ print("ok")
 """
 
 
-def test_worker_classes_load_with_recycling_first_and_gevent_only_on_demand() -> None:
+def test_worker_classes_load_with_the_mixins_first_and_gevent_only_on_demand() -> None:
     done = subprocess.run(
         [sys.executable, "-c", CHECK_CLASSES],
         capture_output=True,

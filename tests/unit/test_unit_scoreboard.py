@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from microsvc.errors import UsageError
+from microsvc.http.slot import SlotWriter
 from microsvc.observe import scoreboard as sb
 from microsvc.observe.scoreboard import Scoreboard, ScoreboardApp, ScoreboardError
 from microsvc.observe.status import StatusError, build_report, locate, render
@@ -325,12 +326,18 @@ def test_the_wrapper_returns_a_file_wrapper_as_it_is(board: Scoreboard) -> None:
     assert worker.view().requests == 1
 
 
+def writer_of(board: Scoreboard) -> SlotWriter:
+    writer = board.writer
+    assert writer is not None
+    return writer
+
+
 def test_a_signal_handler_that_interrupts_a_write_does_not_deadlock(board: Scoreboard) -> None:
     """worker_int and worker_abort run in signal handlers: when they interrupt this
     thread while it holds the slot's lock, they give up waiting and the state goes out
     with the next write."""
     worker = Attached(board)
-    with board._lock:  # as if interrupted halfway through request_started
+    with writer_of(board).lock:  # as if interrupted halfway through request_started
         board.worker_stopping("timeout")
     assert worker.view().state == "idle"
     board.request_ended(board.request_started(b"GET", b"/", b""))
@@ -346,7 +353,7 @@ def test_green_threads_write_the_slot_without_the_lock(board: Scoreboard) -> Non
     board.started(os.getpid())
     board.attach(0, 1, threads=False)
     board.booted()
-    with board._lock:  # held by no one who writes: the writes do not wait for it
+    with writer_of(board).lock:  # held by no one who writes: the writes do not wait for it
         first = board.request_started(b"GET", b"/first", b"1")
         second = board.request_started(b"GET", b"/second", b"2")
         board.note_queue(0.25, shed=True)
@@ -370,9 +377,9 @@ def test_green_threads_a_signal_handler_leaves_a_write_in_progress_alone(
     worker = Attached(board)
     board.attach(0, 1, threads=False)
     board.booted()
-    board._writing = True  # as if interrupted halfway through request_started
+    writer_of(board).writing = True  # as if interrupted halfway through request_started
     board.worker_stopping("timeout")
-    board._writing = False
+    writer_of(board).writing = False
     assert worker.view().state == "idle"
     board.request_ended(board.request_started(b"GET", b"/", b""))
     assert (worker.view().state, worker.view().requests) == ("stopping", 1)

@@ -1,0 +1,235 @@
+"""A worker's writes to its scoreboard slot, on the request path (compiled with it).
+
+`SlotWriter` is the worker's side of its slot in `microsvc.observe.scoreboard` (which
+holds the layout, the master's side and the readers): the worker's state, the requests
+in flight with the oldest one shown, the requests served, the queue time of the last
+request that had one. The HTTP engine calls it around each request (`Hooks.slot`), the
+gunicorn engine through `ScoreboardApp`.
+
+Each write is a seqlock write: the sequence counter made odd, the fields, the counter
+made even. Threads of one worker (gthread) write under a lock of this process; green
+threads (gevent, eventlet) never switch in the middle of a write and take none. A signal
+handler (worker_int, worker_abort) that interrupts a write of its own thread leaves the
+slot alone (`writing`): its state goes out with the next write.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+from typing import Final
+
+from microsvc.observe.scoreboard import (
+    _DYN_AT,
+    _QUEUE,
+    _QUEUE_AT,
+    _SEQ,
+    _W_DYN,
+    _W_DYNREQ,
+    _WORKER,
+    BUSY,
+    IDLE,
+)
+
+_SEQ_SIZE: Final = _SEQ.size
+_ENCODING: Final = "latin-1"
+
+
+class SlotWriter:
+    """Writes one worker's slot: `request_started` / `request_ended` around each request,
+    `note_queue` for a request's queue time, `set_state` for the worker's state."""
+
+    def __init__(
+        self,
+        buffer: mmap.mmap,
+        offset: int,
+        pid: int,
+        generation: int,
+        threads: bool,
+        state: int,
+    ) -> None:
+        self.buffer = buffer
+        self.offset = offset
+        self.pid = pid
+        self.generation = generation
+        self.threads = threads
+        self.started = time.time()
+        self.state = state
+        self.requests = 0
+        self.stop_reason = b""
+        # requests in progress, by token: (start, method, path, request id)
+        self.active: dict[int, tuple[float, bytes, bytes, bytes]] = {}
+        self.shown = 0
+        self.shown_since = 0.0
+        self.lock = threading.Lock()
+        self.writing = False
+        seq: int = _SEQ.unpack_from(buffer, offset)[0]
+        self.seq = seq + (seq & 1)
+        seq = _SEQ.unpack_from(buffer, offset + _QUEUE_AT)[0]
+        self.queue_seq = seq + (seq & 1)
+        self.shed_total = 0
+
+    # the request path
+
+    def begin(self, method: str, path: str, request_id: str) -> int:
+        """A request begins (text fields); returns its token for `request_ended`."""
+        return self.request_started(
+            method.encode(_ENCODING, "replace"),
+            path.encode(_ENCODING, "replace"),
+            request_id.encode(_ENCODING, "replace"),
+        )
+
+    def request_started(self, method: bytes, path: bytes, request_id: bytes) -> int:
+        """A request begins; returns its token for `request_ended`. The fields are cut to
+        their size in the slot (16, 192 and 64 bytes)."""
+        entry = (time.time(), method, path, request_id)
+        token = id(entry)
+        if self.threads:
+            with self.lock:
+                self._begin(token, entry)
+        else:
+            self._begin(token, entry)
+        return token
+
+    def _begin(self, token: int, entry: tuple[float, bytes, bytes, bytes]) -> None:
+        self.writing = True
+        buffer, offset = self.buffer, self.offset
+        self.seq += 1
+        _SEQ.pack_into(buffer, offset, self.seq)
+        active = self.active
+        active[token] = entry
+        if self.state == IDLE:
+            self.state = BUSY
+        if len(active) == 1:
+            self.shown, self.shown_since = token, entry[0]
+            _W_DYNREQ.pack_into(
+                buffer,
+                offset + _DYN_AT,
+                self.state,
+                1,
+                self.requests,
+                entry[0],
+                entry[1],
+                entry[2],
+                entry[3],
+            )
+        else:
+            _W_DYN.pack_into(
+                buffer, offset + _DYN_AT, self.state, len(active), self.requests, self.shown_since
+            )
+        self.seq += 1
+        _SEQ.pack_into(buffer, offset, self.seq)
+        self.writing = False
+
+    def request_ended(self, token: int) -> None:
+        if self.threads:
+            with self.lock:
+                self._end(token)
+        else:
+            self._end(token)
+
+    def _end(self, token: int) -> None:
+        self.writing = True
+        buffer, offset = self.buffer, self.offset
+        self.seq += 1
+        _SEQ.pack_into(buffer, offset, self.seq)
+        active = self.active
+        active.pop(token, None)
+        self.requests += 1
+        if not active:
+            if self.state == BUSY:
+                self.state = IDLE
+            self.shown, self.shown_since = 0, 0.0
+            _W_DYN.pack_into(buffer, offset + _DYN_AT, self.state, 0, self.requests, 0.0)
+        elif token == self.shown:
+            self.shown = shown = next(iter(active))
+            entry = active[shown]
+            self.shown_since = entry[0]
+            _W_DYNREQ.pack_into(
+                buffer,
+                offset + _DYN_AT,
+                self.state,
+                len(active),
+                self.requests,
+                entry[0],
+                entry[1],
+                entry[2],
+                entry[3],
+            )
+        else:
+            _W_DYN.pack_into(
+                buffer, offset + _DYN_AT, self.state, len(active), self.requests, self.shown_since
+            )
+        self.seq += 1
+        _SEQ.pack_into(buffer, offset, self.seq)
+        self.writing = False
+
+    def note_queue(self, seconds: float, shed: bool) -> None:
+        """A request waited `seconds` before it was taken up (`shed`: and was answered
+        503 for it)."""
+        if self.threads:
+            with self.lock:
+                self._note_queue(seconds, shed)
+        else:
+            self._note_queue(seconds, shed)
+
+    def _note_queue(self, seconds: float, shed: bool) -> None:
+        if shed:
+            self.shed_total += 1
+        buffer, offset = self.buffer, self.offset + _QUEUE_AT
+        self.queue_seq += 1
+        _SEQ.pack_into(buffer, offset, self.queue_seq)
+        _QUEUE.pack_into(
+            buffer, offset + _SEQ_SIZE, self.pid, seconds, time.time(), self.shed_total
+        )
+        self.queue_seq += 1
+        _SEQ.pack_into(buffer, offset, self.queue_seq)
+
+    # the worker's state
+
+    def set_state(self, state: int, stop_reason: bytes | None = None) -> None:
+        """The worker's state (and why it stops). Safe in a signal handler: it never
+        waits long for the lock, nor writes over a write it interrupted."""
+        if stop_reason is not None:
+            self.stop_reason = stop_reason
+        if not self.threads:
+            if self.writing:
+                self.state = state
+            else:
+                self._write_worker(state)
+            return
+        if not self.lock.acquire(timeout=0.05):
+            self.state = state
+            return
+        try:
+            self._write_worker(state)
+        finally:
+            self.lock.release()
+
+    def _write_worker(self, state: int) -> None:
+        self.writing = True
+        self.state = state
+        shown = self.active.get(self.shown)
+        since, method, path, request_id = shown if shown else (0.0, b"", b"", b"")
+        buffer, offset = self.buffer, self.offset
+        self.seq += 1
+        _SEQ.pack_into(buffer, offset, self.seq)
+        _WORKER.pack_into(
+            buffer,
+            offset + _SEQ_SIZE,
+            self.pid,
+            self.generation,
+            self.started,
+            self.stop_reason,
+            state,
+            len(self.active),
+            self.requests,
+            since,
+            method,
+            path,
+            request_id,
+        )
+        self.seq += 1
+        _SEQ.pack_into(buffer, offset, self.seq)
+        self.writing = False
