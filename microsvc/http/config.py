@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
+from typing import Any
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,6 +57,8 @@ class HTTPConfig:
     sendfile: bool = True
     multithread: bool = False
     multiprocess: bool = False
+    #: The stream of `wsgi.errors` (None: sys.stderr).
+    errors: Any = None
 
     def __post_init__(self) -> None:
         for name in ("limit_request_line", "limit_request_fields", "limit_request_field_size"):

@@ -18,7 +18,7 @@ def connection_environ(config: HTTPConfig, client: Any, server: Any) -> Environ:
 
     environ: Environ = {
         "wsgi.version": (1, 0),
-        "wsgi.errors": sys.stderr,
+        "wsgi.errors": sys.stderr if config.errors is None else config.errors,
         "wsgi.multithread": config.multithread,
         "wsgi.multiprocess": config.multiprocess,
         "wsgi.run_once": False,

@@ -97,6 +97,12 @@ class GreenIO:
         """Lets the other green threads run before this one goes on."""
         self.sleep(0)
 
+    def wait_idle(self, channel: Channel) -> None:
+        """After a response, before the channel reads its next request: waits until the
+        socket is readable. A library whose waits cost more than a yield may only yield
+        here (the read that follows waits if nothing came meanwhile)."""
+        self.wait(channel, False)
+
     def wait(self, channel: Channel, write: bool) -> None:
         """Waits until the channel's socket is ready, at most `channel.timeout` seconds
         (socket.timeout after that)."""
@@ -159,7 +165,7 @@ class Channel:
     def recv(self, size: int) -> bytes:
         if self.idle:
             self.idle = False
-            self._io.wait(self, False)
+            self._io.wait_idle(self)
         raw = self._raw
         while True:
             try:

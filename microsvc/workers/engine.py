@@ -26,6 +26,7 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -66,7 +67,7 @@ _REFUSED: dict[str, Callable[[Any], bool]] = {
 _REQUEST_KEY = "microsvc.engine.request"
 
 
-def http_config(cfg: Any, *, multithread: bool = False) -> HTTPConfig:
+def http_config(cfg: Any, *, multithread: bool = False, errors: Any = None) -> HTTPConfig:
     """The engine's settings from gunicorn's `cfg`. Raises UsageError for a setting the
     engine cannot honour, naming it and the way out (`--http-engine gunicorn`)."""
     for name, refused in _REFUSED.items():
@@ -94,6 +95,7 @@ def http_config(cfg: Any, *, multithread: bool = False) -> HTTPConfig:
             sendfile=cfg.sendfile is not False,
             multithread=multithread,
             multiprocess=cfg.workers > 1,
+            errors=errors,
         )
     except ValueError as exc:
         raise UsageError(f"HTTP engine: {exc}") from None
@@ -210,9 +212,11 @@ class EngineWorker:
 
     def setup_engine(self) -> None:
         cfg = self.cfg
-        self.http_config = http_config(cfg, multithread=self.engine_multithread)
-        self._engine_keepalive = cfg.keepalive > 0
         self._wsgi_errors = WSGIErrorsWrapper(cfg)
+        self.http_config = http_config(
+            cfg, multithread=self.engine_multithread, errors=self._wsgi_errors
+        )
+        self._engine_keepalive = cfg.keepalive > 0
         self._pre_request = None if _is_default(cfg, "pre_request") else cfg.pre_request
         self._post_request = None if _is_default(cfg, "post_request") else cfg.post_request
         self._log_access = bool(getattr(self.log, "access_log_enabled", True))
@@ -221,9 +225,14 @@ class EngineWorker:
         board = getattr(getattr(self, "app", None), "scoreboard", None)
         slot = board.writer if isinstance(board, Scoreboard) else None
         route_engine_log(getattr(self.log, "error_log", None))
+        # Each hook only where it has work: a request that needs neither costs no call
+        # into Python around the app.
+        deadlines = self._deadlines is not None
+        hooked = self._pre_request is not None or self._post_request is not None
+        counted = self.max_requests < sys.maxsize
         self.http_hooks = Hooks(
-            before=self._before_request,
-            after=self._after_request,
+            before=self._before_request if deadlines or hooked or counted else None,
+            after=self._after_request if deadlines or hooked or self._log_access else None,
             keep_serving=self.keep_serving,
             slot=slot,
         )
@@ -231,9 +240,6 @@ class EngineWorker:
     def keep_serving(self) -> bool:
         """Whether a connection may serve another request after this one."""
         return self.alive and self._engine_keepalive
-
-    def after_response(self) -> None:
-        """Runs after each response (gevent and eventlet yield to other connections)."""
 
     def serve_client(self, client: socket.socket, addr: Any, server: Any) -> None:
         """Serves one accepted (and, for TLS, wrapped) connection until it is to close;
@@ -257,7 +263,6 @@ class EngineWorker:
             if after_request is not None:
                 after_request(True)  # Recycling names the reason
             self.alive = False
-        environ["wsgi.errors"] = self._wsgi_errors
         if self._pre_request is not None or self._post_request is not None:
             request = environ[_REQUEST_KEY] = EngineRequest(
                 message, environ, environ.get("REMOTE_ADDR")
@@ -268,24 +273,22 @@ class EngineWorker:
     def _after_request(self, environ: Environ, record: RequestRecord) -> None:
         if self._deadlines is not None:
             self.deadline_end()
-        try:
-            if self._log_access or self._post_request is not None:
-                response = EngineResponse(record)
-                if self._log_access and record.status:  # no line when nothing was sent
-                    self.log.access(
-                        response,
-                        environ.get(_REQUEST_KEY) or record.request_headers,
-                        environ,
-                        datetime.timedelta(seconds=record.duration),
-                    )
-                if self._post_request is not None:
-                    request = environ.get(_REQUEST_KEY)
-                    try:
-                        self._post_request(self, request, environ, response)
-                    except Exception:
-                        self.log.exception("Exception in post_request hook")
-        finally:
-            self.after_response()
+        if not self._log_access and self._post_request is None:
+            return
+        response = EngineResponse(record)
+        if self._log_access and record.status:  # no line when nothing was sent
+            self.log.access(
+                response,
+                environ.get(_REQUEST_KEY) or record.request_headers,
+                environ,
+                datetime.timedelta(seconds=record.duration),
+            )
+        if self._post_request is not None:
+            request = environ.get(_REQUEST_KEY)
+            try:
+                self._post_request(self, request, environ, response)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
 
 
 def set_nodelay(sock: Any) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -127,9 +129,10 @@ class FakeLog:
 
 
 class FakeWorker(EngineWorker):
-    def __init__(self, cfg: Config, max_requests: int = 1000) -> None:
+    def __init__(self, cfg: Config, max_requests: int = 1000, access_log: bool = True) -> None:
         self.cfg = cfg
         self.log = FakeLog()
+        self.log.access_log_enabled = access_log
         self.alive = True
         self.nr = 0
         self.max_requests = max_requests
@@ -185,6 +188,28 @@ def test_each_request_counts_and_is_access_logged_with_gunicorns_objects() -> No
     assert environ["wsgi.errors"] is worker._wsgi_errors
 
 
+def test_a_request_that_needs_no_hook_runs_none() -> None:
+    """Without --max-requests, pre_request, post_request, an access log or a request
+    timeout, nothing in Python runs around a request; wsgi.errors still writes to the
+    error log."""
+    seen: list[Any] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        seen.append(environ["wsgi.errors"])
+        start_response("200 OK", [("Content-Length", "2")])
+        return [b"ok"]
+
+    worker = FakeWorker(gunicorn_cfg(), max_requests=sys.maxsize, access_log=False)
+    assert (worker.http_hooks.before, worker.http_hooks.after) == (None, None)
+    worker.wsgi = app
+    assert serve(worker, b"GET / HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 OK")
+    assert seen == [worker._wsgi_errors]
+    logged = FakeWorker(gunicorn_cfg(), max_requests=sys.maxsize)
+    assert logged.http_hooks.before is None and logged.http_hooks.after is not None
+    counted = FakeWorker(gunicorn_cfg(), max_requests=10, access_log=False)
+    assert counted.http_hooks.before is not None and counted.http_hooks.after is None
+
+
 def test_max_requests_stops_the_worker_and_closes_after_that_response() -> None:
     worker = FakeWorker(gunicorn_cfg(), max_requests=2)
     raw = serve(worker, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n")
@@ -225,7 +250,7 @@ def test_the_gevent_engine_worker_lets_other_greenlets_run_after_each_response()
     from microsvc.http import HTTPConfig
     from microsvc.workers.gevent import EngineGeventWorker, GeventIO
 
-    assert "after_response" not in vars(EngineGeventWorker)  # the engine's channel yields
+    assert not hasattr(EngineGeventWorker, "after_response")  # the engine's channel yields
     green = GeventIO()
     ran: list[str] = []
 
@@ -249,6 +274,51 @@ def test_the_gevent_engine_worker_lets_other_greenlets_run_after_each_response()
 
     gevent.joinall([gevent.spawn(serve_two, "a"), gevent.spawn(serve_two, "b")], raise_error=True)
     assert ran == ["/a1", "/b1", "/a2", "/b2"]
+
+
+EVENTLET_IDLE_WAIT = """\
+import socket
+import eventlet, eventlet.hubs
+from eventlet.greenio import GreenSocket
+from microsvc.workers.eventlet import EventletIO
+
+hub = eventlet.hubs.get_hub()
+waits = []
+add = hub.add
+def counting_add(*args, **kwargs):
+    waits.append(args[0])
+    return add(*args, **kwargs)
+hub.add = counting_add
+
+mine, peer = socket.socketpair()
+channel = EventletIO().channel(GreenSocket(mine))
+peer.sendall(b"GET /next")  # the next request came while the response was read
+channel.idle = True
+assert channel.recv(100) == b"GET /next"
+print("waits with the request there:", len(waits))
+channel.idle = True  # nothing there: it waits until the request comes
+eventlet.spawn_after(0.05, peer.sendall, b"GET /later")
+assert channel.recv(100) == b"GET /later"
+print("waits with the request later:", len(waits))
+"""
+
+
+def test_an_idle_eventlet_channel_yields_and_waits_only_when_nothing_came() -> None:
+    """eventlet registers a socket with its hub for each wait and unregisters it after
+    (two system calls and the hub's bookkeeping): after a response, a channel yields
+    once and reads; it waits only when the next request is not there yet."""
+    done = subprocess.run(
+        [sys.executable, "-c", EVENTLET_IDLE_WAIT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "waits with the request there: 0",
+        "waits with the request later: 1",
+    ], done.stdout
 
 
 # --- QuickSocket: timeouts as a Python socket's, without a poll per call ------------------
