@@ -24,7 +24,8 @@ that send nothing after the engine's header timeout. The main loop makes one pas
 the line as it stands, then polls again (its heartbeat at most every NOTIFY_INTERVAL).
 
 That loop is `EngineLineWorker`; `EngineThreadWorker` gives the first in line to a free
-thread, and the sync worker on the engine (`microsvc.workers.sync.EngineSyncWorker`)
+thread (`ServingThreads`: a lighter pool than gunicorn's executor, with no future per
+request and one wake-up of the main loop for what was served meanwhile), and the sync worker on the engine (`microsvc.workers.sync.EngineSyncWorker`)
 serves it in the main thread itself, one at a time, with no threads.
 
 The connections are `QuickSocket`s (see `quicksocket`): a request that is already there
@@ -39,10 +40,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import queue
 import selectors
 import ssl
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn import sock as gunicorn_sock
@@ -376,8 +381,8 @@ class EngineLineWorker(EngineWorker, BalancedThreadWorker):
         self._watch_listeners()
         self.ready = deque(conn for conn in self.ready if isinstance(conn, _Connection))
         linger = time.monotonic() + STOP_LINGER
-        for queue in (self.parked, self.waiting):
-            for conn in queue:
+        for waiting in (self.parked, self.waiting):
+            for conn in waiting:
                 conn.timeout = min(conn.timeout, linger)
         deadline = time.monotonic() + self.cfg.graceful_timeout
         while self.nr_conns > 0 and time.monotonic() < deadline:
@@ -430,23 +435,100 @@ class EngineLineWorker(EngineWorker, BalancedThreadWorker):
         return False  # the main thread closes it
 
 
+class ServingThreads:
+    """The request threads of a gthread worker on the engine: each takes the next
+    connection handed to it (`submit`), serves it (`serve(conn)`: True when it turned
+    idle) and hands it back to the main thread, which takes the served ones with
+    `drain` once `fileno()` turns readable.
+
+    Lighter than a ThreadPoolExecutor: no future, condition or callback per request, and
+    one wake-up of the main thread for all that was served while it was busy (a thread
+    writes a byte only when none is pending)."""
+
+    def __init__(self, count: int, serve: Callable[[_Connection], bool]) -> None:
+        self._serve = serve
+        self._todo: queue.SimpleQueue[_Connection | None] = queue.SimpleQueue()
+        self._done: deque[tuple[_Connection, bool]] = deque()
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._woken = False
+        self._threads = [
+            threading.Thread(target=self._run, name=f"request-{index}", daemon=True)
+            for index in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def submit(self, conn: _Connection) -> None:
+        self._todo.put(conn)
+
+    def drain(self) -> list[tuple[_Connection, bool]]:
+        """In the main thread: the connections served since the last call, each with
+        whether it turned idle."""
+        with contextlib.suppress(OSError):
+            os.read(self._read_fd, 4096)
+        self._woken = False  # before taking them: one served after this writes again
+        done = self._done
+        served = []
+        while done:
+            served.append(done.popleft())
+        return served
+
+    def _run(self) -> None:
+        todo, done, serve = self._todo, self._done, self._serve
+        while True:
+            conn = todo.get()
+            if conn is None:
+                return
+            try:
+                idle = serve(conn) is True
+            except BaseException:
+                idle = False
+            done.append((conn, idle))
+            if not self._woken:
+                self._woken = True
+                with contextlib.suppress(OSError):  # full: the main thread has bytes to read
+                    os.write(self._write_fd, b"\0")
+
+    def shutdown(self, wait: bool = False) -> None:
+        """Lets each thread end once it has served its connection (`wait`: joins them)."""
+        for _ in self._threads:
+            self._todo.put(None)
+        if wait:
+            for thread in self._threads:
+                thread.join()
+
+
 class EngineThreadWorker(EngineLineWorker):
     """gthread on microsvc's HTTP engine (see the module docstring): the line's first
-    connection goes to a free thread of the pool."""
+    connection goes to a free thread (`ServingThreads`)."""
 
     engine_multithread = True
+    tpool: ServingThreads | None
 
     @classmethod
     def serving_slots(cls, cfg: Any) -> int:
         return int(cfg.threads)
 
-    def enqueue_req(self, conn: _Connection) -> None:
-        self.busy += 1
-        super().enqueue_req(conn)  # gunicorn's: handle in a thread, then finish_request
+    def get_thread_pool(self) -> ServingThreads:
+        return ServingThreads(int(self.cfg.threads), self.handle)
 
-    def finish_request(self, conn: _Connection, fs: Any) -> None:
-        try:
-            idle = fs.result() is True if not fs.cancelled() else False
-        except Exception:
-            idle = False
-        self.finish_connection(conn, idle)
+    def run(self) -> None:
+        threads = self.tpool
+        assert threads is not None
+        # Its descriptors stay open until the process exits: a thread still serving a
+        # connection may write to them after the loop ends.
+        self.poller.register(threads.fileno(), selectors.EVENT_READ, self._served)
+        super().run()
+
+    def _served(self, _: Any) -> None:
+        assert self.tpool is not None
+        for conn, idle in self.tpool.drain():
+            self.finish_connection(conn, idle)
+
+    def enqueue_req(self, conn: _Connection) -> None:
+        assert self.tpool is not None
+        self.busy += 1
+        self.tpool.submit(conn)

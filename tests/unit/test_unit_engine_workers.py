@@ -441,3 +441,33 @@ def test_lingering_close_gives_up_after_its_deadline_or_when_stopping(
     assert other.fileno() == -1
     peer.close()
     other_peer.close()
+
+
+# --- gthread's request threads -------------------------------------------------------------
+
+
+def test_serving_threads_hand_every_served_connection_back_to_the_main_thread() -> None:
+    import select
+
+    from microsvc.workers.gthread import ServingThreads
+
+    def serve(conn: Any) -> bool:
+        if conn == "fails":
+            raise RuntimeError("the handler raised")
+        return bool(conn != "closes")
+
+    threads = ServingThreads(3, serve)
+    try:
+        for conn in ("a", "b", "closes", "fails", "c"):
+            threads.submit(conn)  # type: ignore[arg-type]
+        served: dict[Any, bool] = {}
+        deadline = time.monotonic() + 5
+        while len(served) < 5 and time.monotonic() < deadline:
+            readable, _, _ = select.select([threads.fileno()], [], [], 1.0)
+            if readable:  # woken: everything served meanwhile is handed back at once
+                served.update(threads.drain())
+        assert served == {"a": True, "b": True, "closes": False, "fails": False, "c": True}
+        assert threads.drain() == []  # nothing twice
+    finally:
+        threads.shutdown(wait=True)
+    assert not any(thread.is_alive() for thread in threads._threads)
