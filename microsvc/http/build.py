@@ -27,7 +27,16 @@ from pathlib import Path
 from types import ModuleType
 
 #: The request path's modules that setup.py compiles (keep the two lists equal).
-COMPILED_MODULES = ("body", "connection", "environ", "green", "parser", "response", "slot")
+COMPILED_MODULES = (
+    "body",
+    "connection",
+    "environ",
+    "green",
+    "meter",
+    "parser",
+    "response",
+    "slot",
+)
 #: The library the compiled modules share (mypyc's group, `group_name` in setup.py).
 SHARED_LIBRARY = "_native__mypyc"
 #: Set to 1 to run the plain-Python request path even where it is compiled.

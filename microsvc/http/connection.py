@@ -26,6 +26,7 @@ from microsvc.http.environ import connection_environ, request_environ
 from microsvc.http.errors import ConnectionLost, InvalidBody, RequestError, ResponseError
 from microsvc.http.filewrapper import FileWrapper
 from microsvc.http.green import GreenIO
+from microsvc.http.meter import RequestMeter
 from microsvc.http.parser import Message, RequestStream
 from microsvc.http.response import Response
 from microsvc.http.slot import SlotWriter
@@ -107,12 +108,14 @@ class Hooks:
     next request (the client may be sending it already): that request is served, and
     its response says `Connection: close`. `slot`, the worker's scoreboard slot, notes
     each request while it runs (before `before`, until before `after`), and its queue
-    time (`microsvc.serving.middleware`)."""
+    time (`microsvc.serving.middleware`). `meter` records each request's metrics once
+    its response has ended (before `after`)."""
 
     before: BeforeRequest | None = None
     after: AfterRequest | None = None
     keep_serving: Callable[[], bool] | None = None
     slot: SlotWriter | None = None
+    meter: RequestMeter | None = None
 
 
 NO_HOOKS = Hooks()
@@ -150,6 +153,7 @@ class HTTPConnection:
         "_hooks",
         "_io",
         "_keep_serving",
+        "_meter",
         "_plain",
         "_server_header",
         "_slot",
@@ -182,6 +186,7 @@ class HTTPConnection:
         self._after = hooks.after
         self._keep_serving = hooks.keep_serving
         self._slot = hooks.slot
+        self._meter = hooks.meter
         self._base = connection_environ(config, client, server)
         self._base["gunicorn.socket"] = sock
         self._server_header = f"Server: {config.server_software}\r\n".encode("latin-1")
@@ -244,6 +249,8 @@ class HTTPConnection:
         keep_alive = False
         slot = self._slot
         token = 0
+        meter = self._meter
+        app_started = 0.0
         try:
             if slot is not None:
                 request_id = environ.get("HTTP_X_REQUEST_ID")
@@ -259,6 +266,10 @@ class HTTPConnection:
             if keep_serving is not None and not keep_serving():
                 message.close_after = True  # the response says Connection: close
                 response.keep_alive = False
+            if meter is not None:
+                if meter.flask:
+                    response.route_environ = environ
+                app_started = _perf_counter()
             keep_alive = _run_app(self._app, environ, response, self._plain)
         except InvalidBody as exc:
             log.warning("Invalid request body from ip=%s: %s", _peer(self._client), exc)
@@ -273,6 +284,15 @@ class HTTPConnection:
             log.exception("Error handling request %s", message.request_line)
             _fail(response)
         finally:
+            if meter is not None and app_started:
+                if environ.get(TAKEN_OVER_KEY):
+                    status = "101"
+                else:
+                    status = str(response.status_code) if response.status_code else "500"
+                try:
+                    meter.record(environ, status, _perf_counter() - app_started)
+                except Exception:
+                    log.exception("Error recording the request's metrics")
             if slot is not None:
                 waited = environ.get(QUEUE_TIME_KEY)
                 if isinstance(waited, float):

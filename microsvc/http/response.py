@@ -12,8 +12,9 @@ from email.utils import formatdate
 from typing import Any, cast
 
 from microsvc.http.errors import ConnectionLost, ResponseError
+from microsvc.http.meter import note_flask_route
 from microsvc.http.parser import Message
-from microsvc.wsgi import ExcInfo
+from microsvc.wsgi import Environ, ExcInfo
 
 WriteCallable = Callable[[bytes], None]
 
@@ -125,6 +126,7 @@ class Response:
         "keep_alive",
         "message",
         "omits_body",
+        "route_environ",
         "sent",
         "status",
         "status_code",
@@ -143,6 +145,9 @@ class Response:
         self.omits_body = False
         self.keep_alive = not message.close_after
         self.sent = 0  # body bytes sent, framing excluded
+        #: The environ to note a Flask app's route in when the app starts its response
+        #: (`meter.note_flask_route`); None: nothing to note.
+        self.route_environ: Environ | None = None
 
     def start_response(
         self,
@@ -162,6 +167,10 @@ class Response:
                 exc_info = None
         elif self.status:
             raise AssertionError("start_response called twice without exc_info")
+        route_environ = self.route_environ
+        if route_environ is not None:
+            self.route_environ = None
+            note_flask_route(route_environ)
         if type(status) is not str:
             raise ResponseError(f"invalid status line {status!r}")
         checked = _STATUSES.get(status)

@@ -12,10 +12,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+from microsvc.http.meter import RequestMeter
 from microsvc.metrics.exporter import METRICS_PATH, Exporter
-from microsvc.metrics.instruments import EXIT_REASONS, ServerMetrics, enable_multiprocess
+from microsvc.metrics.instruments import (
+    EXIT_REASONS,
+    METHODS,
+    RequestMetrics,
+    ServerMetrics,
+    enable_multiprocess,
+)
+from microsvc.metrics.recorder import RequestRecorder
 from microsvc.metrics.store import MetricsStore
-from microsvc.metrics.wsgi import InstrumentedApp
+from microsvc.metrics.wsgi import InstrumentedApp, is_flask
 from microsvc.serving.middleware import ROUTE_KEY
 from microsvc.wsgi import WSGIApp
 
@@ -61,6 +69,26 @@ class MetricsService:
 
     def start(self) -> None:
         self.exporter.start()
+
+    @property
+    def recorded_by_the_engine(self) -> bool:
+        """Whether microsvc's HTTP engine records each request itself (`meter`), with no
+        wrapper around the app: when the scoreboard holds the requests in flight."""
+        return self._scoreboard is not None
+
+    def meter(self, user_app: WSGIApp) -> RequestMeter:
+        """In a worker on microsvc's HTTP engine: what the engine records each request
+        with; routes are read from `user_app` when it is a Flask app."""
+        recorder = RequestRecorder(
+            RequestMetrics(), in_flight=False, threads=_THREADS.get(self._worker_class)
+        )
+        return RequestMeter(
+            recorder,
+            recorder.placed,
+            frozenset(METHODS),
+            is_flask(user_app),
+            recorder.write_lock(),
+        )
 
     def instrument(self, app: WSGIApp, user_app: WSGIApp | None = None) -> InstrumentedApp:
         """`app` with request metrics; routes are read from `user_app` (the app `app`

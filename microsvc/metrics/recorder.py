@@ -30,21 +30,12 @@ import os
 import threading
 import weakref
 from bisect import bisect_left
-from typing import Any, TypeAlias
+from typing import Any
 
+from microsvc.http.meter import Fixed, PlacedValues
 from microsvc.metrics.instruments import RequestMetrics
 from microsvc.metrics.store import InPlaceValues
 from microsvc.observe.scoreboard import _green_threads
-
-#: A series: counter view and index, histogram view, sum index, bucket indices.
-_Series: TypeAlias = "tuple[memoryview[float], int, memoryview[float], int, tuple[int, ...]]"
-#: The values every request touches, in the same form: queue-time histogram view, sum
-#: index and bucket indices, shed counter view and index, in-flight gauge view and index
-#: (None, 0 without the gauge).
-_Fixed: TypeAlias = (
-    "tuple[memoryview[float], int, tuple[int, ...], memoryview[float], int, "
-    "memoryview[float] | None, int]"
-)
 
 _recorders: weakref.WeakSet[RequestRecorder] = weakref.WeakSet()
 
@@ -69,21 +60,23 @@ class RequestRecorder:
         self._threads_given = threads
         self._lock = threading.Lock()
         self._places = InPlaceValues()
-        #: Placed values: those every request touches, and those of each series.
-        self._fixed: _Fixed | None = None
-        self._series: dict[tuple[str, str, str], _Series] = {}
+        #: Placed values: those every request touches, and those of each series (the
+        #: request path adds to them, compiled: `microsvc.http.meter`).
+        self.placed = PlacedValues(
+            tuple(metrics.duration._upper_bounds), tuple(metrics.queue_time._upper_bounds)
+        )
         #: Series written through their metrics (counter, histogram).
         self._unplaced: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         #: False once the fixed values could not be placed: all goes through the metrics.
         self._in_place = True
-        self._duration_bounds = tuple(metrics.duration._upper_bounds)
-        self._queue_bounds = tuple(metrics.queue_time._upper_bounds)
+        self._duration_bounds = self.placed.duration_bounds
+        self._queue_bounds = self.placed.queue_bounds
         _recorders.add(self)
 
     def started(self) -> None:
         """A request is in flight (only with `in_flight`)."""
         with self._lock:
-            fixed = self._fixed or self._place_fixed()
+            fixed = self.placed.fixed or self._place_fixed()
             if fixed is None:
                 self.metrics.in_flight.inc()
             else:
@@ -108,33 +101,24 @@ class RequestRecorder:
     def _finished(
         self, key: tuple[str, str, str], seconds: float, waited: float | None, shed: bool
     ) -> None:
-        fixed = self._fixed
-        series = self._series.get(key)
-        if fixed is None or series is None:
+        if not self.placed.record(key, seconds, waited, shed):
             self._finished_slowly(key, seconds, waited, shed)
-            return
-        counts, count_at, durations, sum_at, buckets = series
-        counts[count_at] += 1.0
-        durations[sum_at] += seconds
-        durations[buckets[bisect_left(self._duration_bounds, seconds)]] += 1.0
-        queue, queue_sum_at, queue_buckets, shed_counts, shed_at, gauges, in_flight_at = fixed
-        if waited is not None:
-            queue[queue_sum_at] += waited
-            queue[queue_buckets[bisect_left(self._queue_bounds, waited)]] += 1.0
-        if shed:
-            shed_counts[shed_at] += 1.0
-        if gauges is not None:
-            gauges[in_flight_at] -= 1.0
+
+    def write_lock(self) -> threading.Lock | None:
+        """In the worker: the lock that writers of the placed values hold, None when
+        requests are recorded by one thread at a time (see the module docstring)."""
+        threads = self._threads_given
+        return self._lock if (not _green_threads() if threads is None else threads) else None
 
     # the first request of a series, or values that could not be placed (under the lock)
 
     def _finished_slowly(
         self, key: tuple[str, str, str], seconds: float, waited: float | None, shed: bool
     ) -> None:
-        fixed = self._fixed or self._place_fixed()
-        if key not in self._series and key not in self._unplaced:
+        fixed = self.placed.fixed or self._place_fixed()
+        if key not in self.placed.series and key not in self._unplaced:
             self._add_series(key, placing=fixed is not None)
-        series = self._series.get(key)
+        series = self.placed.series.get(key)
         if series is None:
             counter, histogram = self._unplaced[key]
             counter.inc()
@@ -161,7 +145,7 @@ class RequestRecorder:
             if gauges is not None:
                 gauges[in_flight_at] -= 1.0
 
-    def _place_fixed(self) -> _Fixed | None:
+    def _place_fixed(self) -> Fixed | None:
         threads = self._threads_given
         # In the worker, on its first request: after the fork and after monkey-patching.
         self._unlocked = not (not _green_threads() if threads is None else threads)
@@ -174,8 +158,8 @@ class RequestRecorder:
         if in_flight is None or queue is None or shed is None:
             self._in_place = False
             return None
-        self._fixed = (*queue, *shed, *in_flight)
-        return self._fixed
+        fixed = self.placed.fixed = (*queue, *shed, *in_flight)
+        return fixed
 
     def _add_series(self, key: tuple[str, str, str], *, placing: bool) -> None:
         counter = self.metrics.requests.labels(*key)
@@ -184,7 +168,7 @@ class RequestRecorder:
             count = self._places.place(counter._value)
             durations = self._place_histogram(histogram)
             if count is not None and durations is not None:
-                self._series[key] = (*count, *durations)
+                self.placed.series[key] = (*count, *durations)
                 return
         self._unplaced[key] = (counter, histogram)
 
@@ -204,6 +188,5 @@ class RequestRecorder:
         self._lock = threading.Lock()
         self._unlocked = False
         self._places.forget()
-        self._fixed = None
-        self._series.clear()
+        self.placed.clear()
         self._unplaced.clear()

@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from microsvc.http import TAKEN_OVER_KEY
+from microsvc.http.meter import note_flask_route
 from microsvc.metrics.instruments import METHODS, RequestMetrics
 from microsvc.metrics.recorder import RequestRecorder
 from microsvc.serving.middleware import QUEUE_TIME_KEY, ROUTE_KEY, SHED_KEY
@@ -40,11 +42,6 @@ from microsvc.wsgi import Environ, StartResponse, WSGIApp
 
 UNMATCHED = "(unmatched)"
 UNKNOWN = "(unknown)"
-#: Where werkzeug keeps the request object of the environ (Flask's has `url_rule`) while
-#: Flask serves the request.
-_FLASK_REQUEST_KEY = "werkzeug.request"
-#: Set to True in the environ by a worker when the app took the connection over.
-TAKEN_OVER_KEY = "microsvc.taken_over"
 
 _new = object.__new__
 _now = time.perf_counter
@@ -105,9 +102,7 @@ class _FlaskRequest(_Request):
     __slots__ = ()
 
     def start(self, status: str, headers: Any, exc_info: Any = None) -> Any:
-        rule = getattr(self.environ.get(_FLASK_REQUEST_KEY), "url_rule", None)
-        if rule is not None:
-            self.environ[ROUTE_KEY] = rule.rule
+        note_flask_route(self.environ)
         self.status = status[:3]
         if exc_info is None:
             return self.start_response(status, headers)
@@ -181,13 +176,17 @@ class InstrumentedApp:
                 recorder._finished(key, seconds, queued, shed)
 
 
-def _watch_flask_routes(app: WSGIApp, meter: InstrumentedApp) -> None:
-    """For a Flask app, name each request's route from the URL rule Flask matched."""
+def is_flask(app: WSGIApp) -> bool:
     try:
         import flask
     except ImportError:  # pragma: no cover - flask is a dependency
-        return
-    if not isinstance(app, flask.Flask):
+        return False
+    return isinstance(app, flask.Flask)
+
+
+def _watch_flask_routes(app: WSGIApp, meter: InstrumentedApp) -> None:
+    """For a Flask app, name each request's route from the URL rule Flask matched."""
+    if not is_flask(app):
         return
     meter._default_route = UNMATCHED
     meter._request_type = _FlaskRequest

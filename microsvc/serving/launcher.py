@@ -35,6 +35,8 @@ from microsvc.serving.binding import bind_tcp, check_overlaps, inherited_listene
 from microsvc.wsgi import WSGIApp
 
 if TYPE_CHECKING:
+    from microsvc.http.meter import RequestMeter
+
     if sys.version_info >= (3, 11):
         from typing import Unpack
     else:
@@ -332,7 +334,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             max_queue_time=settings.max_queue_time,
             queue_sample_interval=self._queue_sample_interval(),
         )
-        if self.metrics is not None:
+        if self.metrics is not None and not self._engine_records_metrics():
             wrapped = self.metrics.instrument(wrapped, app)
         if self.scoreboard is not None and self.settings.http_engine == HttpEngine.GUNICORN:
             # microsvc's engine notes each request in the scoreboard from its hooks
@@ -340,10 +342,25 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             wrapped = ScoreboardApp(wrapped, self.scoreboard)
         return wrapped
 
+    def _engine_records_metrics(self) -> bool:
+        return (
+            self.metrics is not None
+            and self.metrics.recorded_by_the_engine
+            and self.settings.http_engine == HttpEngine.MICROSVC
+        )
+
+    def engine_meter(self) -> RequestMeter | None:
+        """In a worker on microsvc's HTTP engine, with --metrics: what the engine records
+        each request with (the app itself is not wrapped then); else None."""
+        if self.metrics is None or not self._engine_records_metrics():
+            return None
+        return self.metrics.meter(self._user_app())
+
     def _queue_sample_interval(self) -> float:
-        """0 (every request) when something reads each request's queue time: the metrics,
-        an access log, shedding; else only the scoreboard does, and a sample is enough."""
-        if self.settings.metrics or self.settings.max_queue_time is not None:
+        """0 (every request) when something needs each request's queue time: an access
+        log, shedding; else a sample is enough (the scoreboard shows the latest, the
+        metrics' histogram is a sample)."""
+        if self.settings.max_queue_time is not None:
             return 0.0
         if self.cfg.accesslog or self.settings.access_log:
             return 0.0

@@ -41,10 +41,12 @@
   and any wait inside the worker. A header from an untrusted peer is ignored; a stamp in
   the future (clocks apart) counts as 0, one more than `MAX_BELIEVED_QUEUE_TIME` old as
   none. Without either source the keys are absent. With `queue_sample_interval`, for a
-  server where nothing reads every request's queue time (no metrics, no access log,
-  no `max_queue_time`: only the scoreboard, which shows each worker's latest figure), it
-  is measured for one request per interval at most: the first request once the interval
-  has passed since the last measurement, so requests that far apart all have it.
+  server where nothing needs every request's queue time (no access log, no
+  `max_queue_time`: the scoreboard shows each worker's latest figure, and the metrics'
+  histogram is a sample), the kernel is asked for one request per interval at most: the
+  first request once the interval has passed since the last measurement, so requests
+  that far apart all have it. A trusted proxy's stamp costs no system call and is read
+  for every request.
 - Load shedding, with `max_queue_time`: a request whose queue time is above it is
   answered `503` with `Retry-After` at once and the app is not called;
   `environ["microsvc.shed"]` is True and its route for the metrics is `(shed)`. The
@@ -320,11 +322,13 @@ class Middleware:
         if not interval:
             waited = self._queue_time(environ)
         else:
-            now = time.monotonic()
-            if now >= self._next_sample:
-                self._next_sample = now + interval
-                self._queue_time(environ)
             waited = None  # not shedding
+            stamped = self._trusts_anyone and "HTTP_X_REQUEST_START" in environ
+            if not stamped or self._proxy_queue_time(environ) is None:
+                now = time.monotonic()
+                if now >= self._next_sample:
+                    self._next_sample = now + interval
+                    self._kernel_queue_time(environ)
         if self._trusts_anyone and (
             "HTTP_X_FORWARDED_FOR" in environ or "HTTP_X_FORWARDED_HOST" in environ
         ):
@@ -336,6 +340,13 @@ class Middleware:
 
     def _queue_time(self, environ: Environ) -> float | None:
         """The request's queue time, noted in the environ (see the module docstring)."""
+        waited = self._proxy_queue_time(environ)
+        if waited is not None:
+            return waited
+        return self._kernel_queue_time(environ)
+
+    def _proxy_queue_time(self, environ: Environ) -> float | None:
+        """The queue time from a trusted proxy's X-Request-Start, noted in the environ."""
         stamp = environ.get("HTTP_X_REQUEST_START")
         if stamp is not None and self._trusts_anyone and isinstance(stamp, str):
             peer = environ.get("REMOTE_ADDR")
@@ -345,6 +356,10 @@ class Middleware:
                     environ[QUEUE_TIME_KEY] = waited
                     environ[QUEUE_SOURCE_KEY] = "proxy"
                     return waited
+        return None
+
+    def _kernel_queue_time(self, environ: Environ) -> float | None:
+        """The queue time the kernel gives for the request's socket, noted in the environ."""
         waited = kernel_queue_time(environ.get("gunicorn.socket"))
         if waited is not None:
             environ[QUEUE_TIME_KEY] = waited

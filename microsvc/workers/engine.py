@@ -230,11 +230,14 @@ class EngineWorker:
         deadlines = self._deadlines is not None
         hooked = self._pre_request is not None or self._post_request is not None
         counted = self.max_requests < sys.maxsize
+        # With --metrics, the engine records each request itself (the app is not wrapped).
+        engine_meter = getattr(getattr(self, "app", None), "engine_meter", None)
         self.http_hooks = Hooks(
             before=self._before_request if deadlines or hooked or counted else None,
             after=self._after_request if deadlines or hooked or self._log_access else None,
             keep_serving=self.keep_serving,
             slot=slot,
+            meter=engine_meter() if engine_meter is not None else None,
         )
 
     def keep_serving(self) -> bool:

@@ -18,7 +18,7 @@ prefer gevent.
 - Connections taken over by the app. `eventlet.websocket` answers the upgrade on the
   socket itself and marks the request as handled in `eventlet.wsgi.WSGI_LOCAL`; the
   worker then closes the connection without writing anything more, and notes it in the
-  environ (`metrics.wsgi.TAKEN_OVER_KEY`) for the request metrics.
+  environ (`microsvc.http.TAKEN_OVER_KEY`) for the request metrics.
 - Stopping. As soon as the worker stops (TERM, recycle), it stops accepting and closes
   its listening sockets, so new connections go to the other workers or are refused at
   once; the connections it already accepted are served to the end.
@@ -46,8 +46,8 @@ from eventlet.semaphore import Semaphore
 from gunicorn.sock import ssl_context
 from gunicorn.workers.base_async import AsyncWorker
 
+from microsvc.http import TAKEN_OVER_KEY
 from microsvc.http.green import Channel, GreenIO
-from microsvc.metrics.wsgi import TAKEN_OVER_KEY
 from microsvc.workers.accepting import AcceptFailures
 from microsvc.workers.deadlines import EventletDeadlines
 from microsvc.workers.engine import EngineWorker

@@ -25,8 +25,9 @@ the line as it stands, then polls again (its heartbeat at most every NOTIFY_INTE
 
 That loop is `EngineLineWorker`; `EngineThreadWorker` gives the first in line to a free
 thread (`ServingThreads`: a lighter pool than gunicorn's executor, with no future per
-request and one wake-up of the main loop for what was served meanwhile), and the sync worker on the engine (`microsvc.workers.sync.EngineSyncWorker`)
-serves it in the main thread itself, one at a time, with no threads.
+request and one wake-up of the main loop for what was served meanwhile), and the sync
+worker on the engine (`microsvc.workers.sync.EngineSyncWorker`) serves it in the main
+thread itself, one at a time, with no threads.
 
 The connections are `QuickSocket`s (see `quicksocket`): a request that is already there
 and a response that fits in the socket's buffer cost one system call each. A connection

@@ -256,7 +256,10 @@ def test_lifetime_recycles_are_counted(serve: ServeFactory, free_port: Callable[
 def test_requests_in_flight_across_workers(
     serve: ServeFactory, free_port: Callable[[], int], worker_class: str
 ) -> None:
-    server, address = start(serve, free_port, "-k", worker_class, "--workers", "2")
+    # Six threads a worker: however the six connections spread over the two workers,
+    # none waits in a worker's line for a thread (it would not be in flight yet).
+    threads = ["--threads", "6"] if worker_class == "gthread" else []
+    server, address = start(serve, free_port, "-k", worker_class, "--workers", "2", *threads)
     client = Client(server.url)
     slow = threading.Thread(target=client.concurrent_io, args=(6, 6000))
     slow.start()

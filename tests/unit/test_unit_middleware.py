@@ -813,6 +813,19 @@ def test_queue_time_sampled_when_only_the_scoreboard_reads_it() -> None:
             assert all(middleware.QUEUE_TIME_KEY in seen for seen in inner.seen)
 
 
+def test_a_trusted_proxys_stamp_is_read_for_every_request_when_sampling() -> None:
+    """A proxy's X-Request-Start costs no system call: sampling leaves it out."""
+    import time
+
+    inner = InnerApp()
+    sampled = make(inner, trusted=["127.0.0.1"], queue_sample_interval=60.0)
+    for _ in range(3):
+        stamp = f"t={time.time() - 0.5:.3f}"
+        call(sampled, **env("/x", remote="127.0.0.1", headers={"X-Request-Start": stamp}))
+    assert [seen.get(middleware.QUEUE_SOURCE_KEY) for seen in inner.seen] == ["proxy"] * 3
+    assert all(0.4 < seen[middleware.QUEUE_TIME_KEY] < 5 for seen in inner.seen)
+
+
 def test_a_negative_sample_interval_is_refused() -> None:
     with pytest.raises(ValueError, match="queue_sample_interval"):
         make(queue_sample_interval=-1.0)
