@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 
 from microsvc.metrics.store import MetricsStore
 from microsvc.serving.binding import bind_tcp
+from microsvc.serving.patching import os_waitpid
 
 #: The path metrics are served at.
 METRICS_PATH = "/metrics"
@@ -68,6 +69,10 @@ def describe_wait_status(status: int) -> str:
     if os.WIFEXITED(status):
         return f"exited with status {os.WEXITSTATUS(status)}"
     return f"ended with wait status {status}"
+
+
+#: How long the master waits for the exporter to end after TERM (then KILL), in seconds.
+STOP_TIMEOUT = 5.0
 
 
 class Exporter:
@@ -107,7 +112,7 @@ class Exporter:
         if process is None or self._ended is not None:
             return
         try:
-            pid, status = os.waitpid(process.pid, os.WNOHANG)
+            pid, status = os_waitpid()(process.pid, os.WNOHANG)
         except ChildProcessError:
             # Reaped by `waitpid(-1)`: it ended between this call and that one.
             self._ended = "ended (its exit status was not seen)"
@@ -140,16 +145,36 @@ class Exporter:
         process, self.process = self.process, None
         if process is not None and self._ended is None:
             process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
+            if not _wait_for_exit(process, STOP_TIMEOUT):
                 process.kill()
-                process.wait()
+                _wait_for_exit(process, STOP_TIMEOUT)
         self.socket.close()
 
     def close_in_child(self) -> None:
         """In a forked worker: drop the inherited listening socket."""
         self.socket.close()
+
+
+def _wait_for_exit(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Waits at most `timeout` seconds for `process` to end; True once it has.
+
+    It polls the operating system's `waitpid` rather than calling `Popen.wait`: in a
+    gevent-patched master, `Popen.wait` waits for gevent to see SIGCHLD, which gunicorn's
+    arbiter handles itself, so gevent never sees the process end (see `os_waitpid`)."""
+    deadline = time.monotonic() + timeout
+    waitpid = os_waitpid()
+    while True:
+        try:
+            pid, status = waitpid(process.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by gunicorn's waitpid(-1)
+            process.returncode = -1
+            return True
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
 
 
 # the exporter process
