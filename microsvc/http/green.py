@@ -12,10 +12,12 @@ timeout is honoured to within that interval.
 
 After each response the connection waits for its next request before reading it (the
 next read would find nothing: the client is reading the response); that wait is the
-green thread's yield to the other connections. A request that is already read (sent
-pipelined) is served after an explicit yield, so that a busy keep-alive connection
-cannot hold the worker. A TLS connection keeps its socket (`GreenIO.channel` answers
-None) and gets the explicit yield after each response.
+green thread's yield to the other connections. Where a wait costs more than a yield
+(eventlet registers the socket with its hub's epoll for each one), the library yields
+and reads instead, and waits only when nothing came (`GreenIO.wait_idle`). A request
+that is already read (sent pipelined) is served after an explicit yield, so that a busy
+keep-alive connection cannot hold the worker. A TLS connection keeps its socket
+(`GreenIO.channel` answers None) and gets the explicit yield after each response.
 
 The library's part is small (`park`, `call_in_hub`, `spawn`, `sleep`): the workers of
 `microsvc.workers.gevent` and `microsvc.workers.eventlet` give it.

@@ -62,6 +62,7 @@ class SlotWriter:
         self.active: dict[int, tuple[float, bytes, bytes, bytes]] = {}
         self.shown = 0
         self.shown_since = 0.0
+        self.last_token = 0  # tokens are 1, 2, ... (0: none)
         self.lock = threading.Lock()
         self.writing = False
         seq: int = _SEQ.unpack_from(buffer, offset)[0]
@@ -84,15 +85,15 @@ class SlotWriter:
         """A request begins; returns its token for `request_ended`. The fields are cut to
         their size in the slot (16, 192 and 64 bytes)."""
         entry = (time.time(), method, path, request_id)
-        token = id(entry)
         if self.threads:
             with self.lock:
-                self._begin(token, entry)
-        else:
-            self._begin(token, entry)
-        return token
+                return self._begin(entry)
+        return self._begin(entry)
 
-    def _begin(self, token: int, entry: tuple[float, bytes, bytes, bytes]) -> None:
+    def _begin(self, entry: tuple[float, bytes, bytes, bytes]) -> int:
+        # A counter, not the entry's id(): compiled, the tuple is unboxed and a boxed copy
+        # made for id() is freed at once, so two requests could get the same address.
+        token = self.last_token = self.last_token + 1
         self.writing = True
         buffer, offset = self.buffer, self.offset
         self.seq += 1
@@ -121,6 +122,7 @@ class SlotWriter:
         self.seq += 1
         _SEQ.pack_into(buffer, offset, self.seq)
         self.writing = False
+        return token
 
     def request_ended(self, token: int) -> None:
         if self.threads:

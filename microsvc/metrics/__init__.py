@@ -76,9 +76,9 @@ class MetricsService:
         wrapper around the app: when the scoreboard holds the requests in flight."""
         return self._scoreboard is not None
 
-    def meter(self, user_app: WSGIApp) -> RequestMeter:
+    def meter(self, user_app: WSGIApp | None) -> RequestMeter:
         """In a worker on microsvc's HTTP engine: what the engine records each request
-        with; routes are read from `user_app` when it is a Flask app."""
+        with; routes are read from `user_app` when it is a Flask app (None: not loaded)."""
         recorder = RequestRecorder(
             RequestMetrics(), in_flight=False, threads=_THREADS.get(self._worker_class)
         )
@@ -86,7 +86,7 @@ class MetricsService:
             recorder,
             recorder.placed,
             frozenset(METHODS),
-            is_flask(user_app),
+            user_app is not None and is_flask(user_app),
             recorder.write_lock(),
         )
 

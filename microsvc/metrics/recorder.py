@@ -1,6 +1,7 @@
 """Recording a worker's request metrics at a small, fixed cost per request.
 
-`RequestRecorder` writes what `InstrumentedApp` measured into the metrics of
+`RequestRecorder` writes what microsvc's HTTP engine (`microsvc.http.meter`) or, with
+gunicorn's engine, `InstrumentedApp` measured into the metrics of
 `RequestMetrics`: the request counter and duration histogram of the request's series
 (method, route, status), the queue-time histogram, the shed counter and, with `in_flight`,
 the in-flight gauge (under `--metrics` with a scoreboard the exporter reads requests in

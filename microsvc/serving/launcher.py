@@ -337,8 +337,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         if self.metrics is not None and not self._engine_records_metrics():
             wrapped = self.metrics.instrument(wrapped, app)
         if self.scoreboard is not None and self.settings.http_engine == HttpEngine.GUNICORN:
-            # microsvc's engine notes each request in the scoreboard from its hooks
-            # (`microsvc.workers.engine`), without a wrapper around the app and its body.
+            # microsvc's engine notes each request in the scoreboard itself (`Hooks.slot`,
+            # `microsvc.http.slot`), without a wrapper around the app and its body.
             wrapped = ScoreboardApp(wrapped, self.scoreboard)
         return wrapped
 
@@ -354,7 +354,10 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         each request with (the app itself is not wrapped then); else None."""
         if self.metrics is None or not self._engine_records_metrics():
             return None
-        return self.metrics.meter(self._user_app())
+        # The app as loaded, not imported again: with --reload, a worker whose app has a
+        # syntax error serves the error page instead (`load` failed, nothing is loaded).
+        app = self.app_object if self.app_object is not None else self._loaded_app
+        return self.metrics.meter(app)
 
     def _queue_sample_interval(self) -> float:
         """0 (every request) when something needs each request's queue time: an access

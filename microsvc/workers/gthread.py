@@ -444,7 +444,9 @@ class ServingThreads:
 
     Lighter than a ThreadPoolExecutor: no future, condition or callback per request, and
     one wake-up of the main thread for all that was served while it was busy (a thread
-    writes a byte only when none is pending)."""
+    writes a byte only when none is pending). The threads start with the first
+    connection, as an executor's do. They are daemon threads: a worker that exits (after
+    its graceful timeout, or on QUIT and INT) does not wait for requests still running."""
 
     def __init__(self, count: int, serve: Callable[[_Connection], bool]) -> None:
         self._serve = serve
@@ -456,13 +458,16 @@ class ServingThreads:
             threading.Thread(target=self._run, name=f"request-{index}", daemon=True)
             for index in range(count)
         ]
-        for thread in self._threads:
-            thread.start()
+        self._started = False
 
     def fileno(self) -> int:
         return self._read_fd
 
     def submit(self, conn: _Connection) -> None:
+        if not self._started:
+            self._started = True
+            for thread in self._threads:
+                thread.start()
         self._todo.put(conn)
 
     def drain(self) -> list[tuple[_Connection, bool]]:
@@ -495,6 +500,8 @@ class ServingThreads:
 
     def shutdown(self, wait: bool = False) -> None:
         """Lets each thread end once it has served its connection (`wait`: joins them)."""
+        if not self._started:
+            return
         for _ in self._threads:
             self._todo.put(None)
         if wait:

@@ -127,13 +127,17 @@ def test_app_reading_raw_env_at_import_is_served(serve: ServeFactory, tmp_path: 
 # --reload
 
 
+@pytest.mark.parametrize(
+    "extra", [[], ["--metrics", "--metrics-bind", "127.0.0.1:0"]], ids=["plain", "metrics"]
+)
 def test_reload_survives_a_syntax_error_and_serves_the_fixed_code(
-    serve: ServeFactory, tmp_path: Path
+    serve: ServeFactory, tmp_path: Path, extra: list[str]
 ) -> None:
     """As with gunicorn --reload: the broken file is logged, the master stays, and the
-    fixed file is served."""
+    fixed file is served (with --metrics too: the engine's meter does not import the
+    broken app again)."""
     app_file = write(tmp_path / "edited_app.py", HELLO % "one")
-    server = serve(["edited_app:app", "-w", "1", "--reload"], cwd=tmp_path, ready_path="/")
+    server = serve(["edited_app:app", "-w", "1", "--reload", *extra], cwd=tmp_path, ready_path="/")
     assert get_text(server.url + "/") == "one"
 
     app_file.write_text(HELLO.replace("[b", "[[b") % "two")  # '[' never closed

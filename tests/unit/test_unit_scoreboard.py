@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -343,6 +344,31 @@ def test_a_signal_handler_that_interrupts_a_write_does_not_deadlock(board: Score
     board.request_ended(board.request_started(b"GET", b"/", b""))
     view = worker.view()
     assert (view.state, view.requests) == ("stopping", 1)
+
+
+def test_requests_started_while_the_lock_is_held_get_tokens_of_their_own(
+    board: Scoreboard,
+) -> None:
+    """Two threads that start a request at once each get a token of their own (compiled,
+    a token taken from the entry's address could be the same for both)."""
+    Attached(board)
+    writer = writer_of(board)
+    tokens: list[int] = []
+
+    def start() -> None:
+        tokens.append(board.request_started(b"GET", b"/x", b""))
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    with writer.lock:  # both wait for it with their entries made
+        for thread in threads:
+            thread.start()
+        time.sleep(0.1)
+    for thread in threads:
+        thread.join(5)
+    assert len(set(tokens)) == 2 and len(writer.active) == 2
+    for token in tokens:
+        board.request_ended(token)
+    assert not writer.active
 
 
 def test_green_threads_write_the_slot_without_the_lock(board: Scoreboard) -> None:
