@@ -30,8 +30,7 @@ from microsvc.http.meter import RequestMeter
 from microsvc.http.parser import Message, RequestStream
 from microsvc.http.response import Response
 from microsvc.http.slot import SlotWriter
-from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
-from microsvc.wsgi import Environ, WSGIApp
+from microsvc.wsgi import QUEUE_TIME_KEY, SHED_KEY, Environ, WSGIApp
 
 log = logging.getLogger("microsvc.http")
 

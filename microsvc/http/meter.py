@@ -19,8 +19,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, TypeAlias
 
-from microsvc.serving.middleware import QUEUE_TIME_KEY, ROUTE_KEY, SHED_KEY
-from microsvc.wsgi import Environ
+from microsvc.wsgi import QUEUE_TIME_KEY, ROUTE_KEY, SHED_KEY, Environ
 
 #: Where werkzeug keeps the request object of the environ (Flask's has `url_rule`) while
 #: Flask serves the request.

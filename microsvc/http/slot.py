@@ -1,7 +1,8 @@
 """A worker's writes to its scoreboard slot, on the request path (compiled with it).
 
 `SlotWriter` is the worker's side of its slot in `microsvc.observe.scoreboard` (which
-holds the layout, the master's side and the readers): the worker's state, the requests
+holds the rest of the layout, the master's side and the readers; the worker's parts are
+laid out here): the worker's state, the requests
 in flight with the oldest one shown, the requests served, the queue time of the last
 request that had one. The HTTP engine calls it around each request (`Hooks.slot`), the
 gunicorn engine through `ScoreboardApp`.
@@ -16,23 +17,32 @@ slot alone (`writing`): its state goes out with the next write.
 from __future__ import annotations
 
 import mmap
+import struct
 import threading
 import time
 from typing import Final
 
-from microsvc.observe.scoreboard import (
-    _DYN_AT,
-    _QUEUE,
-    _QUEUE_AT,
-    _SEQ,
-    _W_DYN,
-    _W_DYNREQ,
-    _WORKER,
-    BUSY,
-    IDLE,
-)
+#: A worker's states, as its slot holds them, and their names.
+STATES = ("free", "booting", "idle", "busy", "stopping")
+FREE, BOOTING, IDLE, BUSY, STOPPING = range(5)
 
-_SEQ_SIZE: Final = _SEQ.size
+#: Each part of the scoreboard starts with its sequence counter (the seqlock).
+SEQ = struct.Struct("=Q")
+# The worker part, at the slot's start: pid, generation, started, stop reason; then what
+# changes with each request: state, in flight, requests, start of the request shown (0:
+# none), and that request's method, path and request id.
+W_STATIC = struct.Struct("=i I d 16s")
+W_DYN = struct.Struct("=B I Q d")
+W_DYNREQ = struct.Struct("=B I Q d 16s 192s 64s")
+WORKER = struct.Struct("=i I d 16s B I Q d 16s 192s 64s")
+DYN_AT = SEQ.size + W_STATIC.size
+# The queue part, in the worker's half of its slot: pid, queue time of its last request
+# that had one, when (epoch seconds), requests it shed.
+QUEUE = struct.Struct("=i d d Q")
+QUEUE_AT = 448
+assert SEQ.size + WORKER.size <= QUEUE_AT
+
+_SEQ_SIZE: Final = SEQ.size
 _ENCODING: Final = "latin-1"
 
 
@@ -65,9 +75,9 @@ class SlotWriter:
         self.last_token = 0  # tokens are 1, 2, ... (0: none)
         self.lock = threading.Lock()
         self.writing = False
-        seq: int = _SEQ.unpack_from(buffer, offset)[0]
+        seq: int = SEQ.unpack_from(buffer, offset)[0]
         self.seq = seq + (seq & 1)
-        seq = _SEQ.unpack_from(buffer, offset + _QUEUE_AT)[0]
+        seq = SEQ.unpack_from(buffer, offset + QUEUE_AT)[0]
         self.queue_seq = seq + (seq & 1)
         self.shed_total = 0
 
@@ -97,16 +107,16 @@ class SlotWriter:
         self.writing = True
         buffer, offset = self.buffer, self.offset
         self.seq += 1
-        _SEQ.pack_into(buffer, offset, self.seq)
+        SEQ.pack_into(buffer, offset, self.seq)
         active = self.active
         active[token] = entry
         if self.state == IDLE:
             self.state = BUSY
         if len(active) == 1:
             self.shown, self.shown_since = token, entry[0]
-            _W_DYNREQ.pack_into(
+            W_DYNREQ.pack_into(
                 buffer,
-                offset + _DYN_AT,
+                offset + DYN_AT,
                 self.state,
                 1,
                 self.requests,
@@ -116,11 +126,11 @@ class SlotWriter:
                 entry[3],
             )
         else:
-            _W_DYN.pack_into(
-                buffer, offset + _DYN_AT, self.state, len(active), self.requests, self.shown_since
+            W_DYN.pack_into(
+                buffer, offset + DYN_AT, self.state, len(active), self.requests, self.shown_since
             )
         self.seq += 1
-        _SEQ.pack_into(buffer, offset, self.seq)
+        SEQ.pack_into(buffer, offset, self.seq)
         self.writing = False
         return token
 
@@ -135,7 +145,7 @@ class SlotWriter:
         self.writing = True
         buffer, offset = self.buffer, self.offset
         self.seq += 1
-        _SEQ.pack_into(buffer, offset, self.seq)
+        SEQ.pack_into(buffer, offset, self.seq)
         active = self.active
         active.pop(token, None)
         self.requests += 1
@@ -143,14 +153,14 @@ class SlotWriter:
             if self.state == BUSY:
                 self.state = IDLE
             self.shown, self.shown_since = 0, 0.0
-            _W_DYN.pack_into(buffer, offset + _DYN_AT, self.state, 0, self.requests, 0.0)
+            W_DYN.pack_into(buffer, offset + DYN_AT, self.state, 0, self.requests, 0.0)
         elif token == self.shown:
             self.shown = shown = next(iter(active))
             entry = active[shown]
             self.shown_since = entry[0]
-            _W_DYNREQ.pack_into(
+            W_DYNREQ.pack_into(
                 buffer,
-                offset + _DYN_AT,
+                offset + DYN_AT,
                 self.state,
                 len(active),
                 self.requests,
@@ -160,11 +170,11 @@ class SlotWriter:
                 entry[3],
             )
         else:
-            _W_DYN.pack_into(
-                buffer, offset + _DYN_AT, self.state, len(active), self.requests, self.shown_since
+            W_DYN.pack_into(
+                buffer, offset + DYN_AT, self.state, len(active), self.requests, self.shown_since
             )
         self.seq += 1
-        _SEQ.pack_into(buffer, offset, self.seq)
+        SEQ.pack_into(buffer, offset, self.seq)
         self.writing = False
 
     def note_queue(self, seconds: float, shed: bool) -> None:
@@ -179,14 +189,12 @@ class SlotWriter:
     def _note_queue(self, seconds: float, shed: bool) -> None:
         if shed:
             self.shed_total += 1
-        buffer, offset = self.buffer, self.offset + _QUEUE_AT
+        buffer, offset = self.buffer, self.offset + QUEUE_AT
         self.queue_seq += 1
-        _SEQ.pack_into(buffer, offset, self.queue_seq)
-        _QUEUE.pack_into(
-            buffer, offset + _SEQ_SIZE, self.pid, seconds, time.time(), self.shed_total
-        )
+        SEQ.pack_into(buffer, offset, self.queue_seq)
+        QUEUE.pack_into(buffer, offset + _SEQ_SIZE, self.pid, seconds, time.time(), self.shed_total)
         self.queue_seq += 1
-        _SEQ.pack_into(buffer, offset, self.queue_seq)
+        SEQ.pack_into(buffer, offset, self.queue_seq)
 
     # the worker's state
 
@@ -216,8 +224,8 @@ class SlotWriter:
         since, method, path, request_id = shown if shown else (0.0, b"", b"", b"")
         buffer, offset = self.buffer, self.offset
         self.seq += 1
-        _SEQ.pack_into(buffer, offset, self.seq)
-        _WORKER.pack_into(
+        SEQ.pack_into(buffer, offset, self.seq)
+        WORKER.pack_into(
             buffer,
             offset + _SEQ_SIZE,
             self.pid,
@@ -233,5 +241,5 @@ class SlotWriter:
             request_id,
         )
         self.seq += 1
-        _SEQ.pack_into(buffer, offset, self.seq)
+        SEQ.pack_into(buffer, offset, self.seq)
         self.writing = False

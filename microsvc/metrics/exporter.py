@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,6 @@ from urllib.parse import urlsplit
 
 from microsvc.metrics.store import MetricsStore
 from microsvc.serving.binding import bind_tcp
-from microsvc.serving.patching import os_waitpid
 
 #: The path metrics are served at.
 METRICS_PATH = "/metrics"
@@ -153,6 +153,19 @@ class Exporter:
     def close_in_child(self) -> None:
         """In a forked worker: drop the inherited listening socket."""
         self.socket.close()
+
+
+def os_waitpid() -> Callable[[int, int], tuple[int, int]]:
+    """The operating system's waitpid, also where gevent patched `os`.
+
+    gevent's answers a WNOHANG wait for a child that gevent's subprocess started from
+    its own SIGCHLD watcher, which never fires in gunicorn's master (the arbiter handles
+    SIGCHLD itself): the child would look alive forever."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("os"):
+        original: Callable[[int, int], tuple[int, int]] = monkey.get_original("os", "waitpid")
+        return original
+    return os.waitpid
 
 
 def _wait_for_exit(process: subprocess.Popen[bytes], timeout: float) -> bool:

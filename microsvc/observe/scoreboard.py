@@ -39,13 +39,14 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
-from microsvc.serving.middleware import QUEUE_TIME_KEY, SHED_KEY
-from microsvc.wsgi import Environ, StartResponse, WSGIApp
-
-if TYPE_CHECKING:
-    from microsvc.http.slot import SlotWriter
+from microsvc.http.slot import BOOTING, FREE, IDLE, STATES, STOPPING, SlotWriter
+from microsvc.http.slot import QUEUE as _QUEUE
+from microsvc.http.slot import QUEUE_AT as _QUEUE_AT
+from microsvc.http.slot import SEQ as _SEQ
+from microsvc.http.slot import WORKER as _WORKER
+from microsvc.wsgi import QUEUE_TIME_KEY, SHED_KEY, Environ, StartResponse, WSGIApp
 
 MAGIC = b"MSVCSB02"
 #: Why a worker ended, in order: counted in the header, and the metrics' exit reasons.
@@ -59,13 +60,10 @@ REASONS = (
     "timeout",
     "crash",
 )
-STATES = ("free", "booting", "idle", "busy", "stopping")
-FREE, BOOTING, IDLE, BUSY, STOPPING = range(5)
 UNKNOWN = 255
 MAX_LISTENERS = 4
 SUFFIX = ".scoreboard"
 
-_SEQ = struct.Struct("=Q")
 # header: magic, slots, slot size, master pid, unslotted, started, updated,
 # worker class, engine, recycled by reason, then per listener: address, queue, limit
 _HEADER_FIXED = struct.Struct("=8sIIiId d 32s 16s 8Q")
@@ -76,14 +74,7 @@ _HEADER_ALL = struct.Struct(
     _HEADER_FIXED.format + "".join(_LISTENER.format.lstrip("=") for _ in range(MAX_LISTENERS)) + "Q"
 )
 assert _SEQ.size + _HEADER_ALL.size <= _HEADER_SIZE
-# worker part: pid, generation, started, stop reason; then what changes with each
-# request: state, in flight, requests, start of the request shown (0: none), and that
-# request's method, path and request id
-_W_STATIC = struct.Struct("=i I d 16s")
-_W_DYN = struct.Struct("=B I Q d")
-_W_DYNREQ = struct.Struct("=B I Q d 16s 192s 64s")
-_WORKER = struct.Struct("=i I d 16s B I Q d 16s 192s 64s")
-_DYN_AT = _SEQ.size + _W_STATIC.size
+# worker part and queue part: `microsvc.http.slot` (the worker writes them)
 # master part: pid, generation, stop asked at, stop reason, own, pss (0: unknown), rss,
 # sampled at, last pid, last reason, last exit at, measure of own (USS, RSS)
 _MASTER = struct.Struct("=i I d 16s Q Q Q d i 16s d 4s")
@@ -92,10 +83,6 @@ _MASTER_AT = 512
 SLOT_SIZE = 1024
 assert _SEQ.size + _WORKER.size <= _MASTER_AT
 assert _MASTER_AT + _SEQ.size + _MASTER.size <= SLOT_SIZE
-# queue part, in the worker's half of its slot, written by the worker: pid, queue time of
-# its last request that had one, when (epoch seconds), requests it shed
-_QUEUE = struct.Struct("=i d d Q")
-_QUEUE_AT = 448
 assert _SEQ.size + _WORKER.size <= _QUEUE_AT
 assert _QUEUE_AT + _SEQ.size + _QUEUE.size <= _MASTER_AT
 # autoscale part, at the end of the header, written by the master (--autoscale; fewest 0:
@@ -472,8 +459,6 @@ class Scoreboard:
         `threads`: whether the worker's requests may run in several threads at once (None:
         unless `threading` is gevent's or eventlet's, whose green threads never switch in
         the middle of a write)."""
-        from microsvc.http.slot import SlotWriter
-
         self._slot = slot
         self._writer = None
         if slot is None:

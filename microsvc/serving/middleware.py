@@ -73,7 +73,15 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Sequence
 
-from microsvc.wsgi import Environ, StartResponse, WSGIApp
+from microsvc.wsgi import (
+    QUEUE_SOURCE_KEY,
+    QUEUE_TIME_KEY,
+    ROUTE_KEY,
+    SHED_KEY,
+    Environ,
+    StartResponse,
+    WSGIApp,
+)
 
 __all__ = [
     "PROXY_ADDR_KEY",
@@ -93,14 +101,6 @@ __all__ = [
 
 #: Where a request's original REMOTE_ADDR (the proxy) is kept when it was replaced.
 PROXY_ADDR_KEY = "microsvc.proxy_addr"
-#: Where the route of a request is named for the metrics (the endpoints name theirs).
-ROUTE_KEY = "microsvc.route"
-#: Seconds the request waited before a worker took it up (absent when unknown).
-QUEUE_TIME_KEY = "microsvc.queue_time"
-#: Where that figure came from: "proxy" (X-Request-Start) or "kernel" (TCP_INFO).
-QUEUE_SOURCE_KEY = "microsvc.queue_source"
-#: True for a request answered 503 because it had waited longer than the limit.
-SHED_KEY = "microsvc.shed"
 #: The route a shed request is counted under in the metrics.
 SHED_ROUTE = "(shed)"
 #: A stamp older than this says more about the clocks than about the queue: ignored.

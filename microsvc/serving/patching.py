@@ -4,10 +4,8 @@ app is imported, and the checks that their packages are installed."""
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 import warnings
-from collections.abc import Callable
 
 from microsvc.config.options import WorkerClass
 from microsvc.errors import MissingExtraError
@@ -65,16 +63,3 @@ def patch(worker_class: WorkerClass) -> None:
         )
 
         eventlet.monkey_patch()
-
-
-def os_waitpid() -> Callable[[int, int], tuple[int, int]]:
-    """The operating system's waitpid, also where gevent patched `os`.
-
-    gevent's answers a WNOHANG wait for a child that gevent's subprocess started from
-    its own SIGCHLD watcher, which never fires in gunicorn's master (the arbiter handles
-    SIGCHLD itself): the child would look alive forever."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("os"):
-        original: Callable[[int, int], tuple[int, int]] = monkey.get_original("os", "waitpid")
-        return original
-    return os.waitpid

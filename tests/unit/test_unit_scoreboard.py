@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from microsvc.errors import UsageError
-from microsvc.http.slot import SlotWriter
+from microsvc.http.slot import SEQ, SlotWriter
 from microsvc.observe import scoreboard as sb
 from microsvc.observe.scoreboard import Scoreboard, ScoreboardApp, ScoreboardError
 from microsvc.observe.status import StatusError, build_report, locate, render
@@ -99,7 +99,7 @@ def test_a_writer_killed_mid_write_blocks_no_reader(board: Scoreboard) -> None:
     def die_mid_write(board: Scoreboard) -> None:
         assert board._slot is not None
         offset = board._worker_offset(board._slot)
-        sb._SEQ.pack_into(board.buffer, offset, sb._SEQ.unpack_from(board.buffer, offset)[0] + 1)
+        SEQ.pack_into(board.buffer, offset, SEQ.unpack_from(board.buffer, offset)[0] + 1)
         os.kill(os.getpid(), signal.SIGKILL)
 
     other = fork_worker(board, lambda board: time.sleep(30))
