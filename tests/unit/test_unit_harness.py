@@ -3,6 +3,8 @@ lists, the clean child environment."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from harness import HarnessError, clean_env, cpu_list, parse_output
@@ -66,3 +68,18 @@ def test_the_child_environment_drops_what_would_change_the_server(
     assert not {"MICROSVC_WORKERS", "WEB_CONCURRENCY", "PORT", "GUNICORN_CMD_ARGS"} & set(env)
     assert env["KEPT_BY_HARNESS"] == "yes" and env["XDG_RUNTIME_DIR"] == "/tmp/x"
     assert env["PYTHONUNBUFFERED"] == "1"
+
+
+def test_free_ports_are_taken_below_the_ephemeral_range() -> None:
+    """A port from the ephemeral range can become another connection's local port before
+    the server binds it; ports below it cannot."""
+    from harness.servers import LOW_PORTS_FROM, ephemeral_ports, free_port
+
+    low, high = ephemeral_ports()
+    assert low <= high
+    ports = {free_port() for _ in range(20)}
+    if low - LOW_PORTS_FROM >= 1000:
+        assert all(LOW_PORTS_FROM <= port < low for port in ports), ports
+    for port in ports:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", port))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import os
+import random
 import re
 import signal
 import socket
@@ -31,8 +32,36 @@ START_DEADLINE = 45.0
 STOP_DEADLINE = 40.0
 
 
+#: Ports handed out below the kernel's ephemeral range start here.
+LOW_PORTS_FROM = 20000
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of local ports for outgoing connections (Linux's default when
+    it cannot be read)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port_on(host: str) -> int:
-    """A TCP port on the address `host` (a loopback one) that nothing listens on right now."""
+    """A TCP port on the address `host` (a loopback one) that nothing is bound to right now.
+
+    It is taken below the kernel's ephemeral range where there is room: a port from that
+    range, free when picked, can become the local port of any outgoing connection (of
+    another test running meanwhile) before the server binds it."""
+    low, _ = ephemeral_ports()
+    if low - LOW_PORTS_FROM >= 1000:
+        for _ in range(100):
+            port = random.randrange(LOW_PORTS_FROM, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
