@@ -67,6 +67,11 @@ class PlacedValues:
         counts[count_at] += 1.0
         durations[sum_at] += seconds
         durations[buckets[bisect_left(self.duration_bounds, seconds)]] += 1.0
+        self.record_fixed(fixed, waited, shed)
+        return True
+
+    def record_fixed(self, fixed: Fixed, waited: float | None, shed: bool) -> None:
+        """Adds a request's queue time, shed count and end in flight to `fixed`."""
         queue, queue_sum_at, queue_buckets, shed_counts, shed_at, gauges, in_flight_at = fixed
         if waited is not None:
             queue[queue_sum_at] += waited
@@ -75,7 +80,6 @@ class PlacedValues:
             shed_counts[shed_at] += 1.0
         if gauges is not None:
             gauges[in_flight_at] -= 1.0
-        return True
 
     def clear(self) -> None:
         self.series.clear()

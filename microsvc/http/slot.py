@@ -114,25 +114,25 @@ class SlotWriter:
             self.state = BUSY
         if len(active) == 1:
             self.shown, self.shown_since = token, entry[0]
-            W_DYNREQ.pack_into(
-                buffer,
-                offset + DYN_AT,
-                self.state,
-                1,
-                self.requests,
-                entry[0],
-                entry[1],
-                entry[2],
-                entry[3],
-            )
+            self._write_requests(entry)
         else:
-            W_DYN.pack_into(
-                buffer, offset + DYN_AT, self.state, len(active), self.requests, self.shown_since
-            )
+            self._write_requests(None)
         self.seq += 1
         SEQ.pack_into(buffer, offset, self.seq)
         self.writing = False
         return token
+
+    def _write_requests(self, shown: tuple[float, bytes, bytes, bytes] | None) -> None:
+        """The fields that change with each request (inside a write): with `shown`, the
+        request shown is written too (it changed)."""
+        buffer, at, active = self.buffer, self.offset + DYN_AT, self.active
+        if shown is None:
+            W_DYN.pack_into(buffer, at, self.state, len(active), self.requests, self.shown_since)
+        else:
+            since, method, path, request_id = shown
+            W_DYNREQ.pack_into(
+                buffer, at, self.state, len(active), self.requests, since, method, path, request_id
+            )
 
     def request_ended(self, token: int) -> None:
         if self.threads:
@@ -153,26 +153,14 @@ class SlotWriter:
             if self.state == BUSY:
                 self.state = IDLE
             self.shown, self.shown_since = 0, 0.0
-            W_DYN.pack_into(buffer, offset + DYN_AT, self.state, 0, self.requests, 0.0)
+            self._write_requests(None)
         elif token == self.shown:
             self.shown = shown = next(iter(active))
             entry = active[shown]
             self.shown_since = entry[0]
-            W_DYNREQ.pack_into(
-                buffer,
-                offset + DYN_AT,
-                self.state,
-                len(active),
-                self.requests,
-                entry[0],
-                entry[1],
-                entry[2],
-                entry[3],
-            )
+            self._write_requests(entry)
         else:
-            W_DYN.pack_into(
-                buffer, offset + DYN_AT, self.state, len(active), self.requests, self.shown_since
-            )
+            self._write_requests(None)
         self.seq += 1
         SEQ.pack_into(buffer, offset, self.seq)
         self.writing = False

@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from bisect import bisect_left
 from typing import Any
 
 from microsvc.http.meter import Fixed, PlacedValues
@@ -70,8 +69,6 @@ class RequestRecorder:
         self._unplaced: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         #: False once the fixed values could not be placed: all goes through the metrics.
         self._in_place = True
-        self._duration_bounds = self.placed.duration_bounds
-        self._queue_bounds = self.placed.queue_bounds
         _recorders.add(self)
 
     def started(self) -> None:
@@ -119,32 +116,21 @@ class RequestRecorder:
         fixed = self.placed.fixed or self._place_fixed()
         if key not in self.placed.series and key not in self._unplaced:
             self._add_series(key, placing=fixed is not None)
-        series = self.placed.series.get(key)
-        if series is None:
-            counter, histogram = self._unplaced[key]
-            counter.inc()
-            histogram.observe(seconds)
-        else:
-            counts, count_at, durations, sum_at, buckets = series
-            counts[count_at] += 1.0
-            durations[sum_at] += seconds
-            durations[buckets[bisect_left(self._duration_bounds, seconds)]] += 1.0
-        if fixed is None:
-            if waited is not None:
-                self.metrics.queue_time.observe(waited)
-            if shed:
-                self.metrics.shed.inc()
-            if self.in_flight:
-                self.metrics.in_flight.dec()
-        else:
-            queue, queue_sum_at, queue_buckets, shed_counts, shed_at, gauges, in_flight_at = fixed
-            if waited is not None:
-                queue[queue_sum_at] += waited
-                queue[queue_buckets[bisect_left(self._queue_bounds, waited)]] += 1.0
-            if shed:
-                shed_counts[shed_at] += 1.0
-            if gauges is not None:
-                gauges[in_flight_at] -= 1.0
+        if self.placed.record(key, seconds, waited, shed):
+            return
+        # The series could not be placed (a series is placed only with the fixed values).
+        counter, histogram = self._unplaced[key]
+        counter.inc()
+        histogram.observe(seconds)
+        if fixed is not None:
+            self.placed.record_fixed(fixed, waited, shed)
+            return
+        if waited is not None:
+            self.metrics.queue_time.observe(waited)
+        if shed:
+            self.metrics.shed.inc()
+        if self.in_flight:
+            self.metrics.in_flight.dec()
 
     def _place_fixed(self) -> Fixed | None:
         threads = self._threads_given
