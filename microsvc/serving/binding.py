@@ -1,6 +1,7 @@
 """Binding a TCP address: the one place an address is resolved and bound, for the
 start-up check of the app's addresses and for the metrics endpoint; which resolved
-addresses overlap; and the listening sockets a master takes over instead of binding."""
+addresses overlap; the listening sockets a master takes over instead of binding; and
+deferred accepts on the listeners microsvc's engine serves."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from microsvc.errors import BindError, UsageError
 
 #: Where Linux says whether an IPv6 wildcard socket also takes IPv4 (0: it does).
 BINDV6ONLY = "/proc/sys/net/ipv6/bindv6only"
+#: How long the kernel holds a new TCP connection whose client has sent nothing yet
+#: before a worker may accept it (TCP_DEFER_ACCEPT; see `defer_accept`).
+DEFER_ACCEPT_SECONDS = 1
 
 
 @dataclass(frozen=True)
@@ -163,3 +167,31 @@ def inherited_listeners(environ: Mapping[str, str] | None = None) -> list[int] |
         except ValueError:
             return None
     return None
+
+
+def defer_accept(listeners: Sequence[object], seconds: int = DEFER_ACCEPT_SECONDS) -> int:
+    """Has the kernel hold each TCP listener's new connections until their first bytes
+    arrive (or `seconds` pass; Linux's TCP_DEFER_ACCEPT, nginx's `deferred`); returns
+    how many listeners it was set on. A worker then accepts only connections with a
+    request to serve: a sync worker cannot take connections that are still silent while
+    the other workers idle, and then serve their requests one after another. A client
+    that connects and sends nothing is accepted after `seconds`, and its wait for a
+    first request begins then. Unix sockets, and systems without the option, are left
+    as they are."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None:
+        return 0
+    done = 0
+    for listener in listeners:
+        sock = getattr(listener, "sock", listener)  # gunicorn's listeners wrap a socket
+        if not isinstance(sock, socket.socket) or sock.family not in _TCP_FAMILIES:
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, seconds)
+        except OSError:
+            continue
+        done += 1
+    return done
+
+
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)

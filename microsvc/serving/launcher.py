@@ -31,7 +31,7 @@ from microsvc.serving.appload import (
     parse_app_string,
 )
 from microsvc.serving.arbiter import MicrosvcArbiter, ServerState
-from microsvc.serving.binding import bind_tcp, check_overlaps, inherited_listeners
+from microsvc.serving.binding import bind_tcp, check_overlaps, defer_accept, inherited_listeners
 from microsvc.wsgi import WSGIApp
 
 if TYPE_CHECKING:
@@ -170,11 +170,14 @@ class Launcher(BaseApplication):  # type: ignore[misc]
         cfg = configuration.gunicorn_config()
         user_hook = configuration.gunicorn.get("post_worker_init")
         cfg.set("post_worker_init", self._post_worker_init)
-        self._install_scoreboard_hooks(cfg)
+        self._install_server_hooks(
+            cfg, engine=configuration.settings.http_engine == HttpEngine.MICROSVC
+        )
         return cfg, user_hook
 
-    def _install_scoreboard_hooks(self, cfg: Config) -> None:
-        """Server hooks that keep the scoreboard (see `microsvc.observe.scoreboard`), each
+    def _install_server_hooks(self, cfg: Config, *, engine: bool) -> None:
+        """Server hooks that keep the scoreboard (see `microsvc.observe.scoreboard`) and,
+        on microsvc's engine, defer accepts on the listeners (`defer_accept`), each
         calling the hook the configuration gave before."""
 
         def board() -> Scoreboard | None:
@@ -214,6 +217,8 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
         def when_ready(user: Any) -> Any:
             def hook(server: Any) -> None:  # in the master, listening, before any fork
+                if engine:
+                    defer_accept(server.LISTENERS)
                 if (scoreboard := board()) is not None:
                     scoreboard.sample(server.LISTENERS)
                 user(server)

@@ -24,10 +24,13 @@ accepts came before the last one in line the listener goes again at once: reques
 served about in the order they came, on a kept-alive connection or a new one, so a
 request that `--max-queue-time` sheds is shed after about that long. Idle connections
 close after `--keep-alive` seconds, new ones that send nothing after the engine's header
-timeout; with `--keep-alive 0` every response says `Connection: close`. A connection to
-close waits for its client's end (at most 2 s) in `LingeringCloses` while the worker
-serves on. A client that sends only part of a request holds the worker until the rest
-comes or the engine's timeout for it passes, as with gunicorn's sync worker.
+timeout (the kernel offers a new TCP connection to the workers only once its first bytes
+arrive, or after a second: `microsvc.serving.binding.defer_accept`, so a worker takes
+connections it can serve, not every silent one while the other workers idle); with
+`--keep-alive 0` every response says `Connection: close`. A connection to close waits
+for its client's end (at most 2 s) in `LingeringCloses` while the worker serves on. A
+client that sends only part of a request holds the worker until the rest comes or the
+engine's timeout for it passes, as with gunicorn's sync worker.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -105,6 +106,57 @@ def test_sync_serves_as_many_at_once_as_it_has_workers(serve: ServeFactory) -> N
     assert result.seconds >= 1.6, result.summary()
     assert result.seconds < 8.0, result.summary()
     assert len(result.pids) > 1, result.summary()
+
+
+def late_requests(port: int, path: str, clients: int) -> tuple[float, list[int]]:
+    """`clients` connections opened first, silent for a moment, then each sends one
+    request for `path`: the seconds until every answer was read, and the pid of the
+    worker that gave each."""
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(clients)]
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        request = f"GET {path} HTTP/1.1\r\nHost: late\r\nConnection: close\r\n\r\n".encode()
+        for sock in socks:
+            sock.sendall(request)
+        pids = []
+        for sock in socks:
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200"), answer[:300]
+            pids.append(json.loads(body)["pid"])
+        return time.monotonic() - started, pids
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "at_once"),
+    [
+        (["-k", "sync", "--workers", "4"], 4),
+        (["-k", "gthread", "--workers", "2", "--threads", "1"], 2),
+    ],
+    ids=["sync", "gthread"],
+)
+def test_connections_whose_requests_come_late_are_spread_over_the_workers(
+    serve: ServeFactory, options: list[str], at_once: int
+) -> None:
+    # A worker accepts a connection once its request is there (the listener defers
+    # accepts): one worker cannot take every silent connection while the others idle,
+    # and then serve their requests one after another.
+    server = serve(options)
+    clients = 4 * at_once
+    seconds, pids = late_requests(server.port, f"/io?ms={SLEEP_MS}", clients)
+    counts = sorted((pids.count(pid) for pid in set(pids)), reverse=True)
+    summary = f"{clients} late requests in {seconds:.2f} s, answers per worker {counts}"
+    print(summary)
+    assert len(pids) == clients, summary
+    # Serial would be every answer from one worker; spread, at most about a quarter each.
+    assert counts[0] <= clients // 2, f"{summary}\n{server.describe()}"
+    assert len(counts) >= at_once // 2 + 1, f"{summary}\n{server.describe()}"
 
 
 def test_gthread_serves_workers_times_threads_at_once_on_every_worker(serve: ServeFactory) -> None:

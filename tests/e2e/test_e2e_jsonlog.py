@@ -215,6 +215,12 @@ def test_access_and_error_files_are_json_and_reopened_on_usr1(
     access, error = tmp_path / "access.log", tmp_path / "error.log"
     server = serve([*JSON_OPTIONS, "--access-log", str(access), "--set", f"errorlog={error}"])
     requests.get(server.url + "/data", headers={"User-Agent": f"{AGENT}0"}, timeout=10)
+    # A request's access entry is written after its response is sent: rotate once it is.
+    end = time.monotonic() + 30
+    while not (access.exists() and 0 in marked(parse_lines(access.read_text(), str(access)))):
+        if time.monotonic() > end:
+            pytest.fail(f"request 0 never logged to {access}: {server.describe()}")
+        time.sleep(0.05)
     access.rename(tmp_path / "access.log.1")
     error.rename(tmp_path / "error.log.1")
     server.proc.send_signal(signal.SIGUSR1)

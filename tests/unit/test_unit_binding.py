@@ -1,10 +1,12 @@
 """microsvc.serving.binding: resolving bind addresses, which of them overlap, and the listening
-sockets a master takes over instead of binding."""
+sockets a master takes over instead of binding, deferred accepts."""
 
 from __future__ import annotations
 
 import os
+import select
 import socket
+import tempfile
 
 import pytest
 
@@ -12,6 +14,7 @@ from microsvc.errors import UsageError
 from microsvc.serving.binding import (
     TCPAddress,
     check_overlaps,
+    defer_accept,
     inherited_listeners,
     overlap,
     resolve_tcp,
@@ -81,3 +84,44 @@ def test_inherited_listeners() -> None:
     assert inherited_listeners({"GUNICORN_FD": "5"}) is None  # no master handed them over
     assert inherited_listeners({"LISTEN_PID": pid, "LISTEN_FDS": "2"}) == [3, 4]
     assert inherited_listeners({"LISTEN_PID": "1", "LISTEN_FDS": "2"}) is None  # not ours
+
+
+def _acceptable(listener: socket.socket, wait: float) -> bool:
+    return bool(select.select([listener], [], [], wait)[0])
+
+
+def test_deferred_listener_offers_a_connection_once_its_first_bytes_arrive() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        class Wrapped:  # as gunicorn wraps a listening socket
+            sock = listener
+
+        assert defer_accept([Wrapped()]) == 1
+        assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
+        with socket.create_connection(listener.getsockname(), timeout=5) as client:
+            assert not _acceptable(listener, 0.3)  # connected, silent: not offered yet
+            client.sendall(b"GET / HTTP/1.1\r\n")
+            assert _acceptable(listener, 5)
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.recv(100) == b"GET / HTTP/1.1\r\n"
+
+
+def test_plain_listener_offers_a_silent_connection_at_once() -> None:
+    # What the deferral changes: without it, a silent connection is offered at once.
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname(), timeout=5),
+    ):
+        assert _acceptable(listener, 5)
+
+
+def test_defer_accept_leaves_unix_sockets_alone() -> None:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix,
+        socket.create_server(("127.0.0.1", 0)) as tcp,
+    ):
+        unix.bind(os.path.join(folder, "sock"))
+        unix.listen()
+        assert defer_accept([unix, tcp]) == 1
