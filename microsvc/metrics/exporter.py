@@ -22,11 +22,11 @@ import argparse
 import contextlib
 import gzip
 import os
+import selectors
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -330,8 +330,16 @@ class _Handler(BaseHTTPRequestHandler):
         """Scrapes are not logged."""
 
 
+#: How often the exporter checks that the master is still there, in seconds. Between
+#: checks and scrapes it sleeps: an idle exporter wakes up this rarely.
+PARENT_CHECK_INTERVAL = 2.0
+
+
 def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = None) -> None:
-    """Serve /metrics on the listening socket `fd` until `parent` is gone or TERM."""
+    """Serve /metrics on the listening socket `fd` until `parent` is gone or TERM.
+
+    One loop in the main thread waits for a scrape, a signal (through a wake-up pipe) or
+    the next check of the parent; each scrape is answered in a thread of its own."""
     from prometheus_client import CollectorRegistry
 
     registry = CollectorRegistry(auto_describe=True)
@@ -346,17 +354,32 @@ def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = N
     server.socket.close()
     server.socket = listener
     server.daemon_threads = True
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, args=(0.5,), daemon=True)
-    thread.start()
+    server.timeout = 0  # handle_request: the loop below has waited already
+    stopping: list[int] = []
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_read, False)
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGTERM, lambda signum, _: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _: stopping.append(signum))
     orphaned = False
-    while not stop.wait(1.0):
-        if os.getppid() != parent:
-            orphaned = True
-            break
-    server.shutdown()
+    with selectors.DefaultSelector() as selector:
+        selector.register(listener, selectors.EVENT_READ, "scrape")
+        selector.register(wake_read, selectors.EVENT_READ, "signal")
+        next_check = time.monotonic() + PARENT_CHECK_INTERVAL
+        while not stopping:
+            for key, _ in selector.select(max(0.0, next_check - time.monotonic())):
+                if key.data == "scrape":
+                    server.handle_request()
+                else:
+                    with contextlib.suppress(OSError):
+                        os.read(wake_read, 512)
+            if time.monotonic() >= next_check:
+                if os.getppid() != parent:
+                    orphaned = True
+                    break
+                next_check = time.monotonic() + PARENT_CHECK_INTERVAL
+    server.server_close()
     if orphaned:
         # The master died without cleaning up: nobody else will remove the store.
         store.remove()

@@ -183,6 +183,8 @@ class Point:
     command: ServerCommand
     pinning: Pinning
     runs: list[Run] = field(default_factory=list)
+    #: The group it runs in turn with (round by round: A B A B ...).
+    group: str = ""
 
     @property
     def path(self) -> str:
@@ -195,6 +197,14 @@ class Point:
     def each(self, key: str) -> list[float]:
         """`key` (a figure of wrk's, idle_uss_bytes, cpu_busy) of each successful run."""
         return [float(r.result[key]) for r in self.runs if r.ok and r.result.get(key) is not None]
+
+    def by_round(self, key: str) -> dict[int, float]:
+        """`key` of each successful run, by its round."""
+        return {
+            r.round: float(r.result[key])
+            for r in self.runs
+            if r.ok and r.result.get(key) is not None
+        }
 
     def median(self, key: str) -> float | None:
         values = self.each(key)
@@ -332,6 +342,7 @@ def build_plan(options: Options, pinning: Pinning, granian: str | None) -> Plan:
                 key = section.group.format(cls=cls, endpoint=endpoint)
                 label = config.name.format(n=size)
                 point = Point(name, label, cls, endpoint, workers, threads, conns, command, where)
+                point.group = key
                 groups.setdefault(key, []).append(point)
         if section.per_core and not where.server_cpus:
             plan.skipped.append(f"{name}: not pinned ({where.reason})")

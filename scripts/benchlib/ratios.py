@@ -1,9 +1,12 @@
-"""The targets as data (`TARGETS`), and one routine that turns them into ratios from the
-medians of this run's points."""
+"""The targets as data (`TARGETS`), and one routine that turns them into ratios from
+this run's points: a throughput ratio of two points that ran in turn (one group, round
+by round) is the median of each round's ratio, so that a slow drift of the machine
+between rounds cancels out; any other ratio is that of the two medians."""
 
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -119,6 +122,19 @@ def _ideal(point: Point) -> tuple[float, str]:
     return ideal, f"{ideal:,.0f} ({how})"
 
 
+#: Rounds two points must both have run for their ratio to be the median of the
+#: rounds' ratios.
+MIN_PAIRS = 3
+
+
+def _paired(top: Point, bottom: Point) -> list[float]:
+    """top's rps over bottom's, round by round, where they ran in turn (one group)."""
+    if not top.group or top.group != bottom.group:
+        return []
+    theirs = bottom.by_round("rps")
+    return [rps / theirs[n] for n, rps in top.by_round("rps").items() if theirs.get(n)]
+
+
 def _ratio(target: Target, top: Point, bottom: Point | None, subject: str) -> Ratio:
     measure = target.measure
     key = {"uss": "idle_uss_bytes", "p99": "p99_ms"}.get(measure, "rps")
@@ -145,6 +161,10 @@ def _ratio(target: Target, top: Point, bottom: Point | None, subject: str) -> Ra
         if bottom and bottom.endpoint != top.endpoint:
             left, right = top.path, bottom.path
         detail = f"{left}: {show(a, digits)} {unit} / {right}: {show(b, digits)} {unit}"
+        paired = _paired(top, bottom) if measure == "rps" and bottom and not failed else []
+        if len(paired) >= MIN_PAIRS:
+            value = statistics.median(paired)
+            detail += f" (medians); median of {len(paired)} rounds' ratios"
     least, limit, unit = measure in ("rps", "ideal"), target.target, " MB" * (measure == "uss")
     shown = "none (shown)" if limit is None else f"{'>=' if least else '<='} {limit:g}{unit}"
     if value is None:

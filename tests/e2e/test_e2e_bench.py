@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import struct
 import subprocess
 import sys
@@ -206,12 +207,12 @@ def test_metrics_section_alternates_on_and_off_with_one_pinned_worker(tmp_path: 
     if WRK is None:
         pytest.skip("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
     args = ("--sections", "metrics", "--classes", "sync", "--duration", "1", "--warmup", "0")
-    done = run_bench(*args, "--repeat", "2", "--label", "metrics", "--out", str(tmp_path))
+    done = run_bench(*args, "--repeat", "3", "--label", "metrics", "--out", str(tmp_path))
     output = done.stdout + done.stderr
     assert done.returncode == 0, output
-    # On and off alternate: on, off, on, off.
+    # On and off alternate: on, off, on, off, on, off.
     order = re.findall(r"metrics (on|off) .* round (\d):", output)
-    assert order == [("on", "1"), ("off", "1"), ("on", "2"), ("off", "2")], output
+    assert order == [(state, str(n)) for n in (1, 2, 3) for state in ("on", "off")], output
 
     data = json.loads((tmp_path / "metrics.json").read_text())
     points = {p["config"]: p for p in data["points"]}
@@ -219,7 +220,7 @@ def test_metrics_section_alternates_on_and_off_with_one_pinned_worker(tmp_path: 
     assert "--metrics" in points["metrics on"]["command"]["argv"]
     assert "--metrics" not in points["metrics off"]["command"]["argv"]
     for point in points.values():
-        assert point["workers"] == 1 and len(point["runs"]) == 2, point
+        assert point["workers"] == 1 and len(point["runs"]) == 3, point
         assert all(run["ok"] and not run["notes"] for run in point["runs"]), point["runs"]
         if len(os.sched_getaffinity(0)) >= 2:
             assert point["pinning"]["server_cpus"] != point["pinning"]["wrk_cpus"], point
@@ -227,4 +228,12 @@ def test_metrics_section_alternates_on_and_off_with_one_pinned_worker(tmp_path: 
     (ratio,) = [r for r in data["ratios"] if r["kind"] == "metrics on / off"]
     assert ratio["subject"] == "sync /data" and ratio["target"] == ">= 0.97", ratio
     assert ratio["status"] in ("PASS", "MISS") and isinstance(ratio["value"], float), ratio
+    # Run in turn, they are compared round by round: the median of the rounds' ratios.
+    rps = {
+        name: {run["round"]: run["result"]["rps"] for run in point["runs"]}
+        for name, point in points.items()
+    }
+    rounds = [rps["metrics on"][n] / rps["metrics off"][n] for n in (1, 2, 3)]
+    assert ratio["value"] == pytest.approx(statistics.median(rounds)), (ratio, rounds)
+    assert "median of 3 rounds' ratios" in ratio["detail"], ratio
     assert "## Metrics cost" in (tmp_path / "metrics.md").read_text()
