@@ -182,8 +182,9 @@ class _Runner:
 
     def run_point(self, point: Point, round_number: int) -> Run:
         """Start the server (pinned; control sockets in a directory of the run, never
-        another instance's), wait until it answers 200 and has its workers (the metrics
-        exporter is a child of the master too), read their memory, measure, stop."""
+        another instance's), wait until it answers 200 (its metrics endpoint too) and has
+        its workers (the metrics exporter is a child of the master too), read their
+        memory, measure, stop."""
         run, expected = Run(round_number), point.workers + ("--metrics" in point.command.argv)
         port, run_dir, stage = harness.free_port(), self.workdir / "run", "start"
         run_dir.mkdir(mode=0o700, exist_ok=True)
@@ -194,6 +195,10 @@ class _Runner:
         try:
             server = harness.start_server(argv, port=port, log_path=log, env=env, cwd=self.workdir)
             server.wait_ready(point.command.ready_path, self.options.start_timeout, status=200)
+            if "--metrics" in point.command.argv:
+                # The exporter is a fresh interpreter on the server's CPU: measured once
+                # it serves, not while it starts.
+                server.wait_metrics(self.options.start_timeout)
             stage, seen = "load", server.wait_workers(expected, 0.5, WORKERS_DEADLINE_S)
             if seen != expected:
                 run.notes.append(f"expected {expected} children, the master had {seen}")

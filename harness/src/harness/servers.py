@@ -210,6 +210,19 @@ class Server:
                 raise HarnessError(f"no log line matches {pattern!r}: {self.describe()}")
             time.sleep(0.1)
 
+    def wait_metrics(self, deadline: float = START_DEADLINE) -> int:
+        """With --metrics on a loopback address: wait until the exporter answers 200 on
+        /metrics (the address its master logged); returns its port. HarnessError if it
+        does not within `deadline` seconds."""
+        end = time.monotonic() + deadline
+        found = self.wait_log(r"Metrics at http://127\.0\.0\.1:(\d+)/metrics", deadline)
+        port = int(found.group(1))
+        while http_status(port, "/metrics") != 200:
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise HarnessError(f"no 200 from /metrics on port {port}: {self.describe()}")
+            time.sleep(0.1)
+        return port
+
     def workers(self) -> list[psutil.Process]:
         """The master's living direct children (the gunicorn workers, and the metrics
         exporter with --metrics); a child that exited and is not yet reaped is left out."""
