@@ -102,10 +102,11 @@ def test_sync_serves_as_many_at_once_as_it_has_workers(serve: ServeFactory) -> N
     result = burst(server.port, f"/io?ms={SLEEP_MS}")
     print(f"sync --workers 5: {result.summary()}")
     check_all_ok(result, server)
-    # 5 at a time: 10 rounds of 0.2 s.
+    # 5 at a time: 10 rounds of 0.2 s. The upper bound only tells it from one at a time:
+    # on a machine busy with other tests, 50 client threads send their requests slowly.
     assert result.seconds >= 1.6, result.summary()
-    assert result.seconds < 8.0, result.summary()
-    assert len(result.pids) > 1, result.summary()
+    assert result.seconds < SERIAL_SECONDS, result.summary()
+    assert len(result.pids) >= 3, result.summary()
 
 
 def late_requests(port: int, path: str, clients: int) -> tuple[float, list[int]]:

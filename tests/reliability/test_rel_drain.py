@@ -46,6 +46,10 @@ def wait_for_status(url: str, expected: int, deadline: float = 10.0) -> int | st
     return status
 
 
+#: How soon after TERM readiness must answer 503.
+TURN_DEADLINE_S = 1.0
+
+
 @pytest.mark.parametrize("worker_class", ["sync", "gthread", "gevent"])
 def test_drain_period_turns_readiness_503_and_keeps_serving_then_exits_0(
     serve: ServeFactory, wrk: Wrk, figures: Figures, worker_class: str
@@ -60,7 +64,9 @@ def test_drain_period_turns_readiness_503_and_keeps_serving_then_exits_0(
     load = wrk.start(server.url + "/data", seconds=2, connections=10)
     ready: list[int | str] = []
     live: list[int | str] = []
+    asked: list[float] = []  # seconds after TERM of each /readyz
     while time.monotonic() - term_at < DRAIN_SECONDS - 1.0:
+        asked.append(time.monotonic() - term_at)
         ready.append(status_of(server.url + "/readyz"))
         live.append(status_of(server.url + "/healthz"))
         time.sleep(0.2)
@@ -76,7 +82,12 @@ def test_drain_period_turns_readiness_503_and_keeps_serving_then_exits_0(
         f"{exited_after:.1f} s after TERM [{worker_class} x2]"
     )
 
-    assert ready and all(status == 503 for status in ready), f"/readyz {ready}: {server.describe()}"
+    # The master turns readiness at its next turn after the signal: on a busy machine a
+    # probe sent at once may come first. Ready until then, never again after.
+    turned = next((index for index, status in enumerate(ready) if status != 200), len(ready))
+    detail = f"/readyz {ready} at {[round(at, 2) for at in asked]} s: {server.describe()}"
+    assert turned < len(ready) and asked[turned] < TURN_DEADLINE_S, detail
+    assert all(status == 503 for status in ready[turned:]), detail
     assert all(status == 200 for status in live), f"/healthz {live}: {server.describe()}"
     assert result.responses > 0, result.text
     assert result.failed == 0, f"{result}\n{result.text}\n{server.describe()}"

@@ -118,7 +118,10 @@ def test_sigterm_with_slow_requests_in_flight_completes_them_all(
                 break
     finally:
         board.close()
-    assert running >= in_flight, f"only {running} of {in_flight} running: {server.describe()}"
+    assert running >= in_flight, (
+        f"only {running} of {in_flight} running ({started} clients started; "
+        f"{clients.summary()}): {server.describe()}"
+    )
 
     term_at = time.monotonic()
     ramp = term_at - first_at
