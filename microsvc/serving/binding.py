@@ -19,6 +19,7 @@ BINDV6ONLY = "/proc/sys/net/ipv6/bindv6only"
 #: How long the kernel holds a new TCP connection whose client has sent nothing yet
 #: before a worker may accept it (TCP_DEFER_ACCEPT; see `defer_accept`).
 DEFER_ACCEPT_SECONDS = 1
+_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,3 @@ def defer_accept(listeners: Sequence[object], seconds: int = DEFER_ACCEPT_SECOND
             continue
         done += 1
     return done
-
-
-_TCP_FAMILIES = (socket.AF_INET, socket.AF_INET6)

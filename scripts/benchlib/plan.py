@@ -341,8 +341,9 @@ def build_plan(options: Options, pinning: Pinning, granian: str | None) -> Plan:
                 conns = overload.CONNECTIONS if endpoint == "overload" else conns
                 key = section.group.format(cls=cls, endpoint=endpoint)
                 label = config.name.format(n=size)
-                point = Point(name, label, cls, endpoint, workers, threads, conns, command, where)
-                point.group = key
+                point = Point(
+                    name, label, cls, endpoint, workers, threads, conns, command, where, group=key
+                )
                 groups.setdefault(key, []).append(point)
         if section.per_core and not where.server_cpus:
             plan.skipped.append(f"{name}: not pinned ({where.reason})")
