@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from microsvc.http.body import RequestBody
 from microsvc.http.config import HTTPConfig
@@ -37,7 +37,13 @@ log = logging.getLogger("microsvc.http")
 #: Set to True in the environ (by a wrapper of the app) when the application took the
 #: connection over and answered on the socket itself (eventlet.websocket): nothing more
 #: is written, and the connection is closed.
-TAKEN_OVER_KEY = "microsvc.taken_over"
+TAKEN_OVER_KEY: Final = "microsvc.taken_over"
+
+# Names used on every request, bound as Final: compiled, a Final module name is a C
+# variable, any other is looked up in the module's dictionary at each use.
+_perf_counter: Final = time.perf_counter
+_QUEUE_TIME_KEY: Final = QUEUE_TIME_KEY
+_SHED_KEY: Final = SHED_KEY
 
 
 class RequestRecord:
@@ -283,21 +289,31 @@ class HTTPConnection:
             log.exception("Error handling request %s", message.request_line)
             _fail(response)
         finally:
-            if meter is not None and app_started:
-                if environ.get(TAKEN_OVER_KEY):
-                    status = "101"
-                else:
-                    status = str(response.status_code) if response.status_code else "500"
-                try:
-                    meter.record(environ, status, _perf_counter() - app_started)
-                except Exception:
-                    log.exception("Error recording the request's metrics")
-            if slot is not None:
-                waited = environ.get(QUEUE_TIME_KEY)
-                if isinstance(waited, float):
-                    slot.note_queue(waited, environ.get(SHED_KEY) is True)
-                if token:
-                    slot.request_ended(token)
+            if slot is not None or meter is not None:
+                # The queue time the middleware noted; shedding is decided by it.
+                queued = environ.get(_QUEUE_TIME_KEY)
+                waited = queued if isinstance(queued, float) else None
+                shed = waited is not None and environ.get(_SHED_KEY) is True
+                if meter is not None and app_started:
+                    status = response.status_code
+                    if not status:
+                        status = 101 if environ.get(TAKEN_OVER_KEY) else 500
+                    try:
+                        meter.record(
+                            environ,
+                            response.route,
+                            status,
+                            _perf_counter() - app_started,
+                            waited,
+                            shed,
+                        )
+                    except Exception:
+                        log.exception("Error recording the request's metrics")
+                if slot is not None:
+                    if waited is not None:
+                        slot.note_queue(waited, shed)
+                    if token:
+                        slot.request_ended(token)
             after = self._after
             if after is not None:
                 sent = response.headers_sent
@@ -328,9 +344,6 @@ class HTTPConnection:
             except InvalidBody:
                 return False
         return True
-
-
-_perf_counter = time.perf_counter
 
 
 def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) -> bool:

@@ -29,14 +29,14 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
 #: How often the sweeper looks for waits past their deadline, in seconds.
-SWEEP_INTERVAL = 0.1
+SWEEP_INTERVAL: Final = 0.1
 
-_monotonic = time.monotonic
+_monotonic: Final = time.monotonic
 log = logging.getLogger("microsvc.http")
 
 

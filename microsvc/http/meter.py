@@ -2,44 +2,69 @@
 
 `microsvc.metrics.recorder.RequestRecorder` places each series' values in the worker's
 metrics files (shared memory) the first time the series is seen; `PlacedValues` holds
-those places and adds a request to them: its count, its duration in the histogram,
-its queue time, whether it was shed. `RequestMeter` is what microsvc's HTTP engine
-calls once a response has ended (`Hooks.meter`): it names the request's series (method,
-route, status) and records it, through the recorder for a series not placed yet. With
-gunicorn's engine, `microsvc.metrics.wsgi.InstrumentedApp` records through the
-recorder, which uses the same `PlacedValues`.
+those places and adds a request to them: its duration in the series' histogram (whose
+count is the request counter: `microsvc.metrics.instruments`), and its queue time,
+whether it was shed and its end in flight where there is one to note. A request
+writes two floats when nothing else is to be noted: each value a request touches is
+a cache line to fetch on a busy worker, and these cost more than the arithmetic.
+
+`RequestMeter` is what microsvc's HTTP engine calls once a response has ended
+(`Hooks.meter`): it names the request's series (method, route, status) and records it,
+through the recorder for a series not placed yet. With gunicorn's engine,
+`microsvc.metrics.wsgi.InstrumentedApp` records through the recorder, which uses the
+same `PlacedValues`.
 
 A Flask app's route is its URL rule, read while Flask serves the request: the engine's
-`start_response` calls `note_flask_route` (Flask keeps its request object in the
-environ only until the app returns).
+`start_response` reads it with `flask_route` and keeps it on the response (Flask keeps
+its request object in the environ only until the app returns); `InstrumentedApp` notes
+it in the environ (`note_flask_route`).
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
-from microsvc.wsgi import QUEUE_TIME_KEY, ROUTE_KEY, SHED_KEY, Environ
+from microsvc.wsgi import ROUTE_KEY, Environ
 
 #: Where werkzeug keeps the request object of the environ (Flask's has `url_rule`) while
 #: Flask serves the request.
-FLASK_REQUEST_KEY = "werkzeug.request"
+FLASK_REQUEST_KEY: Final = "werkzeug.request"
 
-#: A series' places: counter view and index, histogram view, sum index, bucket indices.
-Series: TypeAlias = "tuple[Any, int, Any, int, tuple[int, ...]]"
-#: The places every request touches: queue-time histogram view, sum index and bucket
+# Names the compiled functions below use on every request, bound as Final: compiled, a
+# Final module name is a C variable, any other is looked up in the module's dictionary
+# at each use.
+_ROUTE_KEY: Final = ROUTE_KEY
+_bisect_left: Final = bisect_left
+#: The status labels, one str per status code, reused: a series' key is then found by
+#: identity, with no new string to make, hash and compare for each request.
+_STATUS_LABELS: Final = {code: str(code) for code in range(100, 600)}
+
+#: A series' places: its histogram's view, sum index and bucket indices. The indices
+#: are ints, typed Any: compiled, they are handed to the view as the objects they are,
+#: not unboxed and boxed again for each request.
+Series: TypeAlias = "tuple[Any, Any, tuple[Any, ...]]"
+#: The places every request may touch: queue-time histogram view, sum index and bucket
 #: indices, shed counter view and index, in-flight gauge view and index (None, 0
 #: without the gauge).
-Fixed: TypeAlias = "tuple[Any, int, tuple[int, ...], Any, int, Any, int]"
+Fixed: TypeAlias = "tuple[Any, Any, tuple[Any, ...], Any, Any, Any, Any]"
 
 
-def note_flask_route(environ: Environ) -> None:
-    """Notes the URL rule Flask matched as the request's route (nothing when none)."""
+def flask_route(environ: Environ) -> str | None:
+    """The URL rule Flask matched for the request of `environ` (None: none)."""
     rule = getattr(environ.get(FLASK_REQUEST_KEY), "url_rule", None)
     if rule is not None:
         route = getattr(rule, "rule", None)
         if isinstance(route, str):
-            environ[ROUTE_KEY] = route
+            return route
+    return None
+
+
+def note_flask_route(environ: Environ) -> None:
+    """Notes the URL rule Flask matched as the request's route (nothing when none)."""
+    route = flask_route(environ)
+    if route is not None:
+        environ[_ROUTE_KEY] = route
 
 
 class PlacedValues:
@@ -49,25 +74,37 @@ class PlacedValues:
     def __init__(self, duration_bounds: tuple[float, ...], queue_bounds: tuple[float, ...]) -> None:
         self.duration_bounds = duration_bounds
         self.queue_bounds = queue_bounds
+        #: A request that took at most this long is in the first bucket, found without a
+        #: search: the requests for which recording costs the most, relatively.
+        self.first_bound = duration_bounds[0] if duration_bounds else float("inf")
         #: Placed series, by (method, route, status).
         self.series: dict[tuple[str, str, str], Series] = {}
-        #: The values every request touches, once placed.
+        #: The values every request may touch, once placed (`place_fixed`).
         self.fixed: Fixed | None = None
+        #: Whether `fixed` has an in-flight gauge (every request ends there).
+        self.gauged = False
+
+    def place_fixed(self, fixed: Fixed) -> None:
+        self.fixed = fixed
+        self.gauged = fixed[5] is not None
 
     def record(
         self, key: tuple[str, str, str], seconds: float, waited: float | None, shed: bool
     ) -> bool:
         """Adds a request to its series; False when the series or the values every
-        request touches are not placed yet (the recorder records it then)."""
+        request may touch are not placed yet (the recorder records it then)."""
         fixed = self.fixed
         series = self.series.get(key)
         if fixed is None or series is None:
             return False
-        counts, count_at, durations, sum_at, buckets = series
-        counts[count_at] += 1.0
+        durations, sum_at, buckets = series
         durations[sum_at] += seconds
-        durations[buckets[bisect_left(self.duration_bounds, seconds)]] += 1.0
-        self.record_fixed(fixed, waited, shed)
+        if seconds <= self.first_bound:
+            durations[buckets[0]] += 1.0
+        else:
+            durations[buckets[_bisect_left(self.duration_bounds, seconds)]] += 1.0
+        if waited is not None or shed or self.gauged:
+            self.record_fixed(fixed, waited, shed)
         return True
 
     def record_fixed(self, fixed: Fixed, waited: float | None, shed: bool) -> None:
@@ -75,7 +112,7 @@ class PlacedValues:
         queue, queue_sum_at, queue_buckets, shed_counts, shed_at, gauges, in_flight_at = fixed
         if waited is not None:
             queue[queue_sum_at] += waited
-            queue[queue_buckets[bisect_left(self.queue_bounds, waited)]] += 1.0
+            queue[queue_buckets[_bisect_left(self.queue_bounds, waited)]] += 1.0
         if shed:
             shed_counts[shed_at] += 1.0
         if gauges is not None:
@@ -84,6 +121,7 @@ class PlacedValues:
     def clear(self) -> None:
         self.series.clear()
         self.fixed = None
+        self.gauged = False
 
 
 class RequestMeter:
@@ -110,20 +148,28 @@ class RequestMeter:
         self.default_route = "(unmatched)" if flask else "(unknown)"
         self.lock = lock
 
-    def record(self, environ: Environ, status: str, seconds: float) -> None:
-        """A response ended: `status`, its three digits (101 for a connection the app
-        took over, 500 when the app failed before it started one), `seconds` from the
-        call of the app to the end of the response."""
+    def record(
+        self,
+        environ: Environ,
+        route: str | None,
+        status: int,
+        seconds: float,
+        waited: float | None,
+        shed: bool,
+    ) -> None:
+        """A response ended: `route`, the one Flask matched (None: the environ's, if it
+        names one), `status`, its code (101 for a connection the app took over, 500 when
+        the app failed before it started a response), `seconds` from the call of the app
+        to the end of the response, `waited` its queue time (None: unknown), `shed`
+        whether it was answered 503 for it."""
         method = environ.get("REQUEST_METHOD")
         if not isinstance(method, str) or method not in self.methods:
             method = "other"
-        route = environ.get(ROUTE_KEY)
-        if not isinstance(route, str):
-            route = self.default_route
-        queued = environ.get(QUEUE_TIME_KEY)
-        waited = queued if isinstance(queued, float) else None
-        shed = bool(environ.get(SHED_KEY))
-        key = (method, route, status)
+        if route is None:
+            named = environ.get(_ROUTE_KEY)
+            route = named if isinstance(named, str) else self.default_route
+        label = _STATUS_LABELS.get(status)
+        key = (method, route, label if label is not None else str(status))
         lock = self.lock
         if lock is None:
             placed = self.placed.record(key, seconds, waited, shed)

@@ -8,6 +8,7 @@ import re
 import socket
 import time
 from collections import deque
+from typing import Final
 from urllib.parse import urlsplit
 
 import httptools
@@ -15,21 +16,21 @@ import httptools
 from microsvc.http.config import HTTPConfig
 from microsvc.http.errors import InvalidBody, RequestError
 
-RECV_SIZE = 65536
+RECV_SIZE: Final = 65536
 
 # RFC 9112 3.2: a request target is printable ASCII; everything else is percent-encoded.
-_TARGET_INVALID = re.compile(r"[^\x21-\x7e]")
+_TARGET_INVALID: Final = re.compile(r"[^\x21-\x7e]")
 # RFC 9110 5.6.2: a header name is a token.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 # RFC 9110 6.5.1: fields that change routing, framing or authentication, not allowed in trailers.
-_FORBIDDEN_TRAILERS = frozenset(
+_FORBIDDEN_TRAILERS: Final = frozenset(
     (b"HOST", b"CONTENT-LENGTH", b"TRANSFER-ENCODING", b"TRAILER", b"AUTHORIZATION", b"TE")
 )
 # RFC 9110 5.3: fields with a single value; a repeat makes the request ambiguous.
-_SINGLETONS = frozenset(("HOST", "CONTENT-TYPE"))
-_WATCHED = frozenset(("HOST", "CONTENT-TYPE", "TRANSFER-ENCODING", "EXPECT"))
-_COMPRESSIONS = frozenset(("gzip", "compress", "deflate", "x-gzip", "x-compress"))
-_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+_SINGLETONS: Final = frozenset(("HOST", "CONTENT-TYPE"))
+_WATCHED: Final = frozenset(("HOST", "CONTENT-TYPE", "TRANSFER-ENCODING", "EXPECT"))
+_COMPRESSIONS: Final = frozenset(("gzip", "compress", "deflate", "x-gzip", "x-compress"))
+_VERSIONS: Final = {"1.1": (1, 1), "1.0": (1, 0)}
 
 
 def split_target(target: str) -> tuple[str, str]:
@@ -87,11 +88,11 @@ class Message:
 # Caches of what requests repeat, bounded in size: method names, header names (raw ->
 # upper-case text and environ key), and origin-form targets already checked (raw ->
 # text, path, query).
-_METHODS: dict[bytes, str] = {}
-_HEADER_NAMES: dict[bytes, tuple[str, str]] = {}
-_TARGETS: dict[bytes, tuple[str, str, str]] = {}
-_CACHE_SIZE = 4096
-_CACHED_TARGET_LENGTH = 256
+_METHODS: Final[dict[bytes, str]] = {}
+_HEADER_NAMES: Final[dict[bytes, tuple[str, str]]] = {}
+_TARGETS: Final[dict[bytes, tuple[str, str, str]]] = {}
+_CACHE_SIZE: Final = 4096
+_CACHED_TARGET_LENGTH: Final = 256
 
 
 def _origin_target(url: bytes) -> tuple[str, str, str]:

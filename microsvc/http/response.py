@@ -9,23 +9,23 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
 from email.utils import formatdate
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from microsvc.http.errors import ConnectionLost, ResponseError
-from microsvc.http.meter import note_flask_route
+from microsvc.http.meter import flask_route
 from microsvc.http.parser import Message
 from microsvc.wsgi import Environ, ExcInfo
 
 WriteCallable = Callable[[bytes], None]
 
 # RFC 9110 5.6.2: a field name is a token.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
+_TOKEN: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-zA-Z]+")
 # RFC 9110 5.5: a field value is VCHAR, obs-text, SP and HTAB: no CR, LF, NUL or controls.
-_FIELD_VALUE = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
+_FIELD_VALUE: Final = re.compile(r"[ \t\x21-\x7e\x80-\xff]*")
 # RFC 9112 4: three digits, then a single space and a reason phrase (PEP 3333).
-_STATUS = re.compile(r"[0-9]{3}(?: [ \t\x21-\x7e\x80-\xff]*)?")
+_STATUS: Final = re.compile(r"[0-9]{3}(?: [ \t\x21-\x7e\x80-\xff]*)?")
 # Hop-by-hop fields belong to the connection, which is this server's to describe.
-_HOP_BY_HOP = frozenset(
+_HOP_BY_HOP: Final = frozenset(
     (
         "connection",
         "keep-alive",
@@ -39,7 +39,7 @@ _HOP_BY_HOP = frozenset(
     )
 )
 
-_date_cache: list[Any] = [0, b"", b""]
+_date_cache: Final[list[Any]] = [0, b"", b""]
 
 
 def http_date() -> bytes:
@@ -67,15 +67,15 @@ def _set_date(now: int) -> None:
     _date_cache[0] = now
 
 
-_time = time.time
+_time: Final = time.time
 
 # Validated status lines: status -> (code, the status line as sent).
-_STATUSES: dict[str, tuple[int, bytes]] = {}
+_STATUSES: Final[dict[str, tuple[int, bytes]]] = {}
 # Validated (name, value) pairs -> (lower-case name, the header line as sent): most
 # responses repeat them.
-_CHECKED_HEADERS: dict[object, tuple[str, bytes]] = {}
-_CACHE_SIZE = 4096
-_FRAMING = _HOP_BY_HOP | {"content-length"}
+_CHECKED_HEADERS: Final[dict[object, tuple[str, bytes]]] = {}
+_CACHE_SIZE: Final = 4096
+_FRAMING: Final = _HOP_BY_HOP | {"content-length"}
 
 
 def _check_status(status: str) -> tuple[int, bytes]:
@@ -126,6 +126,7 @@ class Response:
         "keep_alive",
         "message",
         "omits_body",
+        "route",
         "route_environ",
         "sent",
         "status",
@@ -145,9 +146,11 @@ class Response:
         self.omits_body = False
         self.keep_alive = not message.close_after
         self.sent = 0  # body bytes sent, framing excluded
-        #: The environ to note a Flask app's route in when the app starts its response
-        #: (`meter.note_flask_route`); None: nothing to note.
+        #: The environ to read a Flask app's route from when the app starts its response
+        #: (`meter.flask_route`); None: nothing to read.
         self.route_environ: Environ | None = None
+        #: The route read from it, if Flask matched one.
+        self.route: str | None = None
 
     def start_response(
         self,
@@ -170,7 +173,7 @@ class Response:
         route_environ = self.route_environ
         if route_environ is not None:
             self.route_environ = None
-            note_flask_route(route_environ)
+            self.route = flask_route(route_environ)
         if type(status) is not str:
             raise ResponseError(f"invalid status line {status!r}")
         checked = _STATUSES.get(status)

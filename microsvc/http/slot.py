@@ -23,24 +23,29 @@ import time
 from typing import Final
 
 #: A worker's states, as its slot holds them, and their names.
-STATES = ("free", "booting", "idle", "busy", "stopping")
-FREE, BOOTING, IDLE, BUSY, STOPPING = range(5)
+STATES: Final = ("free", "booting", "idle", "busy", "stopping")
+FREE: Final = 0
+BOOTING: Final = 1
+IDLE: Final = 2
+BUSY: Final = 3
+STOPPING: Final = 4
 
 #: Each part of the scoreboard starts with its sequence counter (the seqlock).
-SEQ = struct.Struct("=Q")
+SEQ: Final = struct.Struct("=Q")
 # The worker part, at the slot's start: pid, generation, started, stop reason; then what
 # changes with each request: state, in flight, requests, start of the request shown (0:
 # none), and that request's method, path and request id.
-W_STATIC = struct.Struct("=i I d 16s")
-W_DYN = struct.Struct("=B I Q d")
-W_DYNREQ = struct.Struct("=B I Q d 16s 192s 64s")
-WORKER = struct.Struct("=i I d 16s B I Q d 16s 192s 64s")
-DYN_AT = SEQ.size + W_STATIC.size
+W_STATIC: Final = struct.Struct("=i I d 16s")
+W_DYN: Final = struct.Struct("=B I Q d")
+W_DYNREQ: Final = struct.Struct("=B I Q d 16s 192s 64s")
+WORKER: Final = struct.Struct("=i I d 16s B I Q d 16s 192s 64s")
+DYN_AT: Final = SEQ.size + W_STATIC.size
 # The queue part, in the worker's half of its slot: pid, queue time of its last request
 # that had one, when (epoch seconds), requests it shed.
-QUEUE = struct.Struct("=i d d Q")
-QUEUE_AT = 448
+QUEUE: Final = struct.Struct("=i d d Q")
+QUEUE_AT: Final = 448
 assert SEQ.size + WORKER.size <= QUEUE_AT
+assert STATES[FREE] == "free" and STATES[STOPPING] == "stopping"
 
 _SEQ_SIZE: Final = SEQ.size
 _ENCODING: Final = "latin-1"

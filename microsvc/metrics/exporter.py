@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from microsvc.metrics.instruments import request_counter
 from microsvc.metrics.store import MetricsStore
 from microsvc.serving.binding import bind_tcp
 
@@ -198,9 +199,9 @@ def _wait_for_exit(process: subprocess.Popen[bytes], timeout: float) -> bool:
 IN_FLIGHT = "microsvc_http_requests_in_flight"
 
 
-class _Collector:
+class StoreCollector:
     """The store's files, summed under its shared lock (`skip`: names of metrics read
-    elsewhere)."""
+    elsewhere), and the request counter read from them (`request_counter`)."""
 
     def __init__(self, store: MetricsStore, skip: frozenset[str] = frozenset()) -> None:
         from prometheus_client.multiprocess import MultiProcessCollector
@@ -211,7 +212,9 @@ class _Collector:
 
     def collect(self) -> Any:
         with self.store.reading():
-            return [family for family in self._files.collect() if family.name not in self.skip]
+            families = [f for f in self._files.collect() if f.name not in self.skip]
+        counter = request_counter(families)
+        return families if counter is None else [*families, counter]
 
 
 class _ScoreboardCollector:
@@ -344,7 +347,7 @@ def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = N
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(
-        _Collector(store, frozenset() if scoreboard is None else frozenset({IN_FLIGHT}))
+        StoreCollector(store, frozenset() if scoreboard is None else frozenset({IN_FLIGHT}))
     )
     if scoreboard is not None:
         registry.register(_ScoreboardCollector(scoreboard))

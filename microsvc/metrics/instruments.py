@@ -4,15 +4,23 @@ Workers record requests (`RequestMetrics`); the master records its workers
 (`ServerMetrics`). Both write prometheus_client multiprocess files: create them only
 after `enable_multiprocess()`. They are registered in no registry of this process;
 the exporter reads what every process wrote.
+
+The request counter, `microsvc_http_requests_total`, is not written by anyone: every
+request answered is observed once in the duration histogram of its series (method,
+route, status), so the counter is that histogram's count, exported as a counter of its
+own (`request_counter`). A request costs one write less, and the two can never disagree.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
 from prometheus_client import values as prometheus_values
+from prometheus_client.core import CounterMetricFamily
 
 from microsvc.observe.scoreboard import REASONS
 
@@ -51,25 +59,56 @@ def enable_multiprocess(directory: str) -> None:
         prometheus_values.ValueClass = prometheus_values.MultiProcessValue()
 
 
+#: The labels of a request's series.
+REQUEST_LABELS = ("method", "route", "status")
+#: The request counter (`request_counter`) and the histogram it is read from.
+REQUESTS = "microsvc_http_requests"
+DURATION = "microsvc_http_request_duration_seconds"
+
+
+def request_counter(families: Iterable[Any]) -> CounterMetricFamily | None:
+    """The request counter, by method, route and status: the count of each series of the
+    duration histogram among `families` (None when it is not among them)."""
+    for family in families:
+        if family.name != DURATION:
+            continue
+        counter = CounterMetricFamily(
+            REQUESTS, "HTTP requests answered, by method, route and status.", labels=REQUEST_LABELS
+        )
+        count = DURATION + "_count"
+        for sample in family.samples:
+            if sample.name == count:
+                counter.add_metric([sample.labels[label] for label in REQUEST_LABELS], sample.value)
+        return counter
+    return None
+
+
+class _RequestCounter:
+    """`request_counter` of a histogram in this process's registry."""
+
+    def __init__(self, duration: prometheus_client.Histogram) -> None:
+        self.duration = duration
+
+    def collect(self) -> list[CounterMetricFamily]:
+        counter = request_counter(self.duration.collect())
+        return [] if counter is None else [counter]
+
+
 class RequestMetrics:
     """What a worker records about the requests it serves (`registry`: where to
-    register them too, for reading them in this process)."""
+    register them too, for reading them in this process). The request counter is read
+    from `duration` (see the module docstring)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        labels = ("method", "route", "status")
-        self.requests = prometheus_client.Counter(
-            "microsvc_http_requests",
-            "HTTP requests answered, by method, route and status.",
-            labels,
-            registry=registry,
-        )
         self.duration = prometheus_client.Histogram(
-            "microsvc_http_request_duration_seconds",
+            DURATION,
             "Time from receiving an HTTP request to sending the end of its response.",
-            labels,
+            REQUEST_LABELS,
             buckets=DURATION_BUCKETS,
             registry=registry,
         )
+        if registry is not None:
+            registry.register(_RequestCounter(self.duration))
         self.in_flight = prometheus_client.Gauge(
             "microsvc_http_requests_in_flight",
             "HTTP requests being served right now, in all workers.",

@@ -2,14 +2,16 @@
 
 `RequestRecorder` writes what microsvc's HTTP engine (`microsvc.http.meter`) or, with
 gunicorn's engine, `InstrumentedApp` measured into the metrics of
-`RequestMetrics`: the request counter and duration histogram of the request's series
-(method, route, status), the queue-time histogram, the shed counter and, with `in_flight`,
+`RequestMetrics`: the duration histogram of the request's series (method, route,
+status; its count is the request counter), the queue-time histogram, the shed counter
+and, with `in_flight`,
 the in-flight gauge (under `--metrics` with a scoreboard the exporter reads requests in
 flight from the scoreboard, where each worker notes them anyway, and workers leave the
 gauge alone). In prometheus_client's multiprocess mode (always, under `--metrics`) it writes
 each value in place in the worker's own files (`store.InPlaceValues`): the places of a
 series are looked up once, the first time the series is seen, and a request then costs
-a dictionary lookup, a bucket search and a few float additions in shared memory. Threads
+a dictionary lookup, a bucket search and two float additions in shared memory (more
+when it has a queue time, was shed, or `in_flight` is kept). Threads
 of a gthread worker record at the same time and write under a lock; a worker with one
 thread (sync) or green threads (gevent, eventlet: none switches to another in the middle
 of a write) needs none, as for the scoreboard (`threads`: None decides in the worker, on
@@ -18,8 +20,8 @@ its first request, as `Scoreboard.attach` does).
 Nothing is buffered: a value is in the worker's file, where the exporter reads it, as
 soon as the request is recorded. A worker killed with SIGKILL loses only what it had
 not recorded yet: its requests in flight, and at most one request whose values were
-being written at that moment (one thread writes at a time): its count may
-be in the file without its duration, or the other way round.
+being written at that moment (one thread writes at a time): its duration may be in
+the file without its bucket, or the other way round.
 
 Without multiprocess mode (metrics read in the same process, as tests do), or when a
 value cannot be placed, it records through prometheus_client's own methods.
@@ -65,8 +67,8 @@ class RequestRecorder:
         self.placed = PlacedValues(
             tuple(metrics.duration._upper_bounds), tuple(metrics.queue_time._upper_bounds)
         )
-        #: Series written through their metrics (counter, histogram).
-        self._unplaced: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        #: Series written through their histogram.
+        self._unplaced: dict[tuple[str, str, str], Any] = {}
         #: False once the fixed values could not be placed: all goes through the metrics.
         self._in_place = True
         _recorders.add(self)
@@ -119,9 +121,7 @@ class RequestRecorder:
         if self.placed.record(key, seconds, waited, shed):
             return
         # The series could not be placed (a series is placed only with the fixed values).
-        counter, histogram = self._unplaced[key]
-        counter.inc()
-        histogram.observe(seconds)
+        self._unplaced[key].observe(seconds)
         if fixed is not None:
             self.placed.record_fixed(fixed, waited, shed)
             return
@@ -145,19 +145,18 @@ class RequestRecorder:
         if in_flight is None or queue is None or shed is None:
             self._in_place = False
             return None
-        fixed = self.placed.fixed = (*queue, *shed, *in_flight)
+        fixed: Fixed = (*queue, *shed, *in_flight)
+        self.placed.place_fixed(fixed)
         return fixed
 
     def _add_series(self, key: tuple[str, str, str], *, placing: bool) -> None:
-        counter = self.metrics.requests.labels(*key)
         histogram = self.metrics.duration.labels(*key)
         if placing:
-            count = self._places.place(counter._value)
             durations = self._place_histogram(histogram)
-            if count is not None and durations is not None:
-                self.placed.series[key] = (*count, *durations)
+            if durations is not None:
+                self.placed.series[key] = durations
                 return
-        self._unplaced[key] = (counter, histogram)
+        self._unplaced[key] = histogram
 
     def _place_histogram(
         self, histogram: Any

@@ -160,7 +160,7 @@ def test_requests_in_flight_are_read_from_the_scoreboard_not_the_files(tmp_path:
         board.request_started(b"GET", b"/a", b"")
         board.request_started(b"GET", b"/b", b"")
         registry = CollectorRegistry(auto_describe=True)
-        registry.register(exporter_module._Collector(store, frozenset({IN_FLIGHT})))
+        registry.register(exporter_module.StoreCollector(store, frozenset({IN_FLIGHT})))
         registry.register(exporter_module._ScoreboardCollector(board.path))
         text = generate_latest(registry).decode()
     finally:

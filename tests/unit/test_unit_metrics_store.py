@@ -18,9 +18,9 @@ import pytest
 from flask import Flask
 from prometheus_client import values as prometheus_values
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
-from prometheus_client.multiprocess import MultiProcessCollector
 
 from microsvc.demo import bare
+from microsvc.metrics.exporter import StoreCollector
 from microsvc.metrics.store import MetricsStore
 from microsvc.metrics.wsgi import InstrumentedApp
 from microsvc.serving import middleware
@@ -52,7 +52,7 @@ def write(
 
 
 def totals(store: MetricsStore) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    collected = MultiProcessCollector(None, path=str(store.path)).collect()
+    collected = StoreCollector(store).collect()  # what the exporter serves
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in collected
@@ -318,6 +318,30 @@ def request_totals(store: MetricsStore, route: str, status: str) -> tuple[float,
     count = found.get(("microsvc_http_requests_total", labels), 0.0)
     observed = found.get(("microsvc_http_request_duration_seconds_count", labels), 0.0)
     return count, observed
+
+
+def test_the_request_counter_is_read_from_the_histogram_and_never_written(
+    store: MetricsStore, multiprocess: Any
+) -> None:
+    app = instrumented_flask()
+    for item in range(5):
+        assert serve_one(app, f"/items/{item}") == "200 OK"
+    assert serve_one(app, "/nope").startswith("404")
+    written = {
+        key
+        for path in store.path.glob("*.db")
+        for key, *_rest in MmapedDict.read_all_values_from_file(str(path))
+    }
+    assert not any('"microsvc_http_requests"' in key for key in written)
+    found = totals(store)
+    counted = {k: v for k, v in found.items() if k[0] == "microsvc_http_requests_total"}
+    observed = {
+        ("microsvc_http_requests_total", labels): value
+        for (name, labels), value in found.items()
+        if name == "microsvc_http_request_duration_seconds_count"
+    }
+    assert counted == observed
+    assert sum(counted.values()) == 6
 
 
 def test_requests_are_written_in_place_and_add_up_exactly(
