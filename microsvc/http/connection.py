@@ -295,9 +295,14 @@ class HTTPConnection:
                 waited = queued if isinstance(queued, float) else None
                 shed = waited is not None and environ.get(_SHED_KEY) is True
                 if meter is not None and app_started:
-                    status = response.status_code
-                    if not status:
-                        status = 101 if environ.get(TAKEN_OVER_KEY) else 500
+                    # 101: the app took the connection over (seen when it returned, or,
+                    # when it raised, in the environ), whatever status it started.
+                    if response.taken_over or (
+                        not response.status_code and environ.get(TAKEN_OVER_KEY)
+                    ):
+                        status = 101
+                    else:
+                        status = response.status_code or 500
                     try:
                         meter.record(
                             environ,
@@ -351,6 +356,7 @@ def _run_app(app: WSGIApp, environ: Environ, response: Response, plain: bool) ->
     result: Iterable[object] = app(environ, response.start_response)
     try:
         if environ.get(TAKEN_OVER_KEY):
+            response.taken_over = True
             return False  # the app answered on the socket itself: write nothing more
         if type(result) is list and len(result) == 1:
             response.finish_one(result[0])

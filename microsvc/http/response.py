@@ -131,6 +131,7 @@ class Response:
         "sent",
         "status",
         "status_code",
+        "taken_over",
     )
 
     def __init__(self, sock: socket.socket, message: Message, server_header: bytes) -> None:
@@ -151,6 +152,8 @@ class Response:
         self.route_environ: Environ | None = None
         #: The route read from it, if Flask matched one.
         self.route: str | None = None
+        #: Whether the app took the connection over (`connection.TAKEN_OVER_KEY`).
+        self.taken_over = False
 
     def start_response(
         self,

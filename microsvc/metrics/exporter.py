@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from microsvc.metrics.instruments import request_counter
+from microsvc.metrics.instruments import REQUESTS, request_counter
 from microsvc.metrics.store import MetricsStore
 from microsvc.serving.binding import bind_tcp
 
@@ -201,7 +201,9 @@ IN_FLIGHT = "microsvc_http_requests_in_flight"
 
 class StoreCollector:
     """The store's files, summed under its shared lock (`skip`: names of metrics read
-    elsewhere), and the request counter read from them (`request_counter`)."""
+    elsewhere), and the request counter read from them (`request_counter`): a counter
+    of that name in the files (written by workers of an earlier microsvc, still running
+    after an upgrade in place) is left out, as the histogram counts their requests too."""
 
     def __init__(self, store: MetricsStore, skip: frozenset[str] = frozenset()) -> None:
         from prometheus_client.multiprocess import MultiProcessCollector
@@ -212,7 +214,9 @@ class StoreCollector:
 
     def collect(self) -> Any:
         with self.store.reading():
-            families = [f for f in self._files.collect() if f.name not in self.skip]
+            families = [
+                f for f in self._files.collect() if f.name not in self.skip and f.name != REQUESTS
+            ]
         counter = request_counter(families)
         return families if counter is None else [*families, counter]
 

@@ -68,7 +68,8 @@ DURATION = "microsvc_http_request_duration_seconds"
 
 def request_counter(families: Iterable[Any]) -> CounterMetricFamily | None:
     """The request counter, by method, route and status: the count of each series of the
-    duration histogram among `families` (None when it is not among them)."""
+    duration histogram among `families` (None when it is not among them). A series
+    without the three labels is left out."""
     for family in families:
         if family.name != DURATION:
             continue
@@ -77,8 +78,9 @@ def request_counter(families: Iterable[Any]) -> CounterMetricFamily | None:
         )
         count = DURATION + "_count"
         for sample in family.samples:
-            if sample.name == count:
-                counter.add_metric([sample.labels[label] for label in REQUEST_LABELS], sample.value)
+            values = [sample.labels.get(label) for label in REQUEST_LABELS]
+            if sample.name == count and None not in values:
+                counter.add_metric(values, sample.value)
         return counter
     return None
 

@@ -10,11 +10,11 @@ from typing import Any
 from flask import Flask
 from prometheus_client import CollectorRegistry
 
-from microsvc.http import Hooks, HTTPConfig, serve_connection
+from microsvc.http import TAKEN_OVER_KEY, Hooks, HTTPConfig, serve_connection
 from microsvc.http.meter import RequestMeter
 from microsvc.metrics.instruments import METHODS, RequestMetrics
 from microsvc.metrics.recorder import RequestRecorder
-from microsvc.serving.middleware import QUEUE_TIME_KEY, ROUTE_KEY
+from microsvc.serving.middleware import QUEUE_TIME_KEY, ROUTE_KEY, SHED_KEY
 
 
 def flask_app() -> Flask:
@@ -113,3 +113,27 @@ def test_other_apps_name_their_route_and_a_failure_before_the_response_is_a_500(
     assert requests(registry, "GET", "(unknown)", "201") == 1
     assert requests(registry, "GET", "(unknown)", "500") == 1
     assert registry.get_sample_value("microsvc_http_request_queue_seconds_count") == 2
+
+
+def test_a_connection_the_app_took_over_counts_as_101_and_a_shed_request_as_shed() -> None:
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        if environ["PATH_INFO"] == "/ws":
+            # As eventlet.websocket does, answered on the socket itself (here after
+            # starting a response it never sends).
+            start_response("200 OK", [])
+            environ[TAKEN_OVER_KEY] = True
+            environ["gunicorn.socket"].sendall(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+            return []
+        environ[QUEUE_TIME_KEY] = 3.0
+        environ[SHED_KEY] = True
+        environ[ROUTE_KEY] = "(shed)"
+        start_response("503 Service Unavailable", [("Content-Length", "0")])
+        return [b""]
+
+    meter, registry = metered(app, flask=False)
+    raw = serve(app, meter, b"GET /busy HTTP/1.1\r\n\r\nGET /ws HTTP/1.1\r\n\r\n")
+    assert raw.count(b"HTTP/1.1 ") == 2
+    assert requests(registry, "GET", "(unknown)", "101") == 1
+    assert requests(registry, "GET", "(shed)", "503") == 1
+    assert registry.get_sample_value("microsvc_http_requests_shed_total") == 1
+    assert registry.get_sample_value("microsvc_http_request_queue_seconds_count") == 1

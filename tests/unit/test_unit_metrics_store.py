@@ -344,6 +344,29 @@ def test_the_request_counter_is_read_from_the_histogram_and_never_written(
     assert sum(counted.values()) == 6
 
 
+def test_a_request_counter_left_in_the_files_is_not_exported_twice(
+    store: MetricsStore, multiprocess: Any
+) -> None:
+    app = instrumented_flask()
+    for item in range(3):
+        assert serve_one(app, f"/items/{item}") == "200 OK"
+    # What a worker of an earlier microsvc, still running after an upgrade, writes.
+    stale = MmapedDict(str(store.path / f"counter_{dead_pid()}.db"))
+    labels = ["method", "route", "status"]
+    key = mmap_key(
+        "microsvc_http_requests",
+        "microsvc_http_requests_total",
+        labels,
+        ["GET", "/items/<int:item>", "200"],
+        "help",
+    )
+    stale.write_value(key, 3.0, 0.0)
+    stale.close()
+    families = [family.name for family in StoreCollector(store).collect()]
+    assert families.count("microsvc_http_requests") == 1
+    assert request_totals(store, "/items/<int:item>", "200") == (3, 3)
+
+
 def test_requests_are_written_in_place_and_add_up_exactly(
     store: MetricsStore, multiprocess: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
