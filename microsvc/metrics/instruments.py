@@ -78,8 +78,10 @@ def request_counter(families: Iterable[Any]) -> CounterMetricFamily | None:
         )
         count = DURATION + "_count"
         for sample in family.samples:
+            if sample.name != count:
+                continue
             values = [sample.labels.get(label) for label in REQUEST_LABELS]
-            if sample.name == count and None not in values:
+            if None not in values:
                 counter.add_metric(values, sample.value)
         return counter
     return None

@@ -1,21 +1,20 @@
 """Recording a worker's request metrics at a small, fixed cost per request.
 
 `RequestRecorder` writes what microsvc's HTTP engine (`microsvc.http.meter`) or, with
-gunicorn's engine, `InstrumentedApp` measured into the metrics of
-`RequestMetrics`: the duration histogram of the request's series (method, route,
-status; its count is the request counter), the queue-time histogram, the shed counter
-and, with `in_flight`,
-the in-flight gauge (under `--metrics` with a scoreboard the exporter reads requests in
+gunicorn's engine, `InstrumentedApp` measured into the metrics of `RequestMetrics`: the
+duration histogram of the request's series (method, route, status; its count is the
+request counter), the queue-time histogram, the shed counter and, with `in_flight`, the
+in-flight gauge (under `--metrics` with a scoreboard the exporter reads requests in
 flight from the scoreboard, where each worker notes them anyway, and workers leave the
-gauge alone). In prometheus_client's multiprocess mode (always, under `--metrics`) it writes
-each value in place in the worker's own files (`store.InPlaceValues`): the places of a
-series are looked up once, the first time the series is seen, and a request then costs
-a dictionary lookup, a bucket search and two float additions in shared memory (more
-when it has a queue time, was shed, or `in_flight` is kept). Threads
-of a gthread worker record at the same time and write under a lock; a worker with one
-thread (sync) or green threads (gevent, eventlet: none switches to another in the middle
-of a write) needs none, as for the scoreboard (`threads`: None decides in the worker, on
-its first request, as `Scoreboard.attach` does).
+gauge alone). In prometheus_client's multiprocess mode (always, under `--metrics`) it
+writes each value in place in the worker's own files (`store.InPlaceValues`): the places
+of a series are looked up once, the first time the series is seen, and a request then
+costs a dictionary lookup, a bucket search and two float additions in shared memory
+(more when it has a queue time, was shed, or `in_flight` is kept). Threads of a gthread
+worker record at the same time and write under a lock; a worker with one thread (sync)
+or green threads (gevent, eventlet: none switches to another in the middle of a write)
+needs none, as for the scoreboard (`threads`: None decides in the worker, on its first
+request, as `Scoreboard.attach` does).
 
 Nothing is buffered: a value is in the worker's file, where the exporter reads it, as
 soon as the request is recorded. A worker killed with SIGKILL loses only what it had
