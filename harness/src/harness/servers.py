@@ -232,6 +232,21 @@ class Server:
             return []
         return [child for child in children if _is_running(child)]
 
+    def worker_pids(self) -> set[int]:
+        """The pids of `workers()`."""
+        return {worker.pid for worker in self.workers()}
+
+    def wait_new_workers(self, before: set[int], deadline: float = 20.0) -> set[int]:
+        """Wait until a child whose pid is not in `before` is running (a replacement,
+        which the master starts once the worker it replaces has exited); return the new
+        pids, empty if none came within `deadline` seconds."""
+        end = time.monotonic() + deadline
+        while True:
+            new = self.worker_pids() - before
+            if new or time.monotonic() > end or self.proc.poll() is not None:
+                return new
+            time.sleep(0.1)
+
     def cpu_seconds(self) -> float:
         """CPU time (user + system) used so far by the master and its living children;
         the difference of two readings is what the server used in between."""
