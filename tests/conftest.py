@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -108,6 +109,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a non-interactive shell inherits SIGINT
+    # ignored, and so would every process it starts: Ctrl-C (SIGINT) would not reach a
+    # `microsvc status --watch` under test. A handled signal is reset to its default in
+    # a child at exec, where Python installs its own handler again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers", "both_engines: the test runs once on each HTTP engine (microsvc, gunicorn)"
     )

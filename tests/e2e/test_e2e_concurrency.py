@@ -99,6 +99,7 @@ def check_all_ok(result: Burst, server: Server) -> None:
 
 def test_sync_serves_as_many_at_once_as_it_has_workers(serve: ServeFactory) -> None:
     server = serve(["-k", "sync", "--workers", "5"])
+    server.wait_booted()
     result = burst(server.port, f"/io?ms={SLEEP_MS}")
     print(f"sync --workers 5: {result.summary()}")
     check_all_ok(result, server)
@@ -149,6 +150,7 @@ def test_connections_whose_requests_come_late_are_spread_over_the_workers(
     # accepts): one worker cannot take every silent connection while the others idle,
     # and then serve their requests one after another.
     server = serve(options)
+    server.wait_booted()  # spread over the workers: all of them must serve
     clients = 4 * at_once
     seconds, pids = late_requests(server.port, f"/io?ms={SLEEP_MS}", clients)
     counts = sorted((pids.count(pid) for pid in set(pids)), reverse=True)
@@ -162,6 +164,7 @@ def test_connections_whose_requests_come_late_are_spread_over_the_workers(
 
 def test_gthread_serves_workers_times_threads_at_once_on_every_worker(serve: ServeFactory) -> None:
     server = serve(["-k", "gthread", "--workers", "2", "--threads", "5"])
+    server.wait_booted()
     result = burst(server.port, f"/io?ms={SLEEP_MS}")
     print(f"gthread --workers 2 --threads 5: {result.summary()}")
     check_all_ok(result, server)

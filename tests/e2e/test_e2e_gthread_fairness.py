@@ -81,10 +81,13 @@ def test_new_clients_are_served_while_kept_alive_clients_keep_every_thread_busy(
 
     def keep_busy(index: int, sock: socket.socket) -> None:
         try:
-            while not stop.is_set():
+            # At least one request each, even a client whose thread starts as the test ends.
+            while True:
                 sock.sendall(REQUEST)
                 read_response(sock)
                 served[index] += 1
+                if stop.is_set():
+                    break
         except OSError as exc:
             errors.append(f"client {index}: {exc!r}")
 

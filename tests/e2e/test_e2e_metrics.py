@@ -206,11 +206,15 @@ def test_totals_equal_requests_sent_through_three_workers_and_recycles(
     assert scraped.exits()["max-requests"] >= 2
     assert scraped.value("microsvc_worker_starts_total") == 3 + sum(scraped.exits().values())
 
-    # The files of exited workers were folded away: only live processes and the archive.
+    # The files of exited workers were folded away: only live processes and the archive
+    # (a worker may still be exiting: gunicorn's engine logs its recycle after the response).
     store = store_of(server)
-    live = {server.pid} | {worker.pid for worker in server.workers()}
-    pids = {path.stem.rsplit("_", 1)[1] for path in store.glob("*.db")}
-    assert pids <= {str(pid) for pid in live} | {"archive"}, (pids, live)
+
+    def folded() -> bool:
+        live = {str(pid) for pid in {server.pid} | server.worker_pids()} | {"archive"}
+        return {path.stem.rsplit("_", 1)[1] for path in store.glob("*.db")} <= live
+
+    wait_for(folded, "the files of exited workers to be folded away", server)
 
     assert server.stop() == 0
     assert not store.exists(), "the store outlived the server"
@@ -401,21 +405,29 @@ def test_the_apps_gauges_of_recycled_workers_are_folded_or_dropped(
         exits = scraped.exits()["max-requests"]
         return scraped if exits == recycles and scraped.value("microsvc_workers") == 2 else None
 
-    scraped = wait_for(settled, "every recycled worker to be counted and replaced", server)
+    store = store_of(server)
+
+    def quiet() -> tuple[Scrape, list[str]] | None:
+        # `all` gauges: no series of an ended worker; files: those of the processes
+        # running now, and one archive per type and mode. A worker may still be exiting
+        # (gunicorn's engine logs its recycle after the response): looked at again.
+        scraped = settled()
+        if scraped is None:
+            return None
+        live = {str(pid) for pid in server.worker_pids()}
+        per_worker = {
+            dict(labels)["pid"]
+            for (sample, labels), _ in scraped.samples.items()
+            if sample == "app_worker_pid"
+        }
+        gauges = sorted(path.name for path in store.glob("gauge_*.db"))
+        owners = {name.rsplit("_", 1)[1].removesuffix(".db") for name in gauges}
+        if per_worker <= live and owners <= live | {str(server.pid), "archive"}:
+            return scraped, gauges
+        return None
+
+    scraped, gauges = wait_for(quiet, "ended workers to leave no series nor file", server)
     assert scraped.value("app_served") == 60  # `sum`: the values of ended workers are kept
     assert scraped.value("app_highest_pid") == max(served)  # `max`: likewise
-    live = {str(worker.pid) for worker in server.workers()}
-    per_worker = {
-        dict(labels)["pid"]
-        for (sample, labels), _ in scraped.samples.items()
-        if sample == "app_worker_pid"
-    }
-    assert per_worker <= live, (per_worker, live)  # `all`: no series of an ended worker
-
-    # Files: those of the processes running now, and one archive per type and mode.
-    store = store_of(server)
-    gauges = sorted(path.name for path in store.glob("gauge_*.db"))
-    owners = {name.rsplit("_", 1)[1].removesuffix(".db") for name in gauges}
-    assert owners <= live | {str(server.pid), "archive"}, gauges
     archives = [name for name in gauges if name.endswith("_archive.db")]
     assert archives == ["gauge_max_archive.db", "gauge_sum_archive.db"], gauges

@@ -275,9 +275,9 @@ def test_status_shows_the_queue_time_of_the_last_request(serve: Any, own_runtime
     """With nothing else reading queue times (no metrics, no access log, no shedding) a
     worker measures them for one request per 10 ms at most: three slow requests at once
     to one sync worker, the last waits in the listen queue for the two before it, and
-    status shows that wait."""
+    status shows that wait (about 2 s; at least 1 s however late the clients start)."""
     server = serve(["-k", "sync", "--workers", "1"], env={"XDG_RUNTIME_DIR": str(own_runtime)})
-    slow = [SlowRequest(server.url, ms=600) for _ in range(3)]
+    slow = [SlowRequest(server.url, ms=1000) for _ in range(3)]
     for request in slow:
         request.join()
     assert [request.status for request in slow] == [200, 200, 200]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -171,12 +172,15 @@ def test_autoscale_follows_a_step_of_load_and_fails_no_request(
 
     # a step of load: 16 connections on 100 ms requests, four times what one worker serves
     url = f"{server.url}/io?ms=100"
-    step = wrk.start(url, seconds=10, connections=16, threads=2, timeout=10)
+    # Each step up waits for the worker started before it to boot: long enough for a slow
+    # machine, and SIGINT ends the load (with its figures) once the count is at the top.
+    step = wrk.start(url, seconds=40, connections=16, threads=2, timeout=10)
     up_s = wait_for_workers(server, 2, deadline=10)
-    full_s = wait_for_workers(server, MOST, deadline=15)
+    full_s = wait_for_workers(server, MOST, deadline=30)
     loaded = status(server, runtime_dir)
-    assert loaded["autoscale"]["target"] == MOST, loaded["autoscale"]
+    step.proc.send_signal(signal.SIGINT)
     peak = step.result()
+    assert loaded["autoscale"]["target"] == MOST, loaded["autoscale"]
 
     # light load while the count falls again: workers retire with requests in flight
     light = wrk.start(url, seconds=COOLDOWN_S + 6, connections=1, threads=1, timeout=10)

@@ -98,6 +98,9 @@ def test_sigterm_with_slow_requests_in_flight_completes_them_all(
     server = serve(args)
     workers = int(args[args.index("--workers") + 1])
     assert server.wait_workers(workers, stable_for=0.5, deadline=20) == workers, server.describe()
+    # Every worker must be able to take a request: the slow requests start one by one and
+    # the first ends after SLOW_MS.
+    server.wait_booted()
 
     clients = SlowClients()
     threads = [

@@ -96,4 +96,10 @@ def test_usr2_upgrade_under_load_loses_no_request(
     assert psutil.pid_exists(new), server.describe()
     with requests.get(server.url + "/", timeout=10) as response:
         assert response.text == str(new), server.describe()
-    assert "Master has been promoted" in server.log_text()
+    # The new master notices its parent is gone on its next turn (at least once a second).
+    wait_for(
+        lambda: "Master has been promoted" in server.log_text(),
+        "the promotion of the new master",
+        server.describe,
+        deadline=10,
+    )

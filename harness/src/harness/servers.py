@@ -210,6 +210,11 @@ class Server:
                 raise HarnessError(f"no log line matches {pattern!r}: {self.describe()}")
             time.sleep(0.1)
 
+    def wait_booted(self, deadline: float = 30.0) -> None:
+        """Wait until the master logs that all its workers have booted (each imported the
+        app and serves): a forked worker counts in `workers()` before it can answer."""
+        self.wait_log(r"Ready: \d+ workers booted", deadline)
+
     def wait_metrics(self, deadline: float = START_DEADLINE) -> int:
         """With --metrics on a loopback address: wait until the exporter answers 200 on
         /metrics (the address its master logged); returns its port. HarnessError if it
