@@ -3,6 +3,7 @@ lists, the clean child environment."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 
 import pytest
@@ -83,3 +84,25 @@ def test_free_ports_are_taken_below_the_ephemeral_range() -> None:
     for port in ports:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", port))
+
+
+def test_test_processes_running_side_by_side_pick_ports_from_separate_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from harness.servers import port_share
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "4")
+    slices = []
+    for index in range(4):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{index}")
+        slices.append(port_share(20000, 32768))
+    assert slices[0][0] == 20000 and slices[-1][1] <= 32768
+    for (_, end), (start, _) in itertools.pairwise(slices):
+        assert end <= start  # disjoint, in order
+    assert all(end - start == 3192 for start, end in slices)
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    assert port_share(20000, 32768) == (20000, 32768)  # not under pytest-xdist
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "400")
+    assert port_share(20000, 32768) == (20000, 32768)  # slices too small to be worth it

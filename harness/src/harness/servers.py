@@ -46,16 +46,33 @@ def ephemeral_ports() -> tuple[int, int]:
         return 32768, 60999
 
 
+def port_share(low: int, high: int) -> tuple[int, int]:
+    """This process's share of the ports [low, high): under pytest-xdist each worker
+    process gets a slice of its own, so that two tests running at once never pick the
+    same free port before either has bound it (the second server would fail to bind, and
+    its readiness check would be answered by the first). Elsewhere, the whole range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if worker.startswith("gw") and worker[2:].isdigit() and count.isdigit():
+        index, workers = int(worker[2:]), int(count)
+        size = (high - low) // max(workers, 1)
+        if index < workers and size >= 200:
+            return low + index * size, low + (index + 1) * size
+    return low, high
+
+
 def free_port_on(host: str) -> int:
     """A TCP port on the address `host` (a loopback one) that nothing is bound to right now.
 
     It is taken below the kernel's ephemeral range where there is room: a port from that
     range, free when picked, can become the local port of any outgoing connection (of
-    another test running meanwhile) before the server binds it."""
+    another test running meanwhile) before the server binds it. Test processes running
+    side by side pick from separate slices (`port_share`)."""
     low, _ = ephemeral_ports()
     if low - LOW_PORTS_FROM >= 1000:
+        first, end = port_share(LOW_PORTS_FROM, low)
         for _ in range(100):
-            port = random.randrange(LOW_PORTS_FROM, low)
+            port = random.randrange(first, end)
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
                 try:
                     probe.bind((host, port))
