@@ -8,8 +8,13 @@ request that had one. The HTTP engine calls it around each request (`Hooks.slot`
 gunicorn engine through `ScoreboardApp`.
 
 Each write is a seqlock write: the sequence counter made odd, the fields, the counter
-made even. Threads of one worker (gthread) write under a lock of this process; green
-threads (gevent, eventlet) never switch in the middle of a write and take none. A signal
+made even. A counter is written with one 8-byte store (`counters`), never with
+`struct.pack_into`, which clears the bytes it packs before it fills them: the counter
+would read 0 for a moment, even, and a reader that saw 0 at both ends of a write would
+take its torn fields for whole ones.
+
+Threads of one worker (gthread) write under a lock of this process; green threads
+(gevent, eventlet) never switch in the middle of a write and take none. A signal
 handler (worker_int, worker_abort) that interrupts a write of its own thread leaves the
 slot alone (`writing`): its state goes out with the next write.
 """
@@ -51,6 +56,12 @@ _SEQ_SIZE: Final = SEQ.size
 _ENCODING: Final = "latin-1"
 
 
+def counters(buffer: mmap.mmap) -> memoryview:
+    """`buffer` as 8-byte words: item `offset // SEQ.size` is the sequence counter at
+    `offset` (a multiple of 8), written with one store."""
+    return memoryview(buffer).cast("Q")
+
+
 class SlotWriter:
     """Writes one worker's slot: `request_started` / `request_ended` around each request,
     `note_queue` for a request's queue time, `set_state` for the worker's state."""
@@ -64,8 +75,12 @@ class SlotWriter:
         threads: bool,
         state: int,
     ) -> None:
+        assert offset % SEQ.size == 0, offset
         self.buffer = buffer
         self.offset = offset
+        self.counters = counters(buffer)
+        self.seq_at = offset // SEQ.size
+        self.queue_seq_at = (offset + QUEUE_AT) // SEQ.size
         self.pid = pid
         self.generation = generation
         self.threads = threads
@@ -80,11 +95,15 @@ class SlotWriter:
         self.last_token = 0  # tokens are 1, 2, ... (0: none)
         self.lock = threading.Lock()
         self.writing = False
-        seq: int = SEQ.unpack_from(buffer, offset)[0]
+        seq: int = self.counters[self.seq_at]
         self.seq = seq + (seq & 1)
-        seq = SEQ.unpack_from(buffer, offset + QUEUE_AT)[0]
+        seq = self.counters[self.queue_seq_at]
         self.queue_seq = seq + (seq & 1)
         self.shed_total = 0
+
+    def release(self) -> None:
+        """Lets the buffer be closed (nothing is written after)."""
+        self.counters.release()
 
     # the request path
 
@@ -110,9 +129,9 @@ class SlotWriter:
         # made for id() is freed at once, so two requests could get the same address.
         token = self.last_token = self.last_token + 1
         self.writing = True
-        buffer, offset = self.buffer, self.offset
+        counters, at = self.counters, self.seq_at
         self.seq += 1
-        SEQ.pack_into(buffer, offset, self.seq)
+        counters[at] = self.seq
         active = self.active
         active[token] = entry
         if self.state == IDLE:
@@ -123,7 +142,7 @@ class SlotWriter:
         else:
             self._write_requests(None)
         self.seq += 1
-        SEQ.pack_into(buffer, offset, self.seq)
+        counters[at] = self.seq
         self.writing = False
         return token
 
@@ -148,9 +167,9 @@ class SlotWriter:
 
     def _end(self, token: int) -> None:
         self.writing = True
-        buffer, offset = self.buffer, self.offset
+        counters, at = self.counters, self.seq_at
         self.seq += 1
-        SEQ.pack_into(buffer, offset, self.seq)
+        counters[at] = self.seq
         active = self.active
         active.pop(token, None)
         self.requests += 1
@@ -167,7 +186,7 @@ class SlotWriter:
         else:
             self._write_requests(None)
         self.seq += 1
-        SEQ.pack_into(buffer, offset, self.seq)
+        counters[at] = self.seq
         self.writing = False
 
     def note_queue(self, seconds: float, shed: bool) -> None:
@@ -184,10 +203,10 @@ class SlotWriter:
             self.shed_total += 1
         buffer, offset = self.buffer, self.offset + QUEUE_AT
         self.queue_seq += 1
-        SEQ.pack_into(buffer, offset, self.queue_seq)
+        self.counters[self.queue_seq_at] = self.queue_seq
         QUEUE.pack_into(buffer, offset + _SEQ_SIZE, self.pid, seconds, time.time(), self.shed_total)
         self.queue_seq += 1
-        SEQ.pack_into(buffer, offset, self.queue_seq)
+        self.counters[self.queue_seq_at] = self.queue_seq
 
     # the worker's state
 
@@ -217,7 +236,7 @@ class SlotWriter:
         since, method, path, request_id = shown if shown else (0.0, b"", b"", b"")
         buffer, offset = self.buffer, self.offset
         self.seq += 1
-        SEQ.pack_into(buffer, offset, self.seq)
+        self.counters[self.seq_at] = self.seq
         WORKER.pack_into(
             buffer,
             offset + _SEQ_SIZE,
@@ -234,5 +253,5 @@ class SlotWriter:
             request_id,
         )
         self.seq += 1
-        SEQ.pack_into(buffer, offset, self.seq)
+        self.counters[self.seq_at] = self.seq
         self.writing = False

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from microsvc.http.slot import BOOTING, FREE, IDLE, STATES, STOPPING, SlotWriter
+from microsvc.http.slot import BOOTING, FREE, IDLE, STATES, STOPPING, SlotWriter, counters
 from microsvc.http.slot import QUEUE as _QUEUE
 from microsvc.http.slot import QUEUE_AT as _QUEUE_AT
 from microsvc.http.slot import SEQ as _SEQ
@@ -91,6 +91,11 @@ _AUTOSCALE = struct.Struct("=i i i d 96s")
 _AUTOSCALE_AT = 896
 assert _SEQ.size + _HEADER_ALL.size <= _AUTOSCALE_AT
 assert _AUTOSCALE_AT + _SEQ.size + _AUTOSCALE.size <= _HEADER_SIZE
+# every sequence counter is an aligned 8-byte word (`counters`)
+assert all(
+    at % _SEQ.size == 0
+    for at in (_HEADER_SIZE, SLOT_SIZE, _WORKER_AT, _MASTER_AT, _QUEUE_AT, _AUTOSCALE_AT)
+)
 
 #: How often a reader retries a part that is being written before it gives up on it.
 READ_ATTEMPTS = 1000
@@ -195,6 +200,9 @@ class Scoreboard:
         self.path = path
         self.buffer = buffer
         self.slots = slots
+        # the sequence counters, written one store each (`microsvc.http.slot`); made by
+        # the first write (a reader's buffer is read-only)
+        self._counters: memoryview | None = None
         self.owner = os.getpid()
         # worker side (after fork): the slot and its writer (`microsvc.http.slot`)
         self._slot: int | None = None
@@ -265,6 +273,10 @@ class Scoreboard:
         return cls(path, buffer, slots)
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.release()
+        if self._counters is not None:
+            self._counters.release()
         with contextlib.suppress(BufferError, ValueError):
             self.buffer.close()
 
@@ -277,12 +289,15 @@ class Scoreboard:
     # seqlock
 
     def _write(self, offset: int, packer: struct.Struct, *values: Any) -> None:
-        buffer = self.buffer
-        seq = _SEQ.unpack_from(buffer, offset)[0]
+        words = self._counters
+        if words is None:
+            words = self._counters = counters(self.buffer)
+        at = offset // _SEQ.size
+        seq: int = words[at]
         seq += 1 if seq % 2 == 0 else 0  # odd: being written (also after a writer died)
-        _SEQ.pack_into(buffer, offset, seq)
-        packer.pack_into(buffer, offset + _SEQ.size, *values)
-        _SEQ.pack_into(buffer, offset, seq + 1)
+        words[at] = seq
+        packer.pack_into(self.buffer, offset + _SEQ.size, *values)
+        words[at] = seq + 1
 
     def _read(self, offset: int, packer: struct.Struct) -> tuple[Any, ...] | None:
         """The part at `offset`, or None when every attempt found it being written."""

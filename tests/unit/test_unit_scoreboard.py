@@ -166,6 +166,46 @@ def test_torn_reads_are_retried(board: Scoreboard) -> None:
     assert seen > 0
 
 
+def test_a_sequence_counter_is_never_seen_half_written(board: Scoreboard) -> None:
+    """A counter written with struct's pack_into reads 0 for a moment (its bytes are
+    cleared, then filled): even, so a reader that met 0 before and after its copy took a
+    torn part for a whole one. Written by a worker (its slot) and by the master (the
+    autoscale part) as fast as they can, neither counter may ever read 0."""
+
+    def rewrite(board: Scoreboard) -> None:
+        while True:
+            board.request_ended(board.request_started(b"GET", b"/", b"id"))
+
+    board.publish_autoscale(1, 4, 2, "start")
+    worker = fork_worker(board, rewrite)
+    master = os.fork()
+    if master == 0:  # pragma: no cover - the child
+        try:
+            while True:
+                board.publish_autoscale(1, 4, 2, "busy")
+        finally:
+            os._exit(1)
+    slot = board._by_pid[worker]
+    offsets = (board._worker_offset(slot), sb._AUTOSCALE_AT)
+    reads = 0
+    zeros = dict.fromkeys(offsets, 0)
+    try:
+        wait_for_state(board, worker, "idle")
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for offset in offsets:
+                for _ in range(1000):
+                    reads += 1
+                    if SEQ.unpack_from(board.buffer, offset)[0] == 0:
+                        zeros[offset] += 1
+    finally:
+        for pid in (worker, master):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    assert reads > 10_000
+    assert list(zeros.values()) == [0, 0], f"{zeros} of {reads} reads found a counter at 0"
+
+
 def test_a_reader_in_another_process_opens_the_file_by_name(board: Scoreboard) -> None:
     reader = Scoreboard.open(board.path)
     try:
