@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import fcntl
 import gc
+import logging
 import multiprocessing
 import os
 import signal
@@ -31,6 +32,29 @@ if TYPE_CHECKING:
 _STOPPING_SIGNALS = frozenset(
     (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGKILL, signal.SIGABRT)
 )
+
+
+class ControlSocketLine(logging.Filter):
+    """gunicorn restarts its control socket in the master after every fork, and logs
+    "Control socket listening at PATH" each time: a line would follow every worker that
+    starts (recycles, reloads, autoscaling). This filter, on the master's error logger,
+    lets the first line for a path through; the repeats only at debug level."""
+
+    MESSAGE = "Control socket listening at %s"
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__()
+        self.logger = logger
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.MESSAGE or not isinstance(record.args, tuple) or not record.args:
+            return True
+        path = str(record.args[0])
+        if path in self.seen:
+            return self.logger.isEnabledFor(logging.DEBUG)
+        self.seen.add(path)
+        return True
 
 
 class ServerState:
@@ -138,6 +162,11 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         self._frozen = False
         super().__init__(app)
         self.autoscaler = ArbiterAutoscaler.for_app(app)  # acts with --autoscale only
+        error_log = getattr(self.log, "error_log", None)
+        if isinstance(error_log, logging.Logger) and not any(
+            isinstance(kept, ControlSocketLine) for kept in error_log.filters
+        ):
+            error_log.addFilter(ControlSocketLine(error_log))
 
     # why workers end
 

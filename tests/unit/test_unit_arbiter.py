@@ -314,3 +314,39 @@ def test_a_worker_stopping_on_its_own_is_not_recycled_again(tmp_path: Path) -> N
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         board.remove()
+
+
+def test_the_control_socket_line_is_logged_once_per_path_unless_debugging() -> None:
+    import logging
+
+    from microsvc.serving.arbiter import ControlSocketLine
+
+    logger = logging.getLogger("microsvc.test.control-socket-line")
+    logger.propagate = False
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    logger.addHandler(keep)
+    line = ControlSocketLine(logger)
+    logger.addFilter(line)
+    try:
+        logger.setLevel(logging.INFO)
+        for _ in range(3):  # the first start, then two forks
+            logger.info("Control socket listening at %s", "/run/a.ctl")
+        logger.info("Booting worker with pid: %s", 42)
+        logger.info("Control socket listening at %s", "/run/b.ctl")
+        assert [record.getMessage() for record in records] == [
+            "Control socket listening at /run/a.ctl",
+            "Booting worker with pid: 42",
+            "Control socket listening at /run/b.ctl",
+        ]
+        logger.setLevel(logging.DEBUG)
+        logger.info("Control socket listening at %s", "/run/a.ctl")
+        assert len(records) == 4
+    finally:
+        logger.removeFilter(line)
+        logger.removeHandler(keep)
