@@ -96,7 +96,9 @@ def test_deferred_listener_offers_a_connection_once_its_first_bytes_arrive() -> 
         class Wrapped:  # as gunicorn wraps a listening socket
             sock = listener
 
-        assert defer_accept([Wrapped()]) == 1
+        # 30 s: a silent connection is offered once that time has passed, which no
+        # stall of a busy machine reaches before the check below.
+        assert defer_accept([Wrapped()], seconds=30) == 1
         assert listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT) > 0
         with socket.create_connection(listener.getsockname(), timeout=5) as client:
             assert not _acceptable(listener, 0.3)  # connected, silent: not offered yet

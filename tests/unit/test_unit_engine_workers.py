@@ -284,10 +284,14 @@ from microsvc.workers.eventlet import EventletIO
 
 hub = eventlet.hubs.get_hub()
 waits = []
+send_when_waiting = []
 add = hub.add
 def counting_add(*args, **kwargs):
     waits.append(args[0])
-    return add(*args, **kwargs)
+    listener = add(*args, **kwargs)
+    if send_when_waiting:  # the request comes once the channel waits for it
+        hub.schedule_call_global(0, peer.sendall, send_when_waiting.pop())
+    return listener
 hub.add = counting_add
 
 mine, peer = socket.socketpair()
@@ -297,7 +301,7 @@ channel.idle = True
 assert channel.recv(100) == b"GET /next"
 print("waits with the request there:", len(waits))
 channel.idle = True  # nothing there: it waits until the request comes
-eventlet.spawn_after(0.05, peer.sendall, b"GET /later")
+send_when_waiting.append(b"GET /later")
 assert channel.recv(100) == b"GET /later"
 print("waits with the request later:", len(waits))
 """

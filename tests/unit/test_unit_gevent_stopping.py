@@ -12,6 +12,7 @@ the accept callback the loop would call, close the server, then let the greenlet
 from __future__ import annotations
 
 import socket
+import time
 from functools import partial
 from typing import Any
 
@@ -88,6 +89,7 @@ def serve_after_close(
     import gevent
     from gevent.pool import Pool
 
+    from microsvc.observe.scoreboard import listen_queue
     from microsvc.workers.gevent import ACCEPT_BATCH, BatchAcceptServer
 
     log = RecordingLog()
@@ -99,6 +101,11 @@ def serve_after_close(
     try:
         for client in clients:
             client.sendall(REQUEST)
+        # All of them in the accept queue before the batch (on a busy machine the kernel
+        # may complete a loopback handshake a moment after connect returns).
+        end = time.monotonic() + 10
+        while (listen_queue(listener).queue or 0) < CLIENTS and time.monotonic() < end:
+            time.sleep(0.01)
         server.start()
         server._do_read()  # what the loop calls when the listener is readable
         waiting = sum(1 for greenlet in pool if greenlet.gr_frame is None)

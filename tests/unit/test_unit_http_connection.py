@@ -992,10 +992,12 @@ def test_green_channels_serve_and_time_out_without_a_timer_per_wait(library: str
     lines = [line.split() for line in result.stdout.splitlines()]
     pipelined, chunked, stalled_body, stalled_head, big, waiting = lines
     # Each idle connection ends 0.3 s (the keep-alive timeout, and one sweep) after its
-    # last response; the stalled ones after their timeouts.
-    assert pipelined[:3] == ["2", "0", "False"] and 0.2 <= float(pipelined[3]) <= 1.0
-    assert chunked[:3] == ["1", "0", "False"] and 0.2 <= float(chunked[3]) <= 1.0
-    assert stalled_body[:3] == ["0", "1", "False"] and 0.2 <= float(stalled_body[3]) <= 1.0
-    assert stalled_head[:3] == ["0", "0", "False"] and 0.4 <= float(stalled_head[3]) <= 1.5
+    # last response; the stalled ones after their timeouts. Not before them; after them,
+    # within a bound loose enough for a busy machine (without the sweeper they would
+    # never end).
+    assert pipelined[:3] == ["2", "0", "False"] and 0.2 <= float(pipelined[3]) <= 5.0
+    assert chunked[:3] == ["1", "0", "False"] and 0.2 <= float(chunked[3]) <= 5.0
+    assert stalled_body[:3] == ["0", "1", "False"] and 0.2 <= float(stalled_body[3]) <= 5.0
+    assert stalled_head[:3] == ["0", "0", "False"] and 0.4 <= float(stalled_head[3]) <= 5.0
     assert big[:3] == ["1", "0", "True"]
     assert waiting == ["0"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import types
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -783,11 +784,18 @@ def test_no_queue_time_from_a_unix_socket() -> None:
     assert middleware.QUEUE_TIME_KEY not in inner.last
 
 
-def test_queue_time_sampled_when_only_the_scoreboard_reads_it() -> None:
+def test_queue_time_sampled_when_only_the_scoreboard_reads_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With a sample interval, the first request after the interval has its queue time,
     the others within it do not; a limit to shed by needs every request's."""
     import socket
     import time
+
+    # The middleware's clock, moved by the test alone (a busy machine cannot stretch
+    # the interval); `time.monotonic` is all it reads of `time`.
+    clock = [time.monotonic()]
+    monkeypatch.setattr(middleware, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         client = socket.create_connection(server.getsockname())
@@ -803,7 +811,7 @@ def test_queue_time_sampled_when_only_the_scoreboard_reads_it() -> None:
             first, *rest = inner.seen
             assert first[middleware.QUEUE_SOURCE_KEY] == "kernel"
             assert [middleware.QUEUE_TIME_KEY in seen for seen in rest] == [False, False]
-            time.sleep(0.25)
+            clock[0] += 0.25
             call(sampled, **direct)
             assert inner.last[middleware.QUEUE_SOURCE_KEY] == "kernel"
             inner.seen.clear()

@@ -140,6 +140,7 @@ def test_launcher_options_are_public() -> None:
     assert "LauncherOptions" in microsvc.__all__
 
 
+@pytest.mark.timeout(300)  # a cold mypy cache, on a busy machine
 def test_a_type_checker_refuses_a_misspelt_or_mistyped_option(tmp_path: Path) -> None:
     pytest.importorskip("mypy")
     snippet = tmp_path / "uses_launcher.py"
@@ -162,7 +163,7 @@ def test_a_type_checker_refuses_a_misspelt_or_mistyped_option(tmp_path: Path) ->
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=280,
     )
     errors = [line for line in result.stdout.splitlines() if ": error: " in line]
     assert [line.split(":")[1] for line in errors] == ["4", "5"], result.stdout + result.stderr
