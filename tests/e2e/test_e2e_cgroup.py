@@ -131,7 +131,7 @@ def test_run_auto_in_one_cpu_cgroup_starts_three_sync_workers(
     count = server.wait_workers(3)
     assert count == 3, server.describe()
     # The workers are in the cgroup too: they inherit it from the master.
-    assert {worker.pid for worker in server.workers()} <= set(group.pids())
+    assert server.worker_pids() <= set(group.pids())
     assert server.stop() == 0, server.describe()
     line = server.wait_log(r".*usable CPUs.*").group(0)
     assert re.search(r"\b3 sync workers\b", line), line

@@ -87,7 +87,7 @@ def test_memory_limit_recycles_a_leaking_worker_without_failing_a_request(
     assert match["limit"] == "143.1MiB", match.group(0)  # 150 MB = 143.1 MiB
     assert match["measure"] == "USS", match.group(0)  # own memory, where Linux gives it
     assert float(match["own"]) > 143.1, match.group(0)
-    assert first not in [worker.pid for worker in server.workers()], server.describe()
+    assert first not in server.worker_pids(), server.describe()
     log = server.log_text()
     assert log.count(f"Recycling worker (pid: {first})") == 1, log
     # well below the limit, a worker is left alone: no recycle after 3 calls
@@ -111,9 +111,9 @@ def test_lifetime_replaces_every_worker(serve: ServeFactory, worker_class: str) 
     # Workers live 2-3 s, so a busy machine may already be replacing one: take the
     # first moment both are up.
     assert server.wait_workers(2, stable_for=0.0) == 2, server.describe()
-    originals = {worker.pid for worker in server.workers()}
+    originals = server.worker_pids()
     deadline = time.monotonic() + 20
-    while originals & {worker.pid for worker in server.workers()}:
+    while originals & server.worker_pids():
         assert time.monotonic() < deadline, f"workers not replaced\n{server.describe()}"
         # Requests meanwhile must all succeed (the demo app's /health).
         with requests.get(server.url + "/health", timeout=30) as response:

@@ -95,7 +95,7 @@ def health_status(server: Server) -> int:
 def still_serving(server: Server, workers_before: set[int]) -> None:
     assert health_status(server) == 200, server.describe()
     assert server.proc.poll() is None, server.describe()
-    now = {worker.pid for worker in server.workers()}
+    now = server.worker_pids()
     assert now == workers_before, f"workers {workers_before} became {now}: {server.describe()}"
 
 
@@ -104,7 +104,7 @@ def start(serve: ServeFactory, worker_class: str, *extra: str) -> tuple[Server, 
     server = serve([*args, *extra])
     workers = int(args[args.index("--workers") + 1])
     assert server.wait_workers(workers, stable_for=0.3, deadline=20) == workers, server.describe()
-    return server, {worker.pid for worker in server.workers()}
+    return server, server.worker_pids()
 
 
 def many_headers(count: int) -> bytes:

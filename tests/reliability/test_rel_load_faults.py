@@ -30,15 +30,11 @@ CONNECTIONS = 50
 REPLACE_DEADLINE = 2.0
 
 
-def worker_pids(server: Server) -> set[int]:
-    return {worker.pid for worker in server.workers()}
-
-
 def settled_workers(server: Server, expected: int) -> set[int]:
     """The worker pids once the master has `expected` of them for half a second."""
     count = server.wait_workers(expected, stable_for=0.5, deadline=20)
     assert count == expected, f"{count} workers, expected {expected}: {server.describe()}"
-    return worker_pids(server)
+    return server.worker_pids()
 
 
 def test_hup_three_times_under_load_fails_no_request_and_replaces_workers(
@@ -91,7 +87,7 @@ def test_max_requests_recycles_workers_under_load_without_failures(
     recycled_pids = [pid for pid, _, _ in recycled]
     # A recycled worker finishes the requests it has in flight, then exits.
     end = time.monotonic() + RECYCLE_EXIT_DEADLINE
-    while (still := worker_pids(server) & set(recycled_pids)) and time.monotonic() < end:
+    while (still := server.worker_pids() & set(recycled_pids)) and time.monotonic() < end:
         time.sleep(0.1)
     after = settled_workers(server, workers)
     figures(
@@ -137,7 +133,7 @@ def test_sigkill_of_a_worker_under_load_is_replaced_and_loses_only_its_requests(
     killed_at = time.monotonic()
     replaced_after = None
     while time.monotonic() - killed_at < REPLACE_DEADLINE + 3:
-        now = worker_pids(server)
+        now = server.worker_pids()
         if len(now) == workers and victim not in now:
             replaced_after = time.monotonic() - killed_at
             break

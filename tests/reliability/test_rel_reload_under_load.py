@@ -79,7 +79,7 @@ def settle(server: Server, expected: int) -> set[int]:
     """The worker pids once the master has `expected` of them for a moment."""
     count = server.wait_workers(expected, stable_for=0.3, deadline=20)
     assert count == expected, f"{count} workers, expected {expected}: {server.describe()}"
-    return {worker.pid for worker in server.workers()}
+    return server.worker_pids()
 
 
 def dropped_lines(log: str) -> dict[str, int]:
