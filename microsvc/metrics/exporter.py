@@ -206,17 +206,15 @@ class StoreCollector:
     after an upgrade in place) is left out, as the histogram counts their requests too."""
 
     def __init__(self, store: MetricsStore, skip: frozenset[str] = frozenset()) -> None:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
         self.store = store
         self.skip = skip
-        self._files = MultiProcessCollector(None, path=str(store.path))
 
     def collect(self) -> Any:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
         with self.store.reading():
-            families = [
-                f for f in self._files.collect() if f.name not in self.skip and f.name != REQUESTS
-            ]
+            merged = MultiProcessCollector.merge(self.store.value_files(), accumulate=True)
+            families = [f for f in merged if f.name not in self.skip and f.name != REQUESTS]
         counter = request_counter(families)
         return families if counter is None else [*families, counter]
 
@@ -308,7 +306,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, "text/plain; charset=utf-8", b"Not found: metrics are at /metrics\n")
             return
         encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-        body = encoder(self.registry)
+        try:
+            body = encoder(self.registry)
+        except Exception as exc:  # the scraper records the failed scrape; no log line
+            message = f"Error: metrics could not be collected: {type(exc).__name__}: {exc}\n"
+            self._send(500, "text/plain; charset=utf-8", message.encode())
+            return
         headers = []
         if gzip_accepted(self.headers.get("Accept-Encoding", "")):
             body = gzip.compress(body)
@@ -337,6 +340,14 @@ class _Handler(BaseHTTPRequestHandler):
         """Scrapes are not logged."""
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A scrape that fails past its answer (the scraper hung up) ends its
+        connection; nothing goes to the output shared with the master."""
+
+
 #: How often the exporter checks that the master is still there, in seconds. Between
 #: checks and scrapes it sleeps: an idle exporter wakes up this rarely.
 PARENT_CHECK_INTERVAL = 2.0
@@ -349,7 +360,9 @@ def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = N
     the next check of the parent; each scrape is answered in a thread of its own."""
     from prometheus_client import CollectorRegistry
 
-    registry = CollectorRegistry(auto_describe=True)
+    # Registering collects nothing: a store that cannot be read now fails its scrapes
+    # (500, with the reason), not the start of the process.
+    registry = CollectorRegistry(auto_describe=False)
     registry.register(
         StoreCollector(store, frozenset() if scoreboard is None else frozenset({IN_FLIGHT}))
     )
@@ -357,10 +370,9 @@ def serve(fd: int, store: MetricsStore, parent: int, scoreboard: Path | None = N
         registry.register(_ScoreboardCollector(scoreboard))
     handler = type("Handler", (_Handler,), {"registry": registry})
     listener = socket.socket(fileno=fd)
-    server = ThreadingHTTPServer(listener.getsockname()[:2], handler, bind_and_activate=False)
+    server = _Server(listener.getsockname()[:2], handler, bind_and_activate=False)
     server.socket.close()
     server.socket = listener
-    server.daemon_threads = True
     server.timeout = 0  # handle_request: the loop below has waited already
     stopping: list[int] = []
     wake_read, wake_write = os.pipe()

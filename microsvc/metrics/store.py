@@ -67,6 +67,8 @@ DROPPED_GAUGE_MODES = ("all", "liveall", "livesum", "livemin", "livemax", "livem
 
 _LOCK_NAME = ".lock"
 _NOTE_SUFFIX = ".exit"
+#: A values file starts with this many bytes of header (how much of it is used).
+_HEADER_SIZE = 8
 
 
 def _default_base() -> str:
@@ -75,6 +77,25 @@ def _default_base() -> str:
     if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
         return shm
     return tempfile.gettempdir()
+
+
+def _sized(path: Path) -> bool:
+    """Whether the file at `path` has its size: prometheus_client creates a file empty
+    and only then sizes it, so a process starting now may have one that is too short to
+    hold even the header. Files never shrink, so one that has its size keeps it."""
+    try:
+        return path.stat().st_size >= _HEADER_SIZE
+    except FileNotFoundError:
+        return False
+
+
+def _values_in(path: Path) -> Iterator[tuple[str, float, float]]:
+    """(key, value, timestamp) of every value in the file at `path`; none while the
+    file has no size yet."""
+    if not _sized(path):
+        return
+    for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
+        yield key, value, timestamp
 
 
 def _parse_name(name: str) -> tuple[str, str, str] | None:
@@ -123,6 +144,11 @@ class MetricsStore:
     def reading(self) -> contextlib.AbstractContextManager[None]:
         """Hold while collecting, so compaction does not run halfway through."""
         return self._locked(fcntl.LOCK_SH)
+
+    def value_files(self) -> list[str]:
+        """The files a scrape sums (hold `reading()`): every `*.db` file but those a
+        starting process has created and not yet sized, which hold no values."""
+        return [str(path) for path in sorted(self.path.glob("*.db")) if _sized(path)]
 
     # exit reasons
 
@@ -182,7 +208,7 @@ class MetricsStore:
         kind, mode, _ = parsed
         if kind in ADDITIVE_TYPES:
             archive = self._archive(kind)
-            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
+            for key, value, _timestamp in _values_in(path):
                 if value:
                     current, timestamp = archive.read_value(key)
                     archive.write_value(key, current + value, timestamp)
@@ -195,7 +221,7 @@ class MetricsStore:
     def _fold_gauge(self, path: Path, mode: str) -> None:
         archive = self._archive(f"gauge_{mode}")
         kept = {key: (value, timestamp) for key, value, timestamp in archive.read_all_values()}
-        for key, value, timestamp, _pos in MmapedDict.read_all_values_from_file(str(path)):
+        for key, value, timestamp in _values_in(path):
             old = kept.get(key)
             if old is None:
                 new = (value, timestamp)

@@ -125,6 +125,28 @@ def test_the_reason_is_logged_with_the_exit_status(exporter: Exporter) -> None:
     ]
 
 
+def test_a_scrape_that_cannot_be_collected_is_answered_500_and_writes_nothing(
+    exporter: Exporter, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A values file whose first entry claims more bytes than the file says it uses.
+    used, claimed = 64, 1000
+    corrupt = used.to_bytes(4, "little") + bytes(4) + claimed.to_bytes(4, "little")
+    (exporter.store.path / "counter_1.db").write_bytes(corrupt.ljust(used, b"\0"))
+    exporter.start()
+    port = exporter.socket.getsockname()[1]
+    for _ in range(2):  # the exporter goes on serving after a failed scrape
+        response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+        assert response.status_code == 500
+        assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert response.text == (
+            "Error: metrics could not be collected: "
+            "RuntimeError: Read beyond file size detected, file is corrupted.\n"
+        )
+    (exporter.store.path / "counter_1.db").unlink()
+    assert serving(port)
+    assert capfd.readouterr() == ("", "")
+
+
 @pytest.mark.parametrize(
     ("code", "expected"),
     [

@@ -141,6 +141,30 @@ def test_unrelated_files_are_left_alone(store: MetricsStore) -> None:
     assert len(list(store.path.iterdir())) == 4
 
 
+def test_a_file_a_starting_process_has_not_sized_yet_holds_no_values(
+    store: MetricsStore,
+) -> None:
+    # prometheus_client creates a process's file empty, then sizes it: a scrape at that
+    # moment sums the other files, and the empty one adds nothing.
+    write(store, f"counter_{os.getpid()}.db", {("hits", "hits_total", ""): 3})
+    (store.path / f"histogram_{os.getpid()}.db").write_bytes(b"")
+    assert totals(store) == {("hits_total", ()): 3}
+    assert store.value_files() == [str(store.path / f"counter_{os.getpid()}.db")]
+
+
+def test_a_dead_process_that_left_only_unsized_files_is_folded_away(
+    store: MetricsStore,
+) -> None:
+    write(store, "counter_archive.db", {("hits", "hits_total", ""): 4})
+    gone = dead_pid()
+    for name in (f"counter_{gone}.db", f"gauge_max_{gone}.db", f"gauge_all_{gone}.db"):
+        (store.path / name).write_bytes(b"")
+    assert store.compact() == [gone]
+    names = sorted(path.name for path in store.path.glob("*.db"))
+    assert names == ["counter_archive.db", "gauge_max_archive.db"]
+    assert totals(store) == {("hits_total", ()): 4}
+
+
 def test_exit_notes_are_taken_once(store: MetricsStore) -> None:
     store.note_exit(1234, "memory")
     assert store.take_exit_note(1234) == "memory"
