@@ -121,6 +121,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "nginx: the test runs a real nginx; skipped where nginx is not installed"
     )
+    config.addinivalue_line(
+        "markers",
+        "server_tracebacks(why, engines=ENGINES): the servers the test starts (on those HTTP "
+        "engines, default every one) are meant to log a traceback (an exception the app "
+        "raises); without it, one in any server's log fails the test",
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -163,8 +169,23 @@ def runtime_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+TRACEBACK = "Traceback (most recent call last):"
+
+
+def tracebacks_in(server: Server, lines_after: int = 40) -> list[str]:
+    """Every traceback in the server's log, each with the lines that follow it."""
+    lines = server.log_text().splitlines()
+    return [
+        "\n".join(lines[index : index + lines_after])
+        for index, line in enumerate(lines)
+        if TRACEBACK in line
+    ]
+
+
 @pytest.fixture
-def serve(tmp_path: Path, runtime_dir: Path, http_engine: str) -> Iterator[ServeFactory]:
+def serve(
+    request: pytest.FixtureRequest, tmp_path: Path, runtime_dir: Path, http_engine: str
+) -> Iterator[ServeFactory]:
     """A factory that starts a server and waits until it answers HTTP.
 
     serve(args) runs `python -m microsvc run ARGS -b 127.0.0.1:PORT`; pass
@@ -210,6 +231,14 @@ def serve(tmp_path: Path, runtime_dir: Path, http_engine: str) -> Iterator[Serve
 
     for server in reversed(started):
         server.kill_leftovers()
+    # The server never shows a traceback for what a client or the machine did to it:
+    # only a test whose app raises may leave one.
+    expected = request.node.get_closest_marker("server_tracebacks")
+    if expected is None or http_engine not in expected.kwargs.get("engines", HTTP_ENGINES):
+        found = [(server, tracebacks_in(server)) for server in started]
+        shown = [f"{server.log_path.name}:\n{found_[0]}" for server, found_ in found if found_]
+        if shown:
+            pytest.fail(f"a server logged a traceback:\n{shown[0]}", pytrace=False)
 
 
 NginxFactory = Callable[[str, str, int], Nginx]

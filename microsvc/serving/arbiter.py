@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from microsvc._gunicorn import Arbiter
 from microsvc.observe.scoreboard import MemorySample, read_memory
+from microsvc.serving import signalqueue
 from microsvc.serving.autoscale import ArbiterAutoscaler
 from microsvc.serving.context import settings_of
 from microsvc.workers.recycling import LOG_FORMAT, MEMORY_READ_INTERVAL, Recycler
@@ -134,6 +135,10 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
     `gc.freeze()` before it forks the first worker with the app loaded, so the garbage
     collector never touches (and so never copies) the objects the workers share.
 
+    In a master that eventlet has patched, signals are queued in a
+    `microsvc.serving.signalqueue.SignalQueue`, which a signal handler interrupting
+    another can use.
+
     With `metrics`, it counts the workers it starts and, for each worker that ends, the
     reason: the one the worker gave (max-requests, read from its scoreboard slot), else
     why the master stopped it (memory, lifetime, reload, shutdown, scale-down, timeout),
@@ -161,6 +166,8 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         self.recycler = Recycler()
         self._frozen = False
         super().__init__(app)
+        if signalqueue.needed():  # eventlet's SimpleQueue is not safe in a signal handler
+            self.SIG_QUEUE = signalqueue.SignalQueue()
         self.autoscaler = ArbiterAutoscaler.for_app(app)  # acts with --autoscale only
         error_log = getattr(self.log, "error_log", None)
         if isinstance(error_log, logging.Logger) and not any(

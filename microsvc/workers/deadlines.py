@@ -323,6 +323,10 @@ def _describe(environ: Environ | None, elapsed: float | None) -> tuple[str, dict
     return text, fields
 
 
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """A log call that logs nothing."""
+
+
 class RequestDeadlines:
     """Mixin for a gunicorn worker class (after `Recycling`): request deadlines with
     `--request-timeout`, and the stacks of a worker aborted by `--timeout`. A subclass
@@ -337,6 +341,8 @@ class RequestDeadlines:
     wsgi: Any
 
     _deadlines: InFlightRequests | None = None
+    #: gunicorn's --timeout has aborted this worker (SIGABRT from the arbiter).
+    _aborting = False
 
     # the owner of the running request (a subclass)
 
@@ -459,9 +465,25 @@ class RequestDeadlines:
     # gunicorn's --timeout
 
     def handle_abort(self, sig: int, frame: FrameType | None) -> None:
+        self._aborting = True
         with contextlib.suppress(Exception):
             self.log_abort(frame)
         super().handle_abort(sig, frame)  # type: ignore[misc]
+
+    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
+        """gunicorn's sync engine catches the SystemExit of an aborted worker with the
+        request it interrupted, logs it as "Error handling request" with a traceback
+        and answers 500. The timeout record above has the request's stack already: the
+        500 and its access line go out, the traceback does not."""
+        if not (self._aborting and isinstance(exc, SystemExit)):
+            super().handle_error(req, client, addr, exc)  # type: ignore[misc]
+            return
+        log = self.log
+        log.exception = _ignore  # an instance attribute, over the logger's method
+        try:
+            super().handle_error(req, client, addr, exc)  # type: ignore[misc]
+        finally:
+            del log.exception
 
     def log_abort(self, frame: FrameType | None) -> None:
         """Logs the stack of the interrupted thread or greenlet (`frame`) and of every

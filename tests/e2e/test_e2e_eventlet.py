@@ -397,3 +397,21 @@ def test_stopping_worker_stops_taking_new_connections_at_once(
         thread.join(30)
         board.close()
     assert slow == {"status": 200}, f"{slow}\n{server.describe()}"
+
+
+#: Signals sent in the storm: eventlet's own queue failed within a few hundred thousand.
+STORM_SIGNALS = 600_000
+
+
+def test_a_storm_of_signals_at_the_master_is_queued_and_served_on(serve: ServeFactory) -> None:
+    """Workers that end together send SIGCHLDs that close together. Under eventlet the
+    master's signal queue must take a signal that interrupts the handler of another:
+    eventlet's SimpleQueue waited on its own lock there, and the master hung or died."""
+    server = serve(["-k", "eventlet", "--workers", "2"])
+    for _ in range(STORM_SIGNALS):
+        os.kill(server.pid, signal.SIGCHLD)  # the master reaps nothing and serves on
+    assert server.proc.poll() is None, server.describe()
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert len(server.worker_pids()) == 2, server.describe()
+    assert server.stop() == 0, server.describe()
+    assert TRACEBACK not in server.log_text(), server.describe()

@@ -371,6 +371,7 @@ def _run_cases(server: Server, worker_class: str) -> dict[str, tuple[bytes, list
     return seen
 
 
+@pytest.mark.server_tracebacks("the app sends a str body")
 @pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
 def test_compiled_and_plain_python_builds_answer_alike(
     serve: ServeFactory, tmp_path: Path, worker_class: str

@@ -269,6 +269,9 @@ def test_valid_requests_give_the_app_the_same_environ_on_both_engines(
 
 
 @pytest.mark.both_engines
+@pytest.mark.server_tracebacks(
+    "gunicorn's engine logs the app's invalid header with a traceback", engines=("gunicorn",)
+)
 @pytest.mark.parametrize("worker_class", CLASSES)
 def test_header_injection_from_the_app_never_reaches_the_wire(
     serve: ServeFactory, tmp_path: Path, worker_class: str

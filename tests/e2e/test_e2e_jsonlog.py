@@ -177,6 +177,7 @@ def test_log_level_applies(serve: ServeFactory) -> None:
 
 
 @pytest.mark.both_engines
+@pytest.mark.server_tracebacks("the app raises; the JSON line carries the traceback")
 def test_app_exceptions_and_bad_requests_stay_on_one_line(
     serve: ServeFactory, tmp_path: Path
 ) -> None:

@@ -127,6 +127,7 @@ def test_app_reading_raw_env_at_import_is_served(serve: ServeFactory, tmp_path: 
 # --reload
 
 
+@pytest.mark.server_tracebacks("the app's file is saved with a syntax error")
 @pytest.mark.parametrize(
     "extra", [[], ["--metrics", "--metrics-bind", "127.0.0.1:0"]], ids=["plain", "metrics"]
 )

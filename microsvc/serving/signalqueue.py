@@ -1,0 +1,89 @@
+"""The master's queue of signals, safe where eventlet has patched the standard library.
+
+gunicorn's arbiter puts each signal into `SIG_QUEUE` from its signal handler and its
+main loop waits on that queue. It is a `queue.SimpleQueue`, whose C implementation may
+be used by a handler that interrupts another handler's put. eventlet's monkey-patching
+swaps in the pure-Python SimpleQueue, built on a lock: a signal that arrives while a
+handler holds that lock runs a second handler that waits for it, and the master hangs,
+or dies with "Cannot switch to MAINLOOP from MAINLOOP" when the handler runs in
+eventlet's hub. Workers that end together (a shutdown, a reload, recycling) send
+SIGCHLDs that close together.
+
+`SignalQueue` keeps the items in the C SimpleQueue, whose put never waits and never
+switches, and wakes a waiting `get` through a pipe written with the unpatched
+`write`. The wait itself is `select.select`, which eventlet makes cooperative, so the
+master's green threads (gunicorn's control socket) run while it waits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posix
+import select
+import sys
+import time
+from _queue import Empty
+from _queue import SimpleQueue as _CSimpleQueue
+from typing import Any
+
+__all__ = ["Empty", "SignalQueue", "needed"]
+
+
+def needed() -> bool:
+    """Whether eventlet has patched `threading` in this process (and with it the
+    SimpleQueue gunicorn's arbiter builds)."""
+    patcher = sys.modules.get("eventlet.patcher")
+    return bool(patcher is not None and patcher.is_monkey_patched("thread"))
+
+
+class SignalQueue:
+    """The subset of `queue.SimpleQueue` that gunicorn's arbiter uses; `put_nowait`
+    may be called from a signal handler that interrupted any other call."""
+
+    def __init__(self) -> None:
+        self._items: _CSimpleQueue[Any] = _CSimpleQueue()
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def put_nowait(self, item: Any) -> None:
+        self._items.put_nowait(item)
+        # A full pipe already wakes the reader. posix.write is the C function, never
+        # eventlet's green os.write, which would switch to the hub when the pipe is full.
+        with contextlib.suppress(BlockingIOError):
+            posix.write(self._wake_write, b"\0")
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        return self._items.get_nowait()
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """The next item; Empty when none comes (at once unless `block`, else within
+        `timeout` seconds, or ever with None)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(Empty):
+                return self._items.get_nowait()
+            left = None if deadline is None else deadline - time.monotonic()
+            if not block or (left is not None and left <= 0):
+                raise Empty
+            with contextlib.suppress(InterruptedError):
+                select.select([self._wake_read], [], [], left)
+            self._drain()
+
+    def empty(self) -> bool:
+        return self._items.empty()
+
+    def qsize(self) -> int:
+        return self._items.qsize()
+
+    def close(self) -> None:
+        for fd in (self._wake_read, self._wake_write):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _drain(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while posix.read(self._wake_read, 512):
+                pass
