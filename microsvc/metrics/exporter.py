@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -227,6 +228,7 @@ class _ScoreboardCollector:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._board: Any = None
+        self._opening = threading.Lock()  # scrapes run in threads of their own
 
     def collect(self) -> Any:
         from prometheus_client.core import GaugeMetricFamily
@@ -234,8 +236,9 @@ class _ScoreboardCollector:
         from microsvc.observe.scoreboard import Scoreboard, ScoreboardError
 
         try:
-            if self._board is None:
-                self._board = Scoreboard.open(self.path)
+            with self._opening:
+                if self._board is None:
+                    self._board = Scoreboard.open(self.path)
             snapshot = self._board.snapshot()
         except ScoreboardError:
             return []

@@ -175,6 +175,12 @@ class MicrosvcArbiter(Arbiter):  # type: ignore[misc]
         ):
             error_log.addFilter(ControlSocketLine(error_log))
 
+    def close(self) -> None:
+        """Releases what the arbiter holds after its run: the signal queue's pipe, in a
+        master that eventlet patched (a program may run `Launcher` again)."""
+        if isinstance(self.SIG_QUEUE, signalqueue.SignalQueue):
+            self.SIG_QUEUE.close()
+
     # why workers end
 
     @contextlib.contextmanager

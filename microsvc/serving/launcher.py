@@ -464,6 +464,7 @@ class Launcher(BaseApplication):  # type: ignore[misc]
 
     def _serve(self) -> None:
         worker_class = self.settings.worker_class
+        arbiter: MicrosvcArbiter | None = None
         try:
             arbiter = MicrosvcArbiter(
                 self,
@@ -507,6 +508,9 @@ class Launcher(BaseApplication):  # type: ignore[misc]
             if os.getpid() != self._master_pid:
                 raise
             raise ServerError(str(exc).removeprefix("Error: ")) from None
+        finally:
+            if arbiter is not None and os.getpid() == self._master_pid:
+                arbiter.close()
 
 
 class _SignalHandlers:

@@ -11,8 +11,8 @@ SIGCHLDs that close together.
 
 `SignalQueue` keeps the items in the C SimpleQueue, whose put never waits and never
 switches, and wakes a waiting `get` through a pipe written with the unpatched
-`write`. The wait itself is `select.select`, which eventlet makes cooperative, so the
-master's green threads (gunicorn's control socket) run while it waits.
+`write`. The wait itself is eventlet's green `select`, so the master's green threads
+(gunicorn's control socket) run while it waits.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import sys
 import time
 from _queue import Empty
 from _queue import SimpleQueue as _CSimpleQueue
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Empty", "SignalQueue", "needed"]
@@ -37,6 +38,17 @@ def needed() -> bool:
     return bool(patcher is not None and patcher.is_monkey_patched("thread"))
 
 
+def _cooperative_select() -> Callable[..., Any]:
+    """eventlet's green `select` where eventlet is loaded (also when it left `select`
+    unpatched: a real one would stop every green thread of the master while it waits),
+    else `select.select`."""
+    if needed():
+        from eventlet.green import select as green_select
+
+        return green_select.select  # type: ignore[no-any-return]
+    return select.select
+
+
 class SignalQueue:
     """The subset of `queue.SimpleQueue` that gunicorn's arbiter uses; `put_nowait`
     may be called from a signal handler that interrupted any other call."""
@@ -44,6 +56,7 @@ class SignalQueue:
     def __init__(self) -> None:
         self._items: _CSimpleQueue[Any] = _CSimpleQueue()
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._select = _cooperative_select()
 
     def put_nowait(self, item: Any) -> None:
         self._items.put_nowait(item)
@@ -69,7 +82,7 @@ class SignalQueue:
             if not block or (left is not None and left <= 0):
                 raise Empty
             with contextlib.suppress(InterruptedError):
-                select.select([self._wake_read], [], [], left)
+                self._select([self._wake_read], [], [], left)
             self._drain()
 
     def empty(self) -> bool:

@@ -323,10 +323,6 @@ def _describe(environ: Environ | None, elapsed: float | None) -> tuple[str, dict
     return text, fields
 
 
-def _ignore(*args: Any, **kwargs: Any) -> None:
-    """A log call that logs nothing."""
-
-
 class RequestDeadlines:
     """Mixin for a gunicorn worker class (after `Recycling`): request deadlines with
     `--request-timeout`, and the stacks of a worker aborted by `--timeout`. A subclass
@@ -341,8 +337,6 @@ class RequestDeadlines:
     wsgi: Any
 
     _deadlines: InFlightRequests | None = None
-    #: gunicorn's --timeout has aborted this worker (SIGABRT from the arbiter).
-    _aborting = False
 
     # the owner of the running request (a subclass)
 
@@ -465,25 +459,27 @@ class RequestDeadlines:
     # gunicorn's --timeout
 
     def handle_abort(self, sig: int, frame: FrameType | None) -> None:
-        self._aborting = True
         with contextlib.suppress(Exception):
             self.log_abort(frame)
+        self._quiet_abort_exit()
         super().handle_abort(sig, frame)  # type: ignore[misc]
 
-    def handle_error(self, req: Any, client: Any, addr: Any, exc: BaseException) -> None:
-        """gunicorn's sync engine catches the SystemExit of an aborted worker with the
-        request it interrupted, logs it as "Error handling request" with a traceback
-        and answers 500. The timeout record above has the request's stack already: the
-        500 and its access line go out, the traceback does not."""
-        if not (self._aborting and isinstance(exc, SystemExit)):
-            super().handle_error(req, client, addr, exc)  # type: ignore[misc]
-            return
+    def _quiet_abort_exit(self) -> None:
+        """gunicorn's `handle_abort` raises SystemExit in the request it interrupted,
+        and gunicorn's sync engine catches it there and logs it with `log.exception`
+        ("Error handling request", with a traceback), before or after the response
+        began. The record `log_abort` wrote has the request's stack already: from here
+        on, while the worker exits, a SystemExit is not logged as an error again (other
+        exceptions are, and the 500 and the access line still go out)."""
         log = self.log
-        log.exception = _ignore  # an instance attribute, over the logger's method
-        try:
-            super().handle_error(req, client, addr, exc)  # type: ignore[misc]
-        finally:
-            del log.exception
+        exception = log.exception
+
+        def exception_but_exit(msg: object, *args: Any, **kwargs: Any) -> None:
+            if not isinstance(sys.exc_info()[1], SystemExit):
+                exception(msg, *args, **kwargs)
+
+        with contextlib.suppress(AttributeError):  # a logger whose methods are fixed
+            log.exception = exception_but_exit
 
     def log_abort(self, frame: FrameType | None) -> None:
         """Logs the stack of the interrupted thread or greenlet (`frame`) and of every
@@ -501,10 +497,13 @@ class RequestDeadlines:
                 stacks.append((f"thread {ident}", other, ident))
         now = time.monotonic()
         timeout = getattr(self.cfg, "timeout", None)
-        for label, stack_frame, key in stacks:
+        for index, (label, stack_frame, key) in enumerate(stacks):
             entry = requests.get(key) if requests is not None and key is not None else None
             elapsed = now - entry.since if entry is not None else None
-            text, fields = _describe(find_request(stack_frame), elapsed)
+            environ = find_request(stack_frame)
+            if environ is None and index == 0:
+                environ, elapsed = self.request_in_slot(elapsed)
+            text, fields = _describe(environ, elapsed)
             fields["timeout"] = timeout
             emit(
                 self.log,
@@ -517,6 +516,26 @@ class RequestDeadlines:
         for handler in getattr(getattr(self.log, "error_log", None), "handlers", ()):
             with contextlib.suppress(Exception):
                 handler.flush()
+
+    def request_in_slot(self, elapsed: float | None) -> tuple[Environ | None, float | None]:
+        """The request this worker's scoreboard slot says it serves, as much of an
+        environ as `_describe` reads, and how long it has run: for a stack that holds
+        no environ (the HTTP engine sending a streamed body). None when the worker has
+        no slot or is serving other than exactly one request."""
+        board = getattr(getattr(self, "app", None), "scoreboard", None)
+        if board is None:
+            return None, elapsed
+        with contextlib.suppress(Exception):
+            for worker in board.snapshot().workers:
+                request = worker.request
+                if worker.pid == os.getpid() and worker.in_flight == 1 and request:
+                    environ = {
+                        "REQUEST_METHOD": request["method"],
+                        "PATH_INFO": request["path"],
+                        "HTTP_X_REQUEST_ID": request["request_id"],
+                    }
+                    return environ, request["seconds"] if elapsed is None else elapsed
+        return None, elapsed
 
     def abort_label(self) -> str:
         return (
