@@ -235,10 +235,12 @@ def serve(
     # only a test whose app raises may leave one.
     expected = request.node.get_closest_marker("server_tracebacks")
     if expected is None or http_engine not in expected.kwargs.get("engines", HTTP_ENGINES):
-        found = [(server, tracebacks_in(server)) for server in started]
-        shown = [f"{server.log_path.name}:\n{found_[0]}" for server, found_ in found if found_]
-        if shown:
-            pytest.fail(f"a server logged a traceback:\n{shown[0]}", pytrace=False)
+        for server in started:
+            if found := tracebacks_in(server):
+                pytest.fail(
+                    f"a server logged a traceback:\n{server.log_path.name}:\n{found[0]}",
+                    pytrace=False,
+                )
 
 
 NginxFactory = Callable[[str, str, int], Nginx]

@@ -50,8 +50,9 @@ def _cooperative_select() -> Callable[..., Any]:
 
 
 class SignalQueue:
-    """The subset of `queue.SimpleQueue` that gunicorn's arbiter uses; `put_nowait`
-    may be called from a signal handler that interrupted any other call."""
+    """What gunicorn's arbiter uses of `queue.SimpleQueue` (`put_nowait`, `get`,
+    `get_nowait`); `put_nowait` may be called from a signal handler that interrupted
+    any other call."""
 
     def __init__(self) -> None:
         self._items: _CSimpleQueue[Any] = _CSimpleQueue()
@@ -64,9 +65,6 @@ class SignalQueue:
         # eventlet's green os.write, which would switch to the hub when the pipe is full.
         with contextlib.suppress(BlockingIOError):
             posix.write(self._wake_write, b"\0")
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        self.put_nowait(item)
 
     def get_nowait(self) -> Any:
         return self._items.get_nowait()
@@ -84,12 +82,6 @@ class SignalQueue:
             with contextlib.suppress(InterruptedError):
                 self._select([self._wake_read], [], [], left)
             self._drain()
-
-    def empty(self) -> bool:
-        return self._items.empty()
-
-    def qsize(self) -> int:
-        return self._items.qsize()
 
     def close(self) -> None:
         for fd in (self._wake_read, self._wake_write):
