@@ -46,9 +46,11 @@ def test_shedding_keeps_goodput_and_latency_where_gunicorn_queues(
     shedding = None
     for attempt in ("microsvc", "microsvc-again"):
         # Measured a second time, on a fresh server and nginx, capacity included, when
-        # the first run misses: the suite's other tests share the CPUs, and a burst of
-        # theirs during the 20 s delays the workers (alone, a run gives about 0.97 x
-        # capacity). The last run decides.
+        # the first run misses a timing target: the suite's other tests share the CPUs,
+        # and a burst of theirs during the 20 s delays the workers (alone, a run gives
+        # about 0.97 x capacity, and sheds within 1.2 s). A stall of the workers shows
+        # in the shed latency alone when it falls while requests wait: those are shed
+        # once it ends, the successes stay within their target. The last run decides.
         microsvc = serve(
             [
                 "-k",
@@ -95,16 +97,24 @@ def test_shedding_keeps_goodput_and_latency_where_gunicorn_queues(
     assert shedding.ok_p99 <= overload.TARGET_P99_S, detail
     assert shedding.shed, detail
     assert shedding.other == {} and shedding.socket_errors == 0, detail
-    # A shed request waited for the limit, then was answered at once (gunicorn answers
-    # them all after connections / capacity, about 6 s). The margin: the request before
-    # it in its worker's line (nginx keeps connections to each sync worker alive, so each
-    # worker has a line of its own), on a CPU shared with the suite's other tests.
-    assert shedding.shed_p99 <= overload.MAX_QUEUE_TIME_S + 1.0, detail
+    assert shedding.shed_p99 <= SHED_P99_S, detail
     assert "Shed " in microsvc.log_text(), detail
 
 
+#: A shed request waited for the limit, then was answered at once (gunicorn answers them
+#: all after connections / capacity, about 6 s). The margin: the request before it in its
+#: worker's line (nginx keeps connections to each sync worker alive, so each worker has a
+#: line of its own), on a CPU shared with the suite's other tests.
+SHED_P99_S = overload.MAX_QUEUE_TIME_S + 1.0
+
+
 def meets_targets(outcome: overload.Outcome) -> bool:
-    return outcome.goodput >= overload.TARGET_GOODPUT and outcome.ok_p99 <= overload.TARGET_P99_S
+    """Whether a run met the timing targets (those a busy machine can make it miss)."""
+    return (
+        outcome.goodput >= overload.TARGET_GOODPUT
+        and outcome.ok_p99 <= overload.TARGET_P99_S
+        and outcome.shed_p99 <= SHED_P99_S
+    )
 
 
 # --autoscale

@@ -153,7 +153,9 @@ def http_status(port: int, path: str, timeout: float = 2.0) -> int | None:
         conn.close()
 
 
-def _is_running(process: psutil.Process) -> bool:
+def is_running(process: psutil.Process) -> bool:
+    """Whether `process` runs: neither gone nor a zombie (whose parent has not yet
+    collected it), also when it ends while asked."""
     try:
         return bool(process.status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
@@ -252,7 +254,7 @@ class Server:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
-        return [child for child in children if _is_running(child)]
+        return [child for child in children if is_running(child)]
 
     def worker_pids(self) -> set[int]:
         """The pids of `workers()`."""
@@ -368,6 +370,6 @@ def _still_running(pids: Sequence[int], grace: float) -> list[int]:
 
 def _alive(pid: int) -> bool:
     try:
-        return _is_running(psutil.Process(pid))
+        return is_running(psutil.Process(pid))
     except psutil.NoSuchProcess:
         return False
