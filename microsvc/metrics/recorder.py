@@ -36,7 +36,7 @@ from typing import Any
 from microsvc.http.meter import Fixed, PlacedValues
 from microsvc.metrics.instruments import RequestMetrics
 from microsvc.metrics.store import InPlaceValues
-from microsvc.observe.scoreboard import _green_threads
+from microsvc.serving.patching import green_threads
 
 _recorders: weakref.WeakSet[RequestRecorder] = weakref.WeakSet()
 
@@ -107,7 +107,7 @@ class RequestRecorder:
         """In the worker: the lock that writers of the placed values hold, None when
         requests are recorded by one thread at a time (see the module docstring)."""
         threads = self._threads_given
-        return self._lock if (not _green_threads() if threads is None else threads) else None
+        return self._lock if (not green_threads() if threads is None else threads) else None
 
     # the first request of a series, or values that could not be placed (under the lock)
 
@@ -134,7 +134,7 @@ class RequestRecorder:
     def _place_fixed(self) -> Fixed | None:
         threads = self._threads_given
         # In the worker, on its first request: after the fork and after monkey-patching.
-        self._unlocked = not (not _green_threads() if threads is None else threads)
+        self._unlocked = not (not green_threads() if threads is None else threads)
         if not self._in_place:
             return None
         metrics = self.metrics

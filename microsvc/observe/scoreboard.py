@@ -34,7 +34,6 @@ import mmap
 import os
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field
@@ -46,6 +45,7 @@ from microsvc.http.slot import QUEUE as _QUEUE
 from microsvc.http.slot import QUEUE_AT as _QUEUE_AT
 from microsvc.http.slot import SEQ as _SEQ
 from microsvc.http.slot import WORKER as _WORKER
+from microsvc.serving.patching import green_threads
 from microsvc.wsgi import QUEUE_TIME_KEY, SHED_KEY, Environ, StartResponse, WSGIApp
 
 MAGIC = b"MSVCSB02"
@@ -483,7 +483,7 @@ class Scoreboard:
             self._worker_offset(slot),
             os.getpid(),
             generation,
-            not _green_threads() if threads is None else threads,
+            not green_threads() if threads is None else threads,
             BOOTING,
         )
         self._writer.set_state(BOOTING)
@@ -809,15 +809,6 @@ class ScoreboardApp:
             board.request_ended(token)  # sent by the server with sendfile; close() is its
             return body
         return (_SizedBody if hasattr(body, "__len__") else _Body)(body, board, token)
-
-
-def _green_threads() -> bool:
-    """Whether `threading` is gevent's or eventlet's in this process."""
-    monkey = sys.modules.get("gevent.monkey")
-    if monkey is not None and monkey.is_module_patched("threading"):
-        return True
-    patcher = sys.modules.get("eventlet.patcher")
-    return bool(patcher is not None and patcher.is_monkey_patched("thread"))
 
 
 # finding instances

@@ -1,5 +1,6 @@
 """Monkey-patching for the cooperative worker classes, done in the master before the
-app is imported, and the checks that their packages are installed."""
+app is imported, the checks that their packages are installed, and whether this
+process's threads are green (`green_threads`, `eventlet_threads`)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def is_patched(worker_class: WorkerClass) -> bool:
         patcher = sys.modules.get("eventlet.patcher")
         return bool(patcher and patcher.is_monkey_patched("socket"))
     return True
+
+
+def eventlet_threads() -> bool:
+    """Whether eventlet has patched `threading` in this process (its locks, queues and
+    threads are then eventlet's)."""
+    patcher = sys.modules.get("eventlet.patcher")
+    return bool(patcher is not None and patcher.is_monkey_patched("thread"))
+
+
+def green_threads() -> bool:
+    """Whether `threading` is gevent's or eventlet's in this process."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("threading"):
+        return True
+    return eventlet_threads()
 
 
 def patch(worker_class: WorkerClass) -> None:

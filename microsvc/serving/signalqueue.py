@@ -21,21 +21,19 @@ import contextlib
 import os
 import posix
 import select
-import sys
 import time
 from _queue import Empty
 from _queue import SimpleQueue as _CSimpleQueue
 from collections.abc import Callable
 from typing import Any
 
+from microsvc.serving.patching import eventlet_threads
+
 __all__ = ["Empty", "SignalQueue", "needed"]
 
-
-def needed() -> bool:
-    """Whether eventlet has patched `threading` in this process (and with it the
-    SimpleQueue gunicorn's arbiter builds)."""
-    patcher = sys.modules.get("eventlet.patcher")
-    return bool(patcher is not None and patcher.is_monkey_patched("thread"))
+#: Whether gunicorn's arbiter needs a `SignalQueue` in this process: where eventlet has
+#: patched `threading`, and with it the SimpleQueue the arbiter builds.
+needed = eventlet_threads
 
 
 def _cooperative_select() -> Callable[..., Any]:

@@ -475,7 +475,7 @@ def test_a_worker_writes_without_the_lock_only_under_green_threads(patch: str, g
     import subprocess
     import sys
 
-    code = f"{patch}\nfrom microsvc.observe import scoreboard\nprint(scoreboard._green_threads())"
+    code = f"{patch}\nfrom microsvc.serving.patching import green_threads\nprint(green_threads())"
     result = subprocess.run(
         [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=60
     )
